@@ -1,0 +1,90 @@
+"""Assembly: the one place where concrete parts are built and wired, and the daemon's lifecycle.
+
+Start-up phases run in order (state → signing services → listeners → scheduler) and stop in reverse,
+so nothing accepts a request before the CA it needs exists, and readiness turns false first on stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Protocol
+
+from ca_service.clock import Clock, SystemClock
+from ca_service.config import Settings
+from ca_service.services.authority import Authority
+from ca_service.storage.base import AuthorityStore
+from ca_service.storage.directory import DirectoryStore
+
+log = logging.getLogger(__name__)
+
+
+class Component(Protocol):
+    """A part of the daemon with a lifecycle (a listener, the scheduler, a poller)."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def build_store(settings: Settings) -> AuthorityStore:
+    return DirectoryStore(settings.data_dir / "state")
+
+
+def build_authority(settings: Settings, clock: Clock | None = None, store: AuthorityStore | None = None) -> Authority:
+    return Authority(store or build_store(settings), settings.domain, settings.ca, clock or SystemClock())
+
+
+class App:
+    """The daemon: an authority plus the components that serve it."""
+
+    def __init__(self, settings: Settings, *, clock: Clock | None = None, store: AuthorityStore | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.authority = build_authority(settings, self.clock, store)
+        self.components: list[Component] = []
+        self._started: list[Component] = []
+        self.stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        state, created = self.authority.load_or_bootstrap()
+        log.info(
+            "CA %s", "bootstrapped" if created else "loaded",
+            extra={"trust_domain": str(state.trust_domain), "mode": str(state.mode),
+                   "store": self.authority.store_description},
+        )
+        for component in self.components:
+            await component.start()
+            self._started.append(component)
+            log.debug("started %s", component.name)
+        log.info("ca-service ready", extra={"trust_domain": self.settings.trust_domain})
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        while self._started:
+            component = self._started.pop()
+            try:
+                await component.stop()
+            except Exception:
+                log.exception("stopping %s failed", component.name)
+        log.info("ca-service stopped")
+
+    async def run_until_signalled(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+            await stop.wait()
+            log.info("signal received, shutting down")
+        finally:
+            await self.stop()
+
+
+def build_app(settings: Settings, *, clock: Clock | None = None, store: AuthorityStore | None = None) -> App:
+    """Wire the daemon for ``settings``: every concrete component is constructed here and nowhere else."""
+    return App(settings, clock=clock, store=store)

@@ -1,0 +1,147 @@
+"""The ``ca-service`` command: thin (arguments → settings → logging → one use case → output)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ca_service import app as app_module
+from ca_service.services import operations
+from ca_service.config import Settings, load_settings, parse_duration
+from ca_service.errors import CAServiceError, ConfigError
+from ca_service.logs import configure_logging
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ca-service", description="SPIFFE CA and rotation daemon for service meshes")
+    parser.add_argument("--config", type=Path, help="YAML config file (default: embedded default; env CA_SERVICE_CONFIG)")
+    parser.add_argument("--data-dir", type=Path, help="state directory (default ./var/ca-service; env CA_SERVICE_DATA_DIR)")
+    parser.add_argument("--trust-domain", help="trust domain (default cluster.local)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    # --json is also accepted after the subcommand (`ca-service status --json`), as users type it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    parser.add_argument("--log-level", help="debug, info, warning, error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    init = sub.add_parser("init", parents=[common], help="create (or import) the CA explicitly")
+    init.add_argument("--root-cert", type=Path, help="import this root certificate (PEM)")
+    init.add_argument("--root-key", type=Path, help="key of the imported root (with --root-cert)")
+    init.add_argument("--intermediate-cert", type=Path, help="intermediate-only: our signing CA, issued by an offline root")
+    init.add_argument("--intermediate-key", type=Path, help="key of --intermediate-cert")
+    init.add_argument("--intermediate-chain", type=Path, help="certificates between the intermediate and the root")
+
+    sub.add_parser("status", parents=[common], help="the chain and every managed certificate")
+
+    issue = sub.add_parser("issue", parents=[common], help="issue an X509-SVID to files (svid.pem, svid-key.pem, bundle.pem)")
+    issue.add_argument("--spiffe-id", required=True)
+    issue.add_argument("--out", type=Path, required=True)
+    issue.add_argument("--ttl", type=parse_duration, help="lifetime, e.g. 1h (default: ca.workload_ttl)")
+
+    export = sub.add_parser("export-cacerts", parents=[common], help="write istiod's plug-in CA files")
+    export.add_argument("--dir", type=Path, required=True)
+
+    bundle = sub.add_parser("bundle", parents=[common], help="print the trust bundle")
+    bundle.add_argument("--format", choices=("pem", "spiffe"), default="pem")
+
+    serve = sub.add_parser("serve", parents=[common], help="run the daemon until SIGTERM")
+    serve.add_argument("--grpc-address", help="gRPC listener (host:port or unix:///path)")
+    serve.add_argument("--http-address", help="HTTP side-port (host:port)")
+    serve.add_argument("--bundle-address", help="SPIFFE bundle endpoint (host:port)")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if args.data_dir:
+        out["data_dir"] = str(args.data_dir)
+    if args.trust_domain:
+        out["trust_domain"] = args.trust_domain
+    if args.log_level:
+        out["logging"] = {"level": args.log_level}
+    if args.command == "serve":
+        if args.grpc_address:
+            out["grpc"] = [{"address": args.grpc_address, "trust_node_metadata": args.grpc_address.startswith(
+                ("127.0.0.1:", "localhost:", "unix://"))}]
+        if args.http_address:
+            out["http"] = {"address": args.http_address}
+        if args.bundle_address:
+            out["bundle_endpoint"] = {"address": args.bundle_address}
+    return out
+
+
+def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
+    sys.stdout.write((json.dumps(payload, indent=2, default=str) if args.json else text) + "\n")
+
+
+def _cmd_init(args: argparse.Namespace, settings: Settings) -> int:
+    report = operations.init(
+        settings, root_cert=args.root_cert, root_key=args.root_key, intermediate_cert=args.intermediate_cert,
+        intermediate_key=args.intermediate_key, intermediate_chain=args.intermediate_chain,
+    )
+    _emit(args, report, operations.render_init(report))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    report = operations.status(settings)
+    _emit(args, report, operations.render_status(report))
+    return 0
+
+
+def _cmd_issue(args: argparse.Namespace, settings: Settings) -> int:
+    report = operations.issue(settings, args.spiffe_id, args.out, ttl=args.ttl)
+    _emit(args, report, f"wrote {', '.join(report['files'])} for {report['spiffe_id']} "
+          f"(serial {report['serial']}, not after {report['not_after']})")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    report = operations.export_cacerts(settings, args.dir)
+    _emit(args, report, f"wrote istiod cacerts to {report['dir']} (checked: {', '.join(report['files'])})")
+    return 0
+
+
+def _cmd_bundle(args: argparse.Namespace, settings: Settings) -> int:
+    sys.stdout.write(operations.bundle(settings, args.format).decode())
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    daemon = app_module.build_app(settings)
+    asyncio.run(daemon.run_until_signalled())
+    return 0
+
+
+COMMANDS: dict[str, Handler] = {
+    "init": _cmd_init,
+    "status": _cmd_status,
+    "issue": _cmd_issue,
+    "export-cacerts": _cmd_export,
+    "bundle": _cmd_bundle,
+    "serve": _cmd_serve,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config, overrides=_overrides(args))
+    except ConfigError as exc:
+        sys.stderr.write(f"ca-service: {exc}\n")
+        return 2
+    configure_logging(settings.logging)
+    try:
+        return COMMANDS[args.command](args, settings)
+    except CAServiceError as exc:
+        sys.stderr.write(f"ca-service {args.command}: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,535 @@
+"""Typed settings: the YAML file, environment overrides, and validation that reports every problem at once.
+
+This module is the only reader of the environment.  Settings are frozen dataclasses; the loader walks
+them by their type hints, so a new option is one annotated field with a default.
+
+Environment overrides: ``CA_SERVICE_<KEY>`` for top-level keys and ``CA_SERVICE_<SECTION>__<KEY>`` for
+nested ones (``CA_SERVICE_CA__WORKLOAD_TTL=12h``); ``CA_SERVICE_DATA_DIR`` moves the data directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ca_service.errors import ConfigError, InvalidRequestError
+from ca_service.pki.identity import SpiffeId, TrustDomain
+from ca_service.pki.keys import KeyAlgorithm
+
+ENV_PREFIX = "CA_SERVICE_"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: object) -> dt.timedelta:
+    """``90s``, ``15m``, ``24h``, ``30d`` (also ``500ms``); a bare number is seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return dt.timedelta(seconds=value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return dt.timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+    raise ValueError(f"{value!r} is not a duration (use e.g. 90s, 15m, 24h, 30d)")
+
+
+def format_duration(delta: dt.timedelta) -> str:
+    """The largest two units, as people read a time left: ``29d 23h``, ``5h 59m``, ``42s``."""
+    seconds = int(delta.total_seconds())
+    sign, seconds = ("-", -seconds) if seconds < 0 else ("", seconds)
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size or (unit == "s" and not parts):
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return sign + " ".join(p for p in parts[:2] if not p.startswith("0") or len(parts) == 1)
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class CASettings:
+    key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256
+    workload_key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256
+    root_ttl: dt.timedelta = dt.timedelta(days=3650)
+    intermediate_ttl: dt.timedelta = dt.timedelta(days=30)
+    istiod_intermediate_ttl: dt.timedelta = dt.timedelta(days=365)
+    workload_ttl: dt.timedelta = dt.timedelta(hours=24)
+    # The longest TTL a caller may ask for (Istio CA API validity_duration); istiod's own maximum
+    # workload TTL must stay below istiod_intermediate_ttl.
+    max_workload_ttl: dt.timedelta = dt.timedelta(hours=24)
+    backdate: dt.timedelta = dt.timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class RotationSettings:
+    renew_fraction: float = 0.5
+    # Jitter as a fraction of lifetime: a fleet issued in one second renews across ~1% of its lifetime.
+    jitter_fraction: float = 0.02
+    tick_interval: dt.timedelta = dt.timedelta(seconds=5)
+    misfire_grace: dt.timedelta = dt.timedelta(seconds=30)
+    root_min_propagation: dt.timedelta = dt.timedelta(minutes=1)
+    root_ack_timeout: dt.timedelta = dt.timedelta(minutes=10)
+    reissue_window: dt.timedelta = dt.timedelta(seconds=30)
+
+
+@dataclass(frozen=True)
+class ListenerPolicy:
+    allowed_namespaces: tuple[str, ...] = ()
+    allowed_spiffe_ids: tuple[str, ...] = ()  # exact IDs or glob patterns (fnmatch)
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    enabled: bool = False
+    # Empty cert/key: the listener gets a serving SVID from our own CA.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = None
+    require_client_cert: bool = False
+
+
+@dataclass(frozen=True)
+class GrpcListener:
+    address: str = "127.0.0.1:15012"  # host:port, or unix:///path/to/socket
+    # Take the caller's identity from Envoy node metadata.  Safe only when the socket is private to
+    # the workload (istio-agent's per-pod Unix socket) or loopback on a dev machine.
+    trust_node_metadata: bool = False
+    socket_mode: int = 0o660
+    tls: TLSSettings = field(default_factory=TLSSettings)
+    policy: ListenerPolicy = field(default_factory=ListenerPolicy)
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    token_file: Path | None = None  # default: <data_dir>/admin-token, generated on first start
+    allowed_spiffe_ids: tuple[str, ...] = ()
+    audit_log: Path | None = None  # default: <data_dir>/audit.log
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    address: str = "127.0.0.1:15014"
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    tls: TLSSettings = field(default_factory=TLSSettings)
+
+
+class BundleProfile(enum.StrEnum):
+    HTTPS_SPIFFE = "https_spiffe"
+    HTTPS_WEB = "https_web"
+    STATIC = "static"
+
+
+@dataclass(frozen=True)
+class BundleEndpointSettings:
+    enabled: bool = True
+    address: str = "127.0.0.1:15443"
+    profile: BundleProfile = BundleProfile.HTTPS_SPIFFE
+    cert_file: Path | None = None  # https_web only
+    key_file: Path | None = None
+    refresh_hint: dt.timedelta = dt.timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    trust_domain: str = ""
+    profile: BundleProfile = BundleProfile.HTTPS_SPIFFE
+    endpoint_url: str = ""
+    endpoint_spiffe_id: str = ""  # https_spiffe: the SPIFFE ID the endpoint must present
+    bootstrap_bundle: Path | None = None  # https_spiffe: PEM or JWKS to trust on first fetch
+    ca_file: Path | None = None  # https_web
+    bundle_file: Path | None = None  # static
+    refresh_hint: dt.timedelta | None = None  # overrides the peer's own hint
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    peers: tuple[PeerSettings, ...] = ()
+    bundle_dir: Path | None = None  # where <td>.pem and combined-ca.pem go; default <data_dir>/bundles
+
+
+@dataclass(frozen=True)
+class IstiodSettings:
+    cacerts_dir: Path | None = None  # write the four cacerts files here (kubelet-style atomic swap)
+
+
+class StorageBackend(enum.StrEnum):
+    DIRECTORY = "directory"
+    KUBERNETES = "kubernetes"
+
+
+@dataclass(frozen=True)
+class KubernetesStorageSettings:
+    namespace: str = "ca-service"
+    secret_name: str = "ca-service-state"
+    kubeconfig: Path | None = None
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    backend: StorageBackend = StorageBackend.DIRECTORY
+    kubernetes: KubernetesStorageSettings = field(default_factory=KubernetesStorageSettings)
+
+
+class LogFormat(enum.StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str = "info"
+    format: LogFormat = LogFormat.TEXT
+
+
+def _default_grpc() -> tuple[GrpcListener, ...]:
+    # Embedded default: loopback only, so node metadata is as trustworthy as the machine (DESIGN.md).
+    return (GrpcListener(trust_node_metadata=True),)
+
+
+@dataclass(frozen=True)
+class Settings:
+    trust_domain: str = "cluster.local"
+    data_dir: Path = Path("./var/ca-service")
+    ca: CASettings = field(default_factory=CASettings)
+    rotation: RotationSettings = field(default_factory=RotationSettings)
+    grpc: tuple[GrpcListener, ...] = field(default_factory=_default_grpc)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    bundle_endpoint: BundleEndpointSettings = field(default_factory=BundleEndpointSettings)
+    federation: FederationSettings = field(default_factory=FederationSettings)
+    istiod: IstiodSettings = field(default_factory=IstiodSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+
+    @property
+    def domain(self) -> TrustDomain:
+        return TrustDomain(self.trust_domain)
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.http.admin.token_file or self.data_dir / "admin-token"
+
+    @property
+    def audit_log_file(self) -> Path:
+        return self.http.admin.audit_log or self.data_dir / "audit.log"
+
+    @property
+    def bundle_dir(self) -> Path:
+        return self.federation.bundle_dir or self.data_dir / "bundles"
+
+
+# ---------------------------------------------------------------- loading
+
+
+class _Problems(list[str]):
+    def add(self, key: str, message: str) -> None:
+        self.append(f"{key}: {message}")
+
+
+def _convert(tp: Any, value: Any, key: str, problems: _Problems) -> Any:
+    """Convert a YAML/env value to the annotated type, recording a problem instead of raising."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _convert(args[0], value, key, problems)
+    if origin is tuple:
+        if not isinstance(value, list):
+            problems.add(key, f"expected a list, got {type(value).__name__}")
+            return ()
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_convert(item_tp, v, f"{key}[{i}]", problems) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, problems)
+    try:
+        return _scalar(tp, value)
+    except (ValueError, TypeError) as exc:
+        problems.add(key, str(exc))
+        return None
+
+
+def _scalar(tp: Any, value: Any) -> Any:
+    if tp is dt.timedelta:
+        return parse_duration(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"{value!r} is not a boolean")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(f"{value!r} is not an integer")
+        return int(value, 0) if isinstance(value, str) else value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError(f"{value!r} is not a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{value!r} is not a string")
+        return value
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{value!r} is not a path")
+        return Path(value)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        allowed = ", ".join(str(m.value) for m in tp)
+        try:
+            return tp(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not one of: {allowed}") from None
+    raise TypeError(f"unsupported setting type {tp!r}")
+
+
+def _build(cls: Any, value: Any, key: str, problems: _Problems) -> Any:
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        problems.add(key or "<top>", f"expected a mapping, got {type(value).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for unknown in sorted(set(value) - names):
+        problems.add(f"{key}.{unknown}" if key else str(unknown), f"unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name in names & set(value):
+        converted = _convert(hints[name], value[name], f"{key}.{name}" if key else name, problems)
+        if converted is not None or value[name] is None:
+            kwargs[name] = converted
+    return cls(**kwargs)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``CA_SERVICE_A__B=v`` -> ``{"a": {"b": "v"}}``.  YAML-parsed so numbers and booleans keep their type."""
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        try:
+            node[path[-1]] = yaml.safe_load(raw) if raw else raw
+        except yaml.YAMLError:
+            node[path[-1]] = raw
+        if isinstance(node[path[-1]], int | float | bool) and path[-1] in _STRINGY:
+            node[path[-1]] = raw
+    return tree
+
+
+_STRINGY = {"trust_domain", "data_dir", "address", "level"}
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_settings(
+    path: Path | None = None, *, environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> Settings:
+    """Read ``path`` (optional: without it the embedded default applies), apply the environment and
+    ``overrides`` (command-line flags), and validate.
+
+    Raises:
+        ConfigError: listing every problem found, each prefixed by its key.
+    """
+    env = os.environ if environ is None else environ
+    problems = _Problems()
+    doc: dict[str, Any] = {}
+    if path is None and env.get(ENV_PREFIX + "CONFIG"):
+        path = Path(env[ENV_PREFIX + "CONFIG"])
+    if path is not None:
+        doc = _read_yaml(path, problems)
+    doc = _merge(_merge(doc, _env_overrides(env)), overrides or {})
+    settings: Settings = _build(Settings, doc, "", problems)
+    if path is not None and not settings.data_dir.is_absolute() and "data_dir" in doc:
+        # A relative data_dir in a file is relative to that file, not to wherever the daemon was started.
+        settings = dataclasses.replace(settings, data_dir=path.parent / settings.data_dir)
+    problems.extend(validate(settings))
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _read_yaml(path: Path, problems: _Problems) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        problems.add("config", f"cannot read {path}: {exc.strerror}")
+        return {}
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problems.add("config", f"{path} is not valid YAML: {exc}")
+        return {}
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        problems.add("config", f"{path} must hold a mapping at the top level")
+        return {}
+    return doc
+
+
+def _check_td(key: str, value: str, problems: _Problems) -> None:
+    try:
+        TrustDomain(value)
+    except InvalidRequestError as exc:
+        problems.add(key, str(exc))
+
+
+def _check_file(key: str, path: Path | None, problems: _Problems) -> None:
+    if path is not None and not os.access(path, os.R_OK):
+        problems.add(key, f"file {path} does not exist or is not readable")
+
+
+def validate(s: Settings) -> list[str]:
+    """Cross-field rules; each problem names its key."""
+    problems = _Problems()
+    _check_td("trust_domain", s.trust_domain, problems)
+    ca = s.ca
+    for name in ("root_ttl", "intermediate_ttl", "istiod_intermediate_ttl", "workload_ttl", "max_workload_ttl"):
+        if getattr(ca, name) <= dt.timedelta(0):
+            problems.add(f"ca.{name}", "must be positive")
+    if ca.workload_ttl >= ca.intermediate_ttl:
+        problems.add("ca.workload_ttl", f"({format_duration(ca.workload_ttl)}) must be shorter than "
+                     f"ca.intermediate_ttl ({format_duration(ca.intermediate_ttl)}): a leaf cannot outlive its issuer")
+    if ca.max_workload_ttl < ca.workload_ttl:
+        problems.add("ca.max_workload_ttl", "must be at least ca.workload_ttl")
+    if ca.intermediate_ttl >= ca.root_ttl:
+        problems.add("ca.intermediate_ttl", "must be shorter than ca.root_ttl")
+    if ca.istiod_intermediate_ttl >= ca.root_ttl:
+        problems.add("ca.istiod_intermediate_ttl", "must be shorter than ca.root_ttl")
+    if ca.istiod_intermediate_ttl <= ca.max_workload_ttl:
+        problems.add("ca.istiod_intermediate_ttl", "must outlive ca.max_workload_ttl (istiod signs leaves with it)")
+    if ca.backdate < dt.timedelta(0) or ca.backdate >= ca.workload_ttl:
+        problems.add("ca.backdate", "must be >= 0 and shorter than ca.workload_ttl")
+    r = s.rotation
+    if not 0.1 <= r.renew_fraction <= 0.9:
+        problems.add("rotation.renew_fraction", f"{r.renew_fraction} must be between 0.1 and 0.9")
+    if not 0 <= r.jitter_fraction < min(r.renew_fraction, 1 - r.renew_fraction):
+        problems.add("rotation.jitter_fraction", f"{r.jitter_fraction} must be >= 0 and leave the renewal "
+                     "point inside the lifetime")
+    for name in ("tick_interval", "misfire_grace", "root_ack_timeout"):
+        if getattr(r, name) <= dt.timedelta(0):
+            problems.add(f"rotation.{name}", "must be positive")
+    if r.root_ack_timeout < r.root_min_propagation:
+        problems.add("rotation.root_ack_timeout", "must be at least rotation.root_min_propagation")
+    addresses: dict[str, str] = {}
+    for i, listener in enumerate(s.grpc):
+        key = f"grpc[{i}]"
+        _check_address(f"{key}.address", listener.address, problems, allow_unix=True)
+        _check_tls(f"{key}.tls", listener.tls, problems)
+        _check_policy(f"{key}.policy", listener.policy, problems)
+        _claim(addresses, listener.address, f"{key}.address", problems)
+    _check_address("http.address", s.http.address, problems)
+    _claim(addresses, s.http.address, "http.address", problems)
+    _check_tls("http.tls", s.http.tls, problems)
+    _check_file("http.admin.token_file", s.http.admin.token_file if s.http.admin.token_file and
+                s.http.admin.token_file.exists() else None, problems)
+    for i, pattern in enumerate(s.http.admin.allowed_spiffe_ids):
+        _check_id_pattern(f"http.admin.allowed_spiffe_ids[{i}]", pattern, problems)
+    if s.bundle_endpoint.enabled:
+        _check_bundle_endpoint(s.bundle_endpoint, problems)
+        _claim(addresses, s.bundle_endpoint.address, "bundle_endpoint.address", problems)
+    _check_peers(s, problems)
+    return problems
+
+
+def _claim(seen: dict[str, str], address: str, key: str, problems: _Problems) -> None:
+    if address.endswith(":0"):
+        return  # port 0: the kernel picks distinct free ports
+    if address in seen:
+        problems.add(key, f"{address} is already used by {seen[address]}")
+    seen[address] = key
+
+
+def _check_address(key: str, address: str, problems: _Problems, *, allow_unix: bool = False) -> None:
+    if address.startswith("unix://"):
+        if not allow_unix:
+            problems.add(key, "a Unix socket is not supported here")
+        elif not address[len("unix://"):]:
+            problems.add(key, "unix:// needs a socket path")
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        problems.add(key, f"{address!r} is not host:port (or unix:///path)")
+
+
+def _check_tls(key: str, tls: TLSSettings, problems: _Problems) -> None:
+    if (tls.cert_file is None) != (tls.key_file is None):
+        problems.add(key, "cert_file and key_file go together")
+    for name in ("cert_file", "key_file", "client_ca_file"):
+        _check_file(f"{key}.{name}", getattr(tls, name), problems)
+    if tls.require_client_cert and not tls.enabled:
+        problems.add(f"{key}.require_client_cert", "needs tls.enabled: true")
+
+
+def _check_policy(key: str, policy: ListenerPolicy, problems: _Problems) -> None:
+    for i, pattern in enumerate(policy.allowed_spiffe_ids):
+        _check_id_pattern(f"{key}.allowed_spiffe_ids[{i}]", pattern, problems)
+
+
+def _check_id_pattern(key: str, pattern: str, problems: _Problems) -> None:
+    if not pattern.startswith("spiffe://"):
+        problems.add(key, f"{pattern!r} must be a SPIFFE ID or a pattern starting with spiffe://")
+    elif "*" not in pattern and "?" not in pattern:
+        try:
+            SpiffeId.parse(pattern)
+        except InvalidRequestError as exc:
+            problems.add(key, str(exc))
+
+
+def _check_bundle_endpoint(b: BundleEndpointSettings, problems: _Problems) -> None:
+    _check_address("bundle_endpoint.address", b.address, problems)
+    if b.profile is BundleProfile.STATIC:
+        problems.add("bundle_endpoint.profile", "must be https_spiffe or https_web")
+    if b.profile is BundleProfile.HTTPS_WEB and (b.cert_file is None or b.key_file is None):
+        problems.add("bundle_endpoint", "profile https_web needs cert_file and key_file")
+    _check_file("bundle_endpoint.cert_file", b.cert_file, problems)
+    _check_file("bundle_endpoint.key_file", b.key_file, problems)
+
+
+def _check_peers(s: Settings, problems: _Problems) -> None:
+    seen: set[str] = set()
+    for i, peer in enumerate(s.federation.peers):
+        key = f"federation.peers[{i}]"
+        _check_td(f"{key}.trust_domain", peer.trust_domain, problems)
+        if peer.trust_domain == s.trust_domain:
+            problems.add(f"{key}.trust_domain", "is our own trust domain; a peer must be another one")
+        if peer.trust_domain in seen:
+            problems.add(f"{key}.trust_domain", f"{peer.trust_domain} is configured twice")
+        seen.add(peer.trust_domain)
+        if peer.profile is BundleProfile.STATIC:
+            if peer.bundle_file is None:
+                problems.add(f"{key}.bundle_file", "profile static needs bundle_file")
+            continue
+        if not peer.endpoint_url.startswith("https://"):
+            problems.add(f"{key}.endpoint_url", f"{peer.endpoint_url!r} must be an https:// URL")
+        if peer.profile is BundleProfile.HTTPS_SPIFFE:
+            if not peer.endpoint_spiffe_id:
+                problems.add(f"{key}.endpoint_spiffe_id", "profile https_spiffe needs the endpoint's SPIFFE ID")
+            else:
+                _check_id_pattern(f"{key}.endpoint_spiffe_id", peer.endpoint_spiffe_id, problems)
+            if peer.bootstrap_bundle is None:
+                problems.add(f"{key}.bootstrap_bundle", "profile https_spiffe needs a bootstrap bundle")
+            _check_file(f"{key}.bootstrap_bundle", peer.bootstrap_bundle, problems)
+        if peer.profile is BundleProfile.HTTPS_WEB:
+            _check_file(f"{key}.ca_file", peer.ca_file, problems)

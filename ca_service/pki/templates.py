@@ -1,0 +1,157 @@
+"""Certificate templates: root, signing intermediate, istiod plug-in intermediate, workload X509-SVID.
+
+Every profile follows the SPIFFE X509-SVID spec and RFC 5280 as DESIGN.md "Trust model" lists them.
+Pure functions: the caller passes ``now``; nothing here reads a clock or does I/O.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ca_service.pki.identity import SpiffeId, TrustDomain
+from ca_service.pki.keys import PrivateKey, PublicKey, key_id, signature_hash
+
+# Backdating notBefore absorbs clock skew between us and the relying party; Istio and SPIRE both
+# backdate by a few minutes for the same reason.
+DEFAULT_BACKDATE = dt.timedelta(minutes=5)
+ORGANIZATION = "ca-service"
+
+
+class CAKind(enum.StrEnum):
+    """What a CA certificate is for; also the ``kind`` label of the expiry metrics."""
+
+    ROOT = "root"
+    INTERMEDIATE = "intermediate"
+    ISTIOD_INTERMEDIATE = "istiod_intermediate"
+
+
+def _require_aware(now: dt.datetime) -> None:
+    if now.tzinfo is None:
+        raise ValueError("now must be an aware datetime (UTC)")
+
+
+def _ca_subject(kind: CAKind, trust_domain: TrustDomain, serial: int) -> x509.Name:
+    # The serial in the CN keeps names of A and B distinct during a rotation, so tools that index
+    # by subject (openssl -CApath, istiod logs) never confuse the two generations.
+    titles = {
+        CAKind.ROOT: "root CA",
+        CAKind.INTERMEDIATE: "signing CA",
+        CAKind.ISTIOD_INTERMEDIATE: "istiod CA",
+    }
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, trust_domain.name),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"{titles[kind]} {format(serial, 'x')[:12]}"),
+        ]
+    )
+
+
+def _ca_usage() -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=False, content_commitment=False, key_encipherment=False, data_encipherment=False,
+        key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False,
+    )
+
+
+def _clamp(not_before: dt.datetime, not_after: dt.datetime, issuer: x509.Certificate) -> tuple[dt.datetime, dt.datetime]:
+    """A certificate never outlives its issuer, nor starts before it (RFC 5280 path validity)."""
+    return max(not_before, issuer.not_valid_before_utc), min(not_after, issuer.not_valid_after_utc)
+
+
+def build_root(
+    key: PrivateKey, trust_domain: TrustDomain, *, now: dt.datetime, ttl: dt.timedelta,
+    backdate: dt.timedelta = DEFAULT_BACKDATE,
+) -> x509.Certificate:
+    """Self-signed root: CA:TRUE (critical), keyCertSign+cRLSign (critical), SKI=AKI, no EKU."""
+    _require_aware(now)
+    serial = x509.random_serial_number()
+    name = _ca_subject(CAKind.ROOT, trust_domain, serial)
+    ski = x509.SubjectKeyIdentifier(key_id(key.public_key()))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).serial_number(serial).public_key(key.public_key())
+        .not_valid_before(now - backdate).not_valid_after(now + ttl)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(_ca_usage(), critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(trust_domain.id))]),
+                       critical=False)
+    )
+    return builder.sign(key, signature_hash(key))
+
+
+def build_intermediate(
+    public_key: PublicKey, trust_domain: TrustDomain, *, issuer: x509.Certificate, issuer_key: PrivateKey,
+    now: dt.datetime, ttl: dt.timedelta, kind: CAKind = CAKind.INTERMEDIATE,
+    backdate: dt.timedelta = DEFAULT_BACKDATE,
+) -> x509.Certificate:
+    """Intermediate CA signed by ``issuer``: CA:TRUE pathlen 0, keyCertSign+cRLSign, no EKU.
+
+    ``pathlen:0`` because both the SDS signer and istiod sign leaves only; a stolen intermediate key
+    then cannot mint further CAs.  The URI SAN names the trust domain, as SPIRE's intermediates do.
+    """
+    _require_aware(now)
+    if kind is CAKind.ROOT:
+        raise ValueError("build_intermediate cannot build a root; use build_root")
+    serial = x509.random_serial_number()
+    not_before, not_after = _clamp(now - backdate, now + ttl, issuer)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_ca_subject(kind, trust_domain, serial)).issuer_name(issuer.subject)
+        .serial_number(serial).public_key(public_key)
+        .not_valid_before(not_before).not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_ca_usage(), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier(key_id(public_key)), critical=False)
+        .add_extension(_aki(issuer), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(trust_domain.id))]),
+                       critical=False)
+    )
+    return builder.sign(issuer_key, signature_hash(issuer_key))
+
+
+def _aki(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def build_svid(
+    public_key: PublicKey, spiffe_id: SpiffeId, *, issuer: x509.Certificate, issuer_key: PrivateKey,
+    now: dt.datetime, ttl: dt.timedelta, backdate: dt.timedelta = DEFAULT_BACKDATE,
+) -> x509.Certificate:
+    """Workload X509-SVID.
+
+    Empty subject with exactly one URI SAN (marked critical because the subject is empty, RFC 5280
+    4.2.1.6), CA:FALSE, keyUsage digitalSignature (+keyEncipherment for RSA keys, which TLS 1.2 RSA key
+    transport needs), EKU serverAuth+clientAuth, SKI/AKI.  notAfter is clamped to the issuer's.
+    """
+    _require_aware(now)
+    if not spiffe_id.path:
+        raise ValueError(f"{spiffe_id} names a trust domain, not a workload")
+    not_before, not_after = _clamp(now - backdate, now + ttl, issuer)
+    is_rsa = not hasattr(public_key, "curve")
+    usage = x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=is_rsa, data_encipherment=False,
+        key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
+    )
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([])).issuer_name(issuer.subject)
+        .serial_number(x509.random_serial_number()).public_key(public_key)
+        .not_valid_before(not_before).not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(usage, critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .add_extension(x509.SubjectKeyIdentifier(key_id(public_key)), critical=False)
+        .add_extension(_aki(issuer), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]), critical=True)
+    )
+    return builder.sign(issuer_key, signature_hash(issuer_key))
