@@ -11,18 +11,20 @@ from pathlib import Path
 from typing import Any
 
 from ca_service import app as app_module
-from ca_service.services import operations
 from ca_service.config import Settings, load_settings, parse_duration
 from ca_service.errors import CAServiceError, ConfigError
 from ca_service.logs import configure_logging
+from ca_service.services import operations
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ca-service", description="SPIFFE CA and rotation daemon for service meshes")
-    parser.add_argument("--config", type=Path, help="YAML config file (default: embedded default; env CA_SERVICE_CONFIG)")
-    parser.add_argument("--data-dir", type=Path, help="state directory (default ./var/ca-service; env CA_SERVICE_DATA_DIR)")
+    parser.add_argument("--config", type=Path,
+                        help="YAML config file (default: embedded default; env CA_SERVICE_CONFIG)")
+    parser.add_argument("--data-dir", type=Path,
+                        help="state directory (default ./var/ca-service; env CA_SERVICE_DATA_DIR)")
     parser.add_argument("--trust-domain", help="trust domain (default cluster.local)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     # --json is also accepted after the subcommand (`ca-service status --json`), as users type it.
@@ -34,13 +36,15 @@ def _parser() -> argparse.ArgumentParser:
     init = sub.add_parser("init", parents=[common], help="create (or import) the CA explicitly")
     init.add_argument("--root-cert", type=Path, help="import this root certificate (PEM)")
     init.add_argument("--root-key", type=Path, help="key of the imported root (with --root-cert)")
-    init.add_argument("--intermediate-cert", type=Path, help="intermediate-only: our signing CA, issued by an offline root")
+    init.add_argument("--intermediate-cert", type=Path,
+                      help="intermediate-only: our signing CA, issued by an offline root")
     init.add_argument("--intermediate-key", type=Path, help="key of --intermediate-cert")
     init.add_argument("--intermediate-chain", type=Path, help="certificates between the intermediate and the root")
 
     sub.add_parser("status", parents=[common], help="the chain and every managed certificate")
 
-    issue = sub.add_parser("issue", parents=[common], help="issue an X509-SVID to files (svid.pem, svid-key.pem, bundle.pem)")
+    issue = sub.add_parser("issue", parents=[common],
+                           help="issue an X509-SVID to files (svid.pem, svid-key.pem, bundle.pem)")
     issue.add_argument("--spiffe-id", required=True)
     issue.add_argument("--out", type=Path, required=True)
     issue.add_argument("--ttl", type=parse_duration, help="lifetime, e.g. 1h (default: ca.workload_ttl)")

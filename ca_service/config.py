@@ -47,7 +47,7 @@ def format_duration(delta: dt.timedelta) -> str:
     """The largest two units, as people read a time left: ``29d 23h``, ``5h 59m``, ``42s``."""
     seconds = int(delta.total_seconds())
     sign, seconds = ("-", -seconds) if seconds < 0 else ("", seconds)
-    parts = []
+    parts: list[str] = []
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         if seconds >= size or (unit == "s" and not parts):
             parts.append(f"{seconds // size}{unit}")

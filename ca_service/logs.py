@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 
-from ca_service.config import LoggingSettings, LogFormat
+from ca_service.config import LogFormat, LoggingSettings
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 

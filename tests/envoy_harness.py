@@ -64,9 +64,7 @@ SERVER_LISTENER = "mtls_server"
 _TLS_SOCKET = "envoy.transport_sockets.tls"
 _TLS_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-_HCM_TYPE = (
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-)
+_HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 
 # Response headers the rendered listeners add, so a test can see which certificates a request used.
@@ -337,14 +335,10 @@ def _single_endpoint(cluster: str, address: dict[str, Any]) -> dict[str, Any]:
 
 
 def _uri_pins(spiffe_ids: Sequence[str]) -> dict[str, Any]:
-    return {
-        "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": s}} for s in spiffe_ids]
-    }
+    return {"match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": s}} for s in spiffe_ids]}
 
 
-def _common_tls(
-    cert_secret: str, validation_secret: str, pins: Sequence[str], sds: SdsServer
-) -> dict[str, Any]:
+def _common_tls(cert_secret: str, validation_secret: str, pins: Sequence[str], sds: SdsServer) -> dict[str, Any]:
     source = sds.config_source()
     return {
         # Client-side Envoy stops at TLS 1.2 unless told otherwise.
@@ -450,9 +444,7 @@ def _client_listener(client: ClientListener) -> dict[str, Any]:
         "name": client.name,
         "stat_prefix": client.name,
         "address": _socket_address(client.port),
-        "filter_chains": [
-            {"filters": [_http_manager(client.name, {"route": {"cluster": client.name}}, headers)]}
-        ],
+        "filter_chains": [{"filters": [_http_manager(client.name, {"route": {"cluster": client.name}}, headers)]}],
     }
 
 
@@ -503,13 +495,14 @@ def _kill_leftovers() -> None:
 atexit.register(_kill_leftovers)
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
-    """Linux: have the kernel SIGKILL Envoy if the test process dies without cleaning up."""
-    with contextlib.suppress(Exception):
-        import ctypes
+def _parent_death_wrapper() -> list[str]:
+    """Linux ``setpriv --pdeathsig KILL``: the kernel kills Envoy if the test process dies uncleanly.
 
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    ``setpriv`` execs Envoy, so the pid stays Envoy's.  (A ``preexec_fn`` would do the same but forks a
+    process full of gRPC threads and runs Python in the child, which is unsafe.)
+    """
+    setpriv = shutil.which("setpriv") if sys.platform == "linux" else None
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
 
 class EnvoyProcess:
@@ -545,6 +538,7 @@ class EnvoyProcess:
 
     def command(self) -> list[str]:
         return [
+            *_parent_death_wrapper(),
             str(self.binary),
             "--config-path", str(self.config_path),
             "--concurrency", "1",
@@ -581,7 +575,6 @@ class EnvoyProcess:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         _LIVE.add(self._proc)
         try:
@@ -626,7 +619,9 @@ class EnvoyProcess:
         return proc.returncode
 
     async def __aenter__(self) -> Self:
-        await self.start()
+        """Start (unless :meth:`start` was already called: then only scope the stop)."""
+        if self._proc is None:
+            await self.start()
         return self
 
     async def __aexit__(
@@ -672,9 +667,7 @@ class EnvoyProcess:
     def _with_tail(self, message: str) -> str:
         return f"{message} [node {self.config.node.id}, workdir {self.workdir}]\n{self.log_tail()}"
 
-    async def diagnostics(
-        self, stat_filter: str = r"^(sds\.|cluster\.[^.]+\.ssl\.|listener\.[^.]+\.ssl\.)"
-    ) -> str:
+    async def diagnostics(self, stat_filter: str = r"^(sds\.|cluster\.[^.]+\.ssl\.|listener\.[^.]+\.ssl\.)") -> str:
         """A failure message: the interesting stats plus the log tail."""
         with contextlib.suppress(EnvoyHarnessError, aiohttp.ClientError, OSError, asyncio.TimeoutError):
             stats = await self.stats(stat_filter)
@@ -754,9 +747,7 @@ class EnvoyProcess:
                 return success
             rejected = stats.get(prefix + ".update_rejected", 0)
             if fail_on_rejection and rejected > rejected_before:
-                raise EnvoyHarnessError(
-                    await self._diagnostics_for(f"Envoy rejected (NACKed) secret {name!r}")
-                )
+                raise EnvoyHarnessError(await self._diagnostics_for(f"Envoy rejected (NACKed) secret {name!r}"))
             if time.monotonic() >= deadline:
                 raise EnvoyTimeoutError(
                     await self._diagnostics_for(
@@ -812,9 +803,7 @@ class HttpResult:
         return x509.load_pem_x509_certificate(urllib.parse.unquote(encoded).encode())
 
 
-async def http_get(
-    url: str, *, timeout: float = 10.0, headers: Mapping[str, str] | None = None
-) -> HttpResult:
+async def http_get(url: str, *, timeout: float = 10.0, headers: Mapping[str, str] | None = None) -> HttpResult:
     """One GET on a fresh connection (``Connection: close``), so nothing is pooled on our side."""
     connector = aiohttp.TCPConnector(force_close=True)
     async with (

@@ -143,7 +143,9 @@ def parse_jwks(data: bytes, trust_domain: TrustDomain) -> TrustBundle:
     sequence = doc.get("spiffe_sequence", 0)
     hint = doc.get("spiffe_refresh_hint", int(DEFAULT_REFRESH_HINT.total_seconds()))
     if not isinstance(sequence, int) or isinstance(sequence, bool) or sequence < 0:
-        raise InvalidBundleError(f"bundle for {trust_domain}: spiffe_sequence {sequence!r} is not a non-negative integer")
+        raise InvalidBundleError(
+            f"bundle for {trust_domain}: spiffe_sequence {sequence!r} is not a non-negative integer"
+        )
     if not isinstance(hint, int) or isinstance(hint, bool) or hint <= 0:
         raise InvalidBundleError(f"bundle for {trust_domain}: spiffe_refresh_hint {hint!r} is not a positive integer")
     return TrustBundle(trust_domain, tuple(roots), sequence, dt.timedelta(seconds=hint))

@@ -63,7 +63,7 @@ def algorithm_of(key: PrivateKey | PublicKey) -> KeyAlgorithm:
     raise PolicyViolationError(f"key type {type(key).__name__} is not allowed; use ECDSA or RSA")
 
 
-def signature_hash(key: PrivateKey) -> hashes.HashAlgorithm:
+def signature_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
     """The digest to sign with: SHA-384 for P-384 (matching strength), SHA-256 otherwise."""
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1":
         return hashes.SHA384()

@@ -58,7 +58,9 @@ def _ca_usage() -> x509.KeyUsage:
     )
 
 
-def _clamp(not_before: dt.datetime, not_after: dt.datetime, issuer: x509.Certificate) -> tuple[dt.datetime, dt.datetime]:
+def _clamp(
+    not_before: dt.datetime, not_after: dt.datetime, issuer: x509.Certificate
+) -> tuple[dt.datetime, dt.datetime]:
     """A certificate never outlives its issuer, nor starts before it (RFC 5280 path validity)."""
     return max(not_before, issuer.not_valid_before_utc), min(not_after, issuer.not_valid_after_utc)
 

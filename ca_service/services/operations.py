@@ -52,7 +52,8 @@ def init(settings: Settings, *, root_cert: Path | None = None, root_key: Path | 
     if intermediate_cert or intermediate_key:
         if not (intermediate_cert and intermediate_key and root_cert) or root_key:
             raise InvalidRequestError(
-                "intermediate-only mode needs --intermediate-cert, --intermediate-key and --root-cert (and no --root-key)"
+                "intermediate-only mode needs --intermediate-cert, --intermediate-key and --root-cert"
+                " (and no --root-key)"
             )
         initial = intermediate_only_state(
             settings.domain, cert=load_cert(_read(intermediate_cert, "intermediate certificate")),

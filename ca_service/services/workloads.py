@@ -1,0 +1,147 @@
+"""Live workload SVIDs, one per (node, SPIFFE ID), renewed when due.
+
+Each Envoy node gets its own key pair, never shared with another node of the same identity.  A
+node's ``default`` and ``ROOTCA`` streams and a reconnect within the certificate's lifetime reuse the
+same SVID instead of minting a new one.  Keys stay in memory only.
+
+Renewal times sit in one heap, so a tick with nothing due costs O(1) however many SVIDs are live
+(no per-SVID timer or job).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import heapq
+import logging
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from ca_service.clock import Clock
+from ca_service.config import RotationSettings
+from ca_service.pki.identity import SpiffeId
+from ca_service.pki.keys import KeyAlgorithm, PrivateKey, generate_private_key
+from ca_service.rotation.renewal import renewal_time
+from ca_service.services.authority import Authority, IssuedSvid
+
+log = logging.getLogger(__name__)
+
+WorkloadKey = tuple[str, SpiffeId]  # (node id, SPIFFE ID)
+WorkloadListener = Callable[["WorkloadCert"], None]
+
+
+@dataclass(frozen=True)
+class WorkloadCert:
+    node_id: str
+    spiffe_id: SpiffeId
+    key: PrivateKey
+    svid: IssuedSvid
+    renew_at: dt.datetime
+    generation: int  # increases on every re-issue for this (node, identity); used as the resource version
+
+    @property
+    def workload_key(self) -> WorkloadKey:
+        return (self.node_id, self.spiffe_id)
+
+    def __repr__(self) -> str:  # never print the key
+        return (f"WorkloadCert(node_id={self.node_id!r}, spiffe_id='{self.spiffe_id}', "
+                f"serial={self.svid.leaf.serial_number:x}, generation={self.generation})")
+
+
+class WorkloadRegistry:
+    """Issues, caches and renews workload SVIDs; tells listeners about every new one."""
+
+    def __init__(self, authority: Authority, rotation: RotationSettings, clock: Clock, *,
+                 key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256, rng: random.Random | None = None) -> None:
+        self._authority = authority
+        self._rotation = rotation
+        self._clock = clock
+        self._key_algorithm = key_algorithm
+        self._rng = rng or random.SystemRandom()
+        self._certs: dict[WorkloadKey, WorkloadCert] = {}
+        # (renew_at, token, key): a heap entry is live only while its token is the key's current one,
+        # so re-issuing or rescheduling just pushes a new entry and the old one is skipped when popped.
+        self._heap: list[tuple[dt.datetime, int, WorkloadKey]] = []
+        self._tokens: dict[WorkloadKey, int] = {}
+        self._next_token = 0
+        self._listeners: list[WorkloadListener] = []
+
+    def __len__(self) -> int:
+        return len(self._certs)
+
+    def __iter__(self) -> Iterator[WorkloadCert]:
+        return iter(list(self._certs.values()))
+
+    def get(self, node_id: str, spiffe_id: SpiffeId) -> WorkloadCert | None:
+        return self._certs.get((node_id, spiffe_id))
+
+    def subscribe(self, listener: WorkloadListener) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def get_or_issue(self, node_id: str, spiffe_id: SpiffeId) -> WorkloadCert:
+        """The node's current SVID for ``spiffe_id``; issued now if it has none or it expired."""
+        now = self._clock.now()
+        current = self._certs.get((node_id, spiffe_id))
+        if current is not None and current.svid.not_after > now:
+            return current
+        return self._issue(node_id, spiffe_id, now, generation=(current.generation + 1) if current else 1)
+
+    def reissue(self, node_id: str, spiffe_id: SpiffeId, *, reason: str) -> WorkloadCert:
+        """A new key and certificate for a known workload, pushed to listeners."""
+        current = self._certs.get((node_id, spiffe_id))
+        generation = current.generation + 1 if current else 1
+        cert = self._issue(node_id, spiffe_id, self._clock.now(), generation=generation)
+        serial = f"{cert.svid.leaf.serial_number:x}"
+        log.info("workload certificate re-issued",
+                 extra={"spiffe_id": str(spiffe_id), "node": node_id, "reason": reason, "serial": serial})
+        return cert
+
+    def _issue(self, node_id: str, spiffe_id: SpiffeId, now: dt.datetime, *, generation: int) -> WorkloadCert:
+        key = generate_private_key(self._key_algorithm)
+        svid = self._authority.issue_svid(spiffe_id, key.public_key(), now=now)
+        renew_at = renewal_time(svid.not_before, svid.not_after, fraction=self._rotation.renew_fraction,
+                                jitter_fraction=self._rotation.jitter_fraction, draw=self._rng.random())
+        cert = WorkloadCert(node_id, spiffe_id, key, svid, max(renew_at, now), generation)
+        self._certs[(node_id, spiffe_id)] = cert
+        self._schedule(cert.workload_key, cert.renew_at)
+        for listener in list(self._listeners):
+            try:
+                listener(cert)
+            except Exception:
+                log.exception("workload listener %r failed", listener)
+        return cert
+
+    def due(self, now: dt.datetime) -> list[WorkloadCert]:
+        """Certificates whose renewal time has come (stale heap entries of re-issued ones are dropped)."""
+        out = []
+        while self._heap and self._heap[0][0] <= now:
+            _, token, key = heapq.heappop(self._heap)
+            if self._tokens.get(key) == token:
+                del self._tokens[key]
+                out.append(self._certs[key])
+        return out
+
+    def next_renewal(self) -> dt.datetime | None:
+        while self._heap:
+            at, token, key = self._heap[0]
+            if self._tokens.get(key) == token:
+                return at
+            heapq.heappop(self._heap)
+        return None
+
+    def _schedule(self, key: WorkloadKey, at: dt.datetime) -> None:
+        self._next_token += 1
+        self._tokens[key] = self._next_token
+        heapq.heappush(self._heap, (at, self._next_token, key))
+
+    def forget(self, node_id: str, spiffe_id: SpiffeId) -> None:
+        """Drop a workload nobody streams any more (its heap entry goes stale and is skipped)."""
+        self._certs.pop((node_id, spiffe_id), None)
+        self._tokens.pop((node_id, spiffe_id), None)
+
+    def reschedule(self, cert: WorkloadCert, at: dt.datetime) -> None:
+        """Move a certificate's renewal (forced rotations spread over a window use this)."""
+        self._certs[cert.workload_key] = dataclasses.replace(cert, renew_at=at)
+        self._schedule(cert.workload_key, at)
