@@ -1,0 +1,62 @@
+"""Every Prometheus metric of ca-service, on one registry per daemon.
+
+The names are a contract with the alert rules and dashboard in ``deploy/`` (and the README): change
+them only together.  A :class:`Telemetry` instance is created by the assembly and handed to every
+service that counts something, so two daemons in one test process never share counters.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Signing a P-256 leaf takes ~0.1 ms; RSA-3072 keygen can take a second.  Buckets cover both.
+_SIGN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# Push-to-ACK: Envoy ACKs within milliseconds on loopback; minutes means a stuck sidecar.
+_ACK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Telemetry:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        # Certificates the CA holds (one series per certificate: A and B during a rotation).
+        self.ca_expiry = Gauge("ca_certificate_expiry_timestamp_seconds", "notAfter of a CA certificate",
+                               ["kind", "trust_domain", "serial"], registry=r)
+        self.ca_not_before = Gauge("ca_certificate_not_before_timestamp_seconds", "notBefore of a CA certificate",
+                                   ["kind", "trust_domain", "serial"], registry=r)
+        # Workloads: per identity (not per pod) to keep cardinality bounded.
+        labels = ["trust_domain", "namespace", "service_account"]
+        self.workload_expiry = Gauge("ca_workload_certificate_expiry_timestamp_seconds",
+                                     "Earliest notAfter among live SVIDs of an identity", labels, registry=r)
+        self.workload_issued = Gauge("ca_workload_certificate_issued_timestamp_seconds",
+                                     "notBefore of the earliest-expiring live SVID of an identity", labels, registry=r)
+        self.next_rotation = Gauge("ca_next_rotation_timestamp_seconds", "When the next rotation of a kind is due",
+                                   ["kind"], registry=r)
+        self.rotations = Counter("ca_rotations", "Rotations performed", ["kind", "reason"], registry=r)
+        self.rotation_failures = Counter("ca_rotation_failures", "Rotations that failed", ["kind"], registry=r)
+        self.ack_gate_timeouts = Counter("ca_root_rotation_ack_gate_timeouts",
+                                         "Root rotations that waited for SDS ACKs past the timeout", registry=r)
+        self.issued = Counter("ca_certificates_issued", "Certificates signed", ["kind", "trust_domain"], registry=r)
+        self.signing_seconds = Histogram("ca_signing_duration_seconds", "Key generation + signing time",
+                                         buckets=_SIGN_BUCKETS, registry=r)
+        # SDS.
+        self.sds_streams = Gauge("ca_sds_active_streams", "Open SDS streams", ["api"], registry=r)
+        self.sds_pushes = Counter("ca_sds_pushes", "SDS responses sent", ["api"], registry=r)
+        self.sds_nacks = Counter("ca_sds_nacks", "SDS NACKs received", ["api"], registry=r)
+        self.sds_ack_latency = Histogram("ca_sds_push_ack_latency_seconds", "Time from an SDS push to its ACK",
+                                         buckets=_ACK_BUCKETS, registry=r)
+        self.sds_live_svids = Gauge("ca_sds_live_svids", "Workload SVIDs held for connected nodes", registry=r)
+        self.sds_denied = Counter("ca_sds_requests_denied", "SDS requests refused", ["reason"], registry=r)
+        # Trust bundles.
+        self.bundle_roots = Gauge("ca_trust_bundle_roots", "Roots in a trust domain's bundle", ["trust_domain"],
+                                  registry=r)
+        self.bundle_sequence = Gauge("ca_trust_bundle_sequence", "spiffe_sequence of a trust domain's bundle",
+                                     ["trust_domain"], registry=r)
+        self.bundle_last_refresh = Gauge("ca_trust_bundle_last_refresh_timestamp_seconds",
+                                         "Last successful refresh of a trust domain's bundle", ["trust_domain"],
+                                         registry=r)
+        self.bundle_refresh_failures = Counter("ca_trust_bundle_refresh_failures",
+                                               "Failed or rejected bundle refreshes", ["trust_domain", "reason"],
+                                               registry=r)
+        # Scheduler.
+        self.job_errors = Counter("ca_scheduler_job_errors", "Scheduler job runs that raised", ["job"], registry=r)
+        self.job_misses = Counter("ca_scheduler_job_misses", "Scheduler job runs missed", ["job"], registry=r)
