@@ -7,7 +7,6 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from ca_service.clock import FakeClock
 from ca_service.config import Settings
 from ca_service.rotation.planner import RotationPolicy

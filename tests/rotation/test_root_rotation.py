@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 from pathlib import Path
 
 import pytest
@@ -183,7 +184,7 @@ def test_istiod_cacerts_pass_istios_checks_at_every_step_and_consecutive_root_fi
         gated.reconciler.reconcile()
         snapshot()
     assert [len(s) for s in sets] == [1, 2, 1]  # A -> A+B -> B
-    for before, after in zip(sets, sets[1:], strict=False):
+    for before, after in itertools.pairwise(sets):
         assert before <= after or after <= before
     asyncio.run(publisher.stop())
 
