@@ -13,9 +13,17 @@ from typing import Protocol
 
 from ca_service.clock import Clock, SystemClock
 from ca_service.config import Settings
+from ca_service.rotation.planner import RotationPolicy
 from ca_service.services.authority import Authority
+from ca_service.services.cacerts_publisher import CacertsPublisher
+from ca_service.services.ports import AckTracker
+from ca_service.services.reconciler import Reconciler
+from ca_service.services.rotator import RotationService
+from ca_service.services.scheduler import RotationScheduler
+from ca_service.services.workloads import WorkloadRegistry
 from ca_service.storage.base import AuthorityStore
 from ca_service.storage.directory import DirectoryStore
+from ca_service.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,11 @@ class App:
         self.components: list[Component] = []
         self._started: list[Component] = []
         self.stopping = asyncio.Event()
+        # Set by build_app (rotation wiring); other services read them from here.
+        self.telemetry: Telemetry | None = None
+        self.registry: WorkloadRegistry | None = None
+        self.reconciler: Reconciler | None = None
+        self.rotator: RotationService | None = None
 
     async def start(self) -> None:
         state, created = self.authority.load_or_bootstrap()
@@ -85,6 +98,22 @@ class App:
             await self.stop()
 
 
-def build_app(settings: Settings, *, clock: Clock | None = None, store: AuthorityStore | None = None) -> App:
-    """Wire the daemon for ``settings``: every concrete component is constructed here and nowhere else."""
-    return App(settings, clock=clock, store=store)
+def build_app(settings: Settings, *, clock: Clock | None = None, store: AuthorityStore | None = None,
+              acks: AckTracker | None = None) -> App:
+    """Wire the daemon for ``settings``: every concrete component is constructed here and nowhere else.
+
+    ``acks`` is the SDS server's ACK tracker (the root rotation gate); without it only the minimum
+    propagation time gates a root rotation.
+    """
+    app = App(settings, clock=clock, store=store)
+    app.telemetry = Telemetry()
+    app.registry = WorkloadRegistry(app.authority, settings.rotation, app.clock,
+                                    key_algorithm=settings.ca.workload_key_algorithm)
+    app.reconciler = Reconciler(app.authority, app.registry, RotationPolicy.from_settings(settings), app.telemetry,
+                                acks=acks, clock=app.clock)
+    app.rotator = RotationService(app.reconciler)
+    # istiod's cacerts come before the scheduler so the first set is on disk before any rotation.
+    if settings.istiod.cacerts_dir is not None:
+        app.components.append(CacertsPublisher(app.authority, settings.istiod.cacerts_dir, app.telemetry, app.clock))
+    app.components.append(RotationScheduler(app.reconciler, settings.rotation, app.telemetry))
+    return app

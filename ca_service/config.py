@@ -162,6 +162,9 @@ class FederationSettings:
 @dataclass(frozen=True)
 class IstiodSettings:
     cacerts_dir: Path | None = None  # write the four cacerts files here (kubelet-style atomic swap)
+    # istiod's MAX_WORKLOAD_CERT_TTL (Istio's default is 90 days): an old istiod intermediate, and a
+    # root it chains to, stay trusted this long after istiod stopped signing with it.
+    max_workload_ttl: dt.timedelta = dt.timedelta(days=90)
 
 
 class StorageBackend(enum.StrEnum):
@@ -419,6 +422,8 @@ def validate(s: Settings) -> list[str]:
         problems.add("ca.istiod_intermediate_ttl", "must be shorter than ca.root_ttl")
     if ca.istiod_intermediate_ttl <= ca.max_workload_ttl:
         problems.add("ca.istiod_intermediate_ttl", "must outlive ca.max_workload_ttl (istiod signs leaves with it)")
+    if s.istiod.max_workload_ttl <= dt.timedelta(0) or s.istiod.max_workload_ttl >= ca.istiod_intermediate_ttl:
+        problems.add("istiod.max_workload_ttl", "must be positive and shorter than ca.istiod_intermediate_ttl")
     if ca.backdate < dt.timedelta(0) or ca.backdate >= ca.workload_ttl:
         problems.add("ca.backdate", "must be >= 0 and shorter than ca.workload_ttl")
     r = s.rotation

@@ -32,12 +32,15 @@ def mint_intermediate(
     """A new intermediate of ``kind`` signed by ``issuer`` (a root whose key we hold).
 
     Raises:
-        NotReadyError: if the issuer's key is not held here (intermediate-only mode).
+        NotReadyError: if the issuer's key is not held here (intermediate-only mode) or it expired.
     """
     if issuer.key is None:
         raise NotReadyError(
             f"creating a {kind} needs the root key, which is held offline (intermediate-only mode)"
         )
+    if now >= issuer.not_after:
+        raise NotReadyError(f"the root {issuer.serial} expired at {issuer.not_after.isoformat()}; "
+                            f"no {kind} can be created under it")
     key = generate_private_key(algorithm)
     cert = build_intermediate(
         key.public_key(), trust_domain, issuer=issuer.cert, issuer_key=issuer.key, now=now, ttl=ttl, kind=kind

@@ -151,3 +151,33 @@ class AuthorityState:
     @property
     def holds_root_key(self) -> bool:
         return any(e.key is not None for e in self.of_kind(CAKind.ROOT))
+
+    # The instant an entry stopped signing is persisted in ``extra`` (the codec stores it as is), because
+    # an OLD entry's prune horizon is computed from it and must survive a restart unchanged.
+    def retired_at(self, entry: CAEntry) -> dt.datetime | None:
+        raw = self.extra.get(RETIRED_PREFIX + entry.key_id)
+        return dt.datetime.fromisoformat(raw) if raw else None
+
+    def children_of(self, entry: CAEntry) -> tuple[CAEntry, ...]:
+        return tuple(e for e in self.entries if e.parent == entry.key_id and e.kind is not CAKind.ROOT)
+
+    @property
+    def root_gate_override(self) -> str | None:
+        """The operator's reason for continuing a root rotation past an un-ACKed gate, if given."""
+        return self.extra.get(GATE_OVERRIDE_KEY) or None
+
+
+RETIRED_PREFIX = "retired_at/"
+GATE_OVERRIDE_KEY = "root_gate_override"
+
+
+def extra_with_retired(extra: dict[str, str], entries: Iterable[CAEntry], now: dt.datetime) -> dict[str, str]:
+    out = dict(extra)
+    for entry in entries:
+        out[RETIRED_PREFIX + entry.key_id] = now.isoformat()
+    return out
+
+
+def extra_without(extra: dict[str, str], entries: Iterable[CAEntry]) -> dict[str, str]:
+    gone = {RETIRED_PREFIX + e.key_id for e in entries}
+    return {k: v for k, v in extra.items() if k not in gone}
