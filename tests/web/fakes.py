@@ -1,4 +1,4 @@
-"""A hand-written FakeRotator over the real Authority and WorkloadRegistry (the real Rotator lives on another branch)."""
+"""A hand-written FakeRotator over the real Authority and WorkloadRegistry (the real one is on another branch)."""
 
 from __future__ import annotations
 

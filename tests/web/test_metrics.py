@@ -8,14 +8,16 @@ from ca_service.pki.templates import CAKind
 
 from .conftest import Daemon, sa
 
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
-async def scrape(d: Daemon, accept: str | None = None) -> tuple[dict[tuple[str, tuple[tuple[str, str], ...]], float], str]:
+
+async def scrape(d: Daemon, accept: str | None = None) -> tuple[Samples, str]:
     headers = {"Accept": accept} if accept else {}
     async with d.session.get(f"{d.url}/metrics", headers=headers) as resp:
         assert resp.status == 200
         text = await resp.text()
         ctype = resp.headers["Content-Type"]
-    samples = {}
+    samples: Samples = {}
     if accept is None:
         for family in text_string_to_metric_families(text):
             for s in family.samples:
@@ -23,7 +25,7 @@ async def scrape(d: Daemon, accept: str | None = None) -> tuple[dict[tuple[str, 
     return samples, ctype
 
 
-def series(samples: dict, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+def series(samples: Samples, name: str) -> dict[tuple[tuple[str, str], ...], float]:
     return {labels: v for (n, labels), v in samples.items() if n == name}
 
 
