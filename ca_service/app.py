@@ -9,13 +9,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from typing import Protocol
 
 from ca_service.clock import Clock, SystemClock
 from ca_service.config import Settings
 from ca_service.services.authority import Authority
+from ca_service.services.trust import TrustStore
+from ca_service.services.workloads import WorkloadRegistry
 from ca_service.storage.base import AuthorityStore
 from ca_service.storage.directory import DirectoryStore
+from ca_service.telemetry import Telemetry
+from ca_service.web.server import HttpSideport
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,9 @@ class App:
         self.components: list[Component] = []
         self._started: list[Component] = []
         self.stopping = asyncio.Event()
+        # Run first thing in stop(), before any component stops: readiness turns false while every
+        # listener still answers, so load balancers move away before connections are refused.
+        self.shutdown_hooks: list[Callable[[], None]] = []
 
     async def start(self) -> None:
         state, created = self.authority.load_or_bootstrap()
@@ -64,6 +72,8 @@ class App:
 
     async def stop(self) -> None:
         self.stopping.set()
+        for hook in self.shutdown_hooks:
+            hook()
         while self._started:
             component = self._started.pop()
             try:
@@ -87,4 +97,16 @@ class App:
 
 def build_app(settings: Settings, *, clock: Clock | None = None, store: AuthorityStore | None = None) -> App:
     """Wire the daemon for ``settings``: every concrete component is constructed here and nowhere else."""
-    return App(settings, clock=clock, store=store)
+    app = App(settings, clock=clock, store=store)
+    telemetry = Telemetry()
+    trust = TrustStore(app.authority)
+    registry = WorkloadRegistry(app.authority, settings.rotation, app.clock,
+                                key_algorithm=settings.ca.workload_key_algorithm)
+    # rotator: the rotation service (issue 4) plugs in here; until then /admin/v1/rotate answers 503.
+    # readiness_checks: the gRPC component (issue 3) adds {"grpc_serving": server.is_serving}.
+    sideport = HttpSideport(settings, app.authority, telemetry, app.clock, registry=registry, trust=trust,
+                            rotator=None, readiness_checks={})
+    app.shutdown_hooks.append(sideport.begin_shutdown)
+    # First in, last out: the side-port keeps answering /readyz (503) and /metrics while the others drain.
+    app.components.insert(0, sideport)
+    return app
