@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from typing import Protocol
 
 from ca_service.clock import Clock, SystemClock
@@ -20,10 +21,12 @@ from ca_service.services.ports import AckTracker
 from ca_service.services.reconciler import Reconciler
 from ca_service.services.rotator import RotationService
 from ca_service.services.scheduler import RotationScheduler
+from ca_service.services.trust import TrustStore
 from ca_service.services.workloads import WorkloadRegistry
 from ca_service.storage.base import AuthorityStore
 from ca_service.storage.directory import DirectoryStore
 from ca_service.telemetry import Telemetry
+from ca_service.web.server import HttpSideport
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +59,17 @@ class App:
         self.components: list[Component] = []
         self._started: list[Component] = []
         self.stopping = asyncio.Event()
-        # Set by build_app (rotation wiring); other services read them from here.
-        self.telemetry: Telemetry | None = None
-        self.registry: WorkloadRegistry | None = None
+        # One instance of each shared service per daemon; build_app wires the rest around them.
+        self.telemetry = Telemetry()
+        self.trust = TrustStore(self.authority)
+        self.registry = WorkloadRegistry(self.authority, settings.rotation, self.clock,
+                                         key_algorithm=settings.ca.workload_key_algorithm)
+        # Set by build_app; tests that build an App by hand may leave them unset.
         self.reconciler: Reconciler | None = None
         self.rotator: RotationService | None = None
+        # Run first thing in stop(), before any component stops: readiness turns false while every
+        # listener still answers, so load balancers move away before connections are refused.
+        self.shutdown_hooks: list[Callable[[], None]] = []
 
     async def start(self) -> None:
         state, created = self.authority.load_or_bootstrap()
@@ -77,6 +86,8 @@ class App:
 
     async def stop(self) -> None:
         self.stopping.set()
+        for hook in self.shutdown_hooks:
+            hook()
         while self._started:
             component = self._started.pop()
             try:
@@ -106,12 +117,14 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
     propagation time gates a root rotation.
     """
     app = App(settings, clock=clock, store=store)
-    app.telemetry = Telemetry()
-    app.registry = WorkloadRegistry(app.authority, settings.rotation, app.clock,
-                                    key_algorithm=settings.ca.workload_key_algorithm)
     app.reconciler = Reconciler(app.authority, app.registry, RotationPolicy.from_settings(settings), app.telemetry,
                                 acks=acks, clock=app.clock)
     app.rotator = RotationService(app.reconciler)
+    sideport = HttpSideport(settings, app.authority, app.telemetry, app.clock, registry=app.registry,
+                            trust=app.trust, rotator=app.rotator, readiness_checks={})
+    app.shutdown_hooks.append(sideport.begin_shutdown)
+    # First in, last out: the side-port keeps answering /readyz (503) and /metrics while the others drain.
+    app.components.append(sideport)
     # istiod's cacerts come before the scheduler so the first set is on disk before any rotation.
     if settings.istiod.cacerts_dir is not None:
         app.components.append(CacertsPublisher(app.authority, settings.istiod.cacerts_dir, app.telemetry, app.clock))

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ca_service import admin_client
 from ca_service import app as app_module
 from ca_service.config import Settings, load_settings, parse_duration
 from ca_service.errors import CAServiceError, ConfigError
@@ -59,7 +60,22 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-address", help="gRPC listener (host:port or unix:///path)")
     serve.add_argument("--http-address", help="HTTP side-port (host:port)")
     serve.add_argument("--bundle-address", help="SPIFFE bundle endpoint (host:port)")
+    _admin_parser(sub, common)
     return parser
+
+
+def _admin_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    admin = sub.add_parser("admin", help="talk to a running daemon's admin API (token from the data dir)")
+    admin.add_argument("--url", help="side-port URL (default: the running daemon's, from the data dir or config)")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
+    admin_sub.add_parser("status", parents=[common], help="chain, CA certificates, next rotations, SDS, bundles")
+    rotate = admin_sub.add_parser("rotate", parents=[common], help="force a rotation (or plan one with --dry-run)")
+    rotate.add_argument("--scope", required=True, choices=("workload", "namespace", "all-workloads", "intermediate",
+                                                           "istiod-intermediate", "root"))
+    rotate.add_argument("--reason", required=True, help="why (written to the audit log)")
+    rotate.add_argument("--spiffe-id", help="with --scope workload")
+    rotate.add_argument("--namespace", help="with --scope namespace")
+    rotate.add_argument("--dry-run", action="store_true", help="report what would be rotated; change nothing")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -124,6 +140,17 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_admin(args: argparse.Namespace, settings: Settings) -> int:
+    if args.admin_command == "status":
+        doc = admin_client.status(settings, url=args.url)
+        _emit(args, doc, admin_client.render_status(doc))
+    else:
+        doc = admin_client.rotate(settings, scope=args.scope, reason=args.reason, spiffe_id=args.spiffe_id,
+                                  namespace=args.namespace, dry_run=args.dry_run, url=args.url)
+        _emit(args, doc, admin_client.render_rotation(doc))
+    return 0
+
+
 COMMANDS: dict[str, Handler] = {
     "init": _cmd_init,
     "status": _cmd_status,
@@ -131,6 +158,7 @@ COMMANDS: dict[str, Handler] = {
     "export-cacerts": _cmd_export,
     "bundle": _cmd_bundle,
     "serve": _cmd_serve,
+    "admin": _cmd_admin,
 }
 
 

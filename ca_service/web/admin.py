@@ -1,0 +1,133 @@
+"""The admin API: ``GET /admin/v1/status`` and ``POST /admin/v1/rotate``, authenticated and audited.
+
+Every call, refused ones included, writes exactly one audit line before the reply is sent, and
+nothing is done for a caller that failed authentication or authorization.  Errors map to HTTP in
+one table; authentication failures get an opaque body (the log and the audit line get the cause).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from ca_service.errors import (
+    AuthenticationError,
+    CAServiceError,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    NotReadyError,
+    PolicyViolationError,
+)
+from ca_service.services.authority import Authority
+from ca_service.services.ports import RotationResult, Rotator
+from ca_service.services.trust import TrustStore
+from ca_service.services.workloads import WorkloadRegistry
+from ca_service.telemetry import Telemetry
+from ca_service.web.audit import AuditLog, AuditRecord
+from ca_service.web.auth import AdminAuth, Caller
+from ca_service.web.metrics import StateMetrics
+from ca_service.web.requests import BadFieldError, parse_rotate_body
+from ca_service.web.status import status_report
+
+log = logging.getLogger(__name__)
+
+# (exception class, HTTP status, audit result), first match wins: subclasses before their bases.
+_ERRORS: tuple[tuple[type[CAServiceError], int, str], ...] = (
+    (AuthenticationError, 401, "unauthenticated"),
+    (PolicyViolationError, 403, "forbidden"),
+    (InvalidRequestError, 400, "invalid"),
+    (NotFoundError, 404, "not-found"),
+    (ConflictError, 409, "conflict"),
+    (NotReadyError, 503, "not-ready"),
+    (CAServiceError, 500, "error"),
+)
+_OPAQUE = {401: "unauthorized", 403: "forbidden"}
+
+Handler = Callable[[web.Request, Caller, AuditRecord], Awaitable[tuple[dict[str, Any], AuditRecord]]]
+
+
+def _json(status: int, doc: dict[str, Any], **headers: str) -> web.Response:
+    return web.Response(status=status, text=json.dumps(doc, indent=2, default=str) + "\n",
+                        content_type="application/json", headers=headers)
+
+
+def result_to_json(result: RotationResult) -> dict[str, Any]:
+    doc = dataclasses.asdict(result)
+    doc["scope"] = result.scope.value
+    return doc
+
+
+class AdminApi:
+    def __init__(self, authority: Authority, telemetry: Telemetry, auth: AdminAuth, audit: AuditLog,
+                 metrics: StateMetrics, *, rotator: Rotator | None = None, trust: TrustStore | None = None,
+                 registry: WorkloadRegistry | None = None) -> None:
+        self._authority = authority
+        self._telemetry = telemetry
+        self._auth = auth
+        self._audit = audit
+        self._metrics = metrics
+        self._rotator = rotator
+        self._trust = trust
+        self._registry = registry
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/admin/v1/status", self._wrap("status", self._status)),
+                web.post("/admin/v1/rotate", self._wrap("rotate", self._rotate))]
+
+    def _wrap(self, action: str, handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def endpoint(request: web.Request) -> web.Response:
+            record = AuditRecord(caller="anonymous", action=action, result="error", remote=request.remote or "")
+            try:
+                caller = self._auth.authenticate(request)
+                record = dataclasses.replace(record, caller=caller.name)
+                doc, record = await handler(request, caller, record)
+                status = 200
+            except CAServiceError as exc:
+                status, result = next((s, r) for cls, s, r in _ERRORS if isinstance(exc, cls))
+                record = dataclasses.replace(record, result=result, detail=str(exc))
+                doc = {"error": _OPAQUE.get(status, str(exc))}
+                if isinstance(exc, BadFieldError):
+                    doc["field"] = exc.field
+                log.warning("admin %s refused", action, extra={"caller": record.caller, "status": status,
+                                                               "cause": str(exc), "remote": record.remote})
+            except Exception:
+                log.exception("admin %s failed", action, extra={"caller": record.caller})
+                status, doc = 500, {"error": "internal error"}
+                record = dataclasses.replace(record, result="error", detail="internal error")
+            # Audit before replying: a caller that saw an answer can rely on the line being on disk.
+            self._audit.write(record)
+            self._metrics.admin_requests.labels(action, record.result).inc()
+            if status == 401:
+                return _json(status, doc, **{"WWW-Authenticate": 'Bearer realm="ca-service admin"'})
+            return _json(status, doc)
+
+        return endpoint
+
+    async def _status(self, _request: web.Request, _caller: Caller, record: AuditRecord
+                      ) -> tuple[dict[str, Any], AuditRecord]:
+        report = status_report(self._authority, self._telemetry, trust=self._trust, registry=self._registry)
+        return report, dataclasses.replace(record, result="ok")
+
+    async def _rotate(self, request: web.Request, caller: Caller, record: AuditRecord
+                      ) -> tuple[dict[str, Any], AuditRecord]:
+        body = await request.read()
+        rotation = parse_rotate_body(body, self._authority.trust_domain, caller=caller.name)
+        record = dataclasses.replace(record, scope=rotation.scope.value, reason=rotation.reason,
+                                     extra={"dry_run": rotation.dry_run, "spiffe_id": rotation.spiffe_id,
+                                            "namespace": rotation.namespace})
+        if self._rotator is None:
+            raise NotReadyError("the rotation engine is not running in this daemon")
+        result = await self._rotator.rotate(rotation)
+        log.info("admin rotation %s", "planned (dry run)" if result.dry_run else "done",
+                 extra={"caller": caller.name, "scope": rotation.scope.value, "reason": rotation.reason,
+                        "affected": len(result.affected_serials), "issued": len(result.new_serials)})
+        record = dataclasses.replace(record, result="dry-run" if result.dry_run else "ok",
+                                     affected_serials=result.affected_serials, new_serials=result.new_serials,
+                                     detail=result.detail)
+        return result_to_json(result), record

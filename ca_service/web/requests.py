@@ -1,0 +1,91 @@
+"""Parsing of admin request bodies into :class:`RotationRequest`; every rejection names its field."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from ca_service.errors import InvalidRequestError
+from ca_service.pki.identity import SpiffeId, TrustDomain
+from ca_service.services.ports import RotationRequest, RotationScope
+
+ROTATE_FIELDS = ("scope", "reason", "spiffe_id", "namespace", "dry_run")
+# A Kubernetes namespace is a DNS-1123 label.
+_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# The reason lands in the audit log and in logs; a bound keeps a script bug from writing megabytes per call.
+MAX_REASON = 1000
+
+
+class BadFieldError(InvalidRequestError):
+    """A request body field is missing, unknown or invalid; ``field`` names it (``body`` for the whole body)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+def _optional_str(doc: dict[str, Any], name: str) -> str | None:
+    value = doc.get(name)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise BadFieldError(name, "must be a non-empty string")
+    return value
+
+
+def parse_rotate_body(body: bytes, trust_domain: TrustDomain, *, caller: str) -> RotationRequest:
+    """The rotation asked for by a ``POST /admin/v1/rotate`` body.
+
+    Raises:
+        BadFieldError: for a body that is not a JSON object, an unknown field, a missing or unknown
+            ``scope``, a missing or empty ``reason``, a non-boolean ``dry_run``, ``spiffe_id`` missing
+            with scope ``workload`` (or given with another scope), an invalid SPIFFE ID or one of another
+            trust domain, ``namespace`` missing with scope ``namespace`` (or given with another scope) or
+            not a DNS-1123 label.
+    """
+    try:
+        doc = json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError):
+        raise BadFieldError("body", "is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise BadFieldError("body", "must be a JSON object")
+    unknown = sorted(set(doc) - set(ROTATE_FIELDS))
+    if unknown:
+        raise BadFieldError(unknown[0], f"unknown field (allowed: {', '.join(ROTATE_FIELDS)})")
+    scope_value = doc.get("scope")
+    try:
+        if not isinstance(scope_value, str):
+            raise ValueError(scope_value)
+        scope = RotationScope(scope_value)
+    except ValueError:
+        allowed = ", ".join(s.value for s in RotationScope)
+        raise BadFieldError("scope", f"{scope_value!r} is not one of {allowed}") from None
+    reason = _optional_str(doc, "reason")
+    if reason is None or not reason.strip():
+        raise BadFieldError("reason", "is required (say why, for the audit log)")
+    if len(reason) > MAX_REASON:
+        raise BadFieldError("reason", f"is longer than {MAX_REASON} characters")
+    dry_run = doc.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise BadFieldError("dry_run", "must be true or false")
+    spiffe_id = _optional_str(doc, "spiffe_id")
+    namespace = _optional_str(doc, "namespace")
+    # A target given with a wider scope is refused rather than ignored: "all-workloads" plus a
+    # spiffe_id is far more likely a typo than a wish to rotate everything.
+    if (scope is RotationScope.WORKLOAD) != (spiffe_id is not None):
+        raise BadFieldError("spiffe_id", "is required with scope workload" if spiffe_id is None
+                            else f"is only valid with scope workload, not {scope.value}")
+    if (scope is RotationScope.NAMESPACE) != (namespace is not None):
+        raise BadFieldError("namespace", "is required with scope namespace" if namespace is None
+                            else f"is only valid with scope namespace, not {scope.value}")
+    if spiffe_id is not None:
+        try:
+            parsed = SpiffeId.parse(spiffe_id)
+        except InvalidRequestError as exc:
+            raise BadFieldError("spiffe_id", str(exc)) from None
+        if not parsed.is_member_of(trust_domain) or not parsed.path:
+            raise BadFieldError("spiffe_id", f"must be a workload of trust domain {trust_domain}")
+        spiffe_id = str(parsed)
+    if namespace is not None and not _NAMESPACE.match(namespace):
+        raise BadFieldError("namespace", f"{namespace!r} is not a Kubernetes namespace name")
+    return RotationRequest(scope=scope, reason=reason.strip(), spiffe_id=spiffe_id, namespace=namespace,
+                           dry_run=dry_run, caller=caller)
