@@ -7,12 +7,12 @@ import datetime as dt
 import types
 from collections.abc import Callable
 
+import profiles as p
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-import profiles as p
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import KeyAlgorithm, PrivateKey, generate_private_key, key_id
 from ca_service.pki.templates import DEFAULT_BACKDATE, build_intermediate, build_root, build_svid
@@ -152,7 +152,8 @@ _KU_NO_DS = x509.KeyUsage(False, False, True, False, False, False, False, False,
 BAD_LEAVES: dict[str, tuple[dict[str, object], Callable[[x509.Certificate, x509.Certificate], None]]] = {
     "a leaf with two URI SANs is rejected":
         ({"uris": (str(WORKLOAD), "spiffe://cluster.local/other")}, lambda c, i: p.check_exactly_one_uri_san(c)),
-    "a leaf without a URI SAN is rejected": ({"uris": (), "dns": ("web",)}, lambda c, i: p.check_exactly_one_uri_san(c)),
+    "a leaf without a URI SAN is rejected":
+        ({"uris": (), "dns": ("web",)}, lambda c, i: p.check_exactly_one_uri_san(c)),
     "a leaf with an extra DNS SAN is rejected": ({"dns": ("web.example",)}, lambda c, i: p.check_no_other_sans(c)),
     "a CA:TRUE leaf is rejected": ({"ca": True}, lambda c, i: p.check_ca_false(c)),
     "a leaf with keyCertSign is rejected": ({"usage": _KU_CERT_SIGN}, lambda c, i: p.check_leaf_key_usage(c)),
