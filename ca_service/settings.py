@@ -1,0 +1,220 @@
+"""Typed settings: frozen dataclasses, one per section of the YAML file, with their defaults.
+
+Pure data.  :mod:`ca_service.config` reads the file and the environment into these, walking them by
+their type hints, so a new option is one annotated field with a default here (and one line in
+``config/ca-service.yaml``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ca_service.pki.identity import TrustDomain
+from ca_service.pki.keys import KeyAlgorithm
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: object) -> dt.timedelta:
+    """``90s``, ``15m``, ``24h``, ``30d`` (also ``500ms``); a bare number is seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return dt.timedelta(seconds=value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return dt.timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+    raise ValueError(f"{value!r} is not a duration (use e.g. 90s, 15m, 24h, 30d)")
+
+
+def format_duration(delta: dt.timedelta) -> str:
+    """The largest two units, as people read a time left: ``29d 23h``, ``5h 59m``, ``42s``."""
+    seconds = int(delta.total_seconds())
+    sign, seconds = ("-", -seconds) if seconds < 0 else ("", seconds)
+    parts: list[str] = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size or (unit == "s" and not parts):
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return sign + " ".join(p for p in parts[:2] if not p.startswith("0") or len(parts) == 1)
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class CASettings:
+    key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256
+    workload_key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256
+    root_ttl: dt.timedelta = dt.timedelta(days=3650)
+    intermediate_ttl: dt.timedelta = dt.timedelta(days=30)
+    istiod_intermediate_ttl: dt.timedelta = dt.timedelta(days=365)
+    workload_ttl: dt.timedelta = dt.timedelta(hours=24)
+    # The longest TTL a caller may ask for (Istio CA API validity_duration); istiod's own maximum
+    # workload TTL must stay below istiod_intermediate_ttl.
+    max_workload_ttl: dt.timedelta = dt.timedelta(hours=24)
+    backdate: dt.timedelta = dt.timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class RotationSettings:
+    renew_fraction: float = 0.5
+    # Jitter as a fraction of lifetime: a fleet issued in one second renews across ~1% of its lifetime.
+    jitter_fraction: float = 0.02
+    tick_interval: dt.timedelta = dt.timedelta(seconds=5)
+    misfire_grace: dt.timedelta = dt.timedelta(seconds=30)
+    root_min_propagation: dt.timedelta = dt.timedelta(minutes=1)
+    root_ack_timeout: dt.timedelta = dt.timedelta(minutes=10)
+    reissue_window: dt.timedelta = dt.timedelta(seconds=30)
+
+
+@dataclass(frozen=True)
+class ListenerPolicy:
+    allowed_namespaces: tuple[str, ...] = ()
+    allowed_spiffe_ids: tuple[str, ...] = ()  # exact IDs or glob patterns (fnmatch)
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    enabled: bool = False
+    # Empty cert/key: the listener gets a serving SVID from our own CA.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = None
+    require_client_cert: bool = False
+
+
+@dataclass(frozen=True)
+class GrpcListener:
+    address: str = "127.0.0.1:15012"  # host:port, or unix:///path/to/socket
+    # Take the caller's identity from Envoy node metadata.  Safe only when the socket is private to
+    # the workload (istio-agent's per-pod Unix socket) or loopback on a dev machine.
+    trust_node_metadata: bool = False
+    socket_mode: int = 0o660
+    tls: TLSSettings = field(default_factory=TLSSettings)
+    policy: ListenerPolicy = field(default_factory=ListenerPolicy)
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    token_file: Path | None = None  # default: <data_dir>/admin-token, generated on first start
+    allowed_spiffe_ids: tuple[str, ...] = ()
+    audit_log: Path | None = None  # default: <data_dir>/audit.log
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    address: str = "127.0.0.1:15014"
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    tls: TLSSettings = field(default_factory=TLSSettings)
+
+
+class BundleProfile(enum.StrEnum):
+    HTTPS_SPIFFE = "https_spiffe"
+    HTTPS_WEB = "https_web"
+    STATIC = "static"
+
+
+@dataclass(frozen=True)
+class BundleEndpointSettings:
+    enabled: bool = True
+    address: str = "127.0.0.1:15443"
+    profile: BundleProfile = BundleProfile.HTTPS_SPIFFE
+    cert_file: Path | None = None  # https_web only
+    key_file: Path | None = None
+    refresh_hint: dt.timedelta = dt.timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    trust_domain: str = ""
+    profile: BundleProfile = BundleProfile.HTTPS_SPIFFE
+    endpoint_url: str = ""
+    endpoint_spiffe_id: str = ""  # https_spiffe: the SPIFFE ID the endpoint must present
+    bootstrap_bundle: Path | None = None  # https_spiffe: PEM or JWKS to trust on first fetch
+    ca_file: Path | None = None  # https_web
+    bundle_file: Path | None = None  # static
+    refresh_hint: dt.timedelta | None = None  # overrides the peer's own hint
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    peers: tuple[PeerSettings, ...] = ()
+    bundle_dir: Path | None = None  # where <td>.pem and combined-ca.pem go; default <data_dir>/bundles
+
+
+@dataclass(frozen=True)
+class IstiodSettings:
+    cacerts_dir: Path | None = None  # write the four cacerts files here (kubelet-style atomic swap)
+    # istiod's MAX_WORKLOAD_CERT_TTL (Istio's default is 90 days): an old istiod intermediate, and a
+    # root it chains to, stay trusted this long after istiod stopped signing with it.
+    max_workload_ttl: dt.timedelta = dt.timedelta(days=90)
+
+
+class StorageBackend(enum.StrEnum):
+    DIRECTORY = "directory"
+    KUBERNETES = "kubernetes"
+
+
+@dataclass(frozen=True)
+class KubernetesStorageSettings:
+    namespace: str = "ca-service"
+    secret_name: str = "ca-service-state"
+    kubeconfig: Path | None = None
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    backend: StorageBackend = StorageBackend.DIRECTORY
+    kubernetes: KubernetesStorageSettings = field(default_factory=KubernetesStorageSettings)
+
+
+class LogFormat(enum.StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str = "info"
+    format: LogFormat = LogFormat.TEXT
+
+
+def _default_grpc() -> tuple[GrpcListener, ...]:
+    # Embedded default: loopback only, so node metadata is as trustworthy as the machine (DESIGN.md).
+    return (GrpcListener(trust_node_metadata=True),)
+
+
+@dataclass(frozen=True)
+class Settings:
+    trust_domain: str = "cluster.local"
+    data_dir: Path = Path("./var/ca-service")
+    ca: CASettings = field(default_factory=CASettings)
+    rotation: RotationSettings = field(default_factory=RotationSettings)
+    grpc: tuple[GrpcListener, ...] = field(default_factory=_default_grpc)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    bundle_endpoint: BundleEndpointSettings = field(default_factory=BundleEndpointSettings)
+    federation: FederationSettings = field(default_factory=FederationSettings)
+    istiod: IstiodSettings = field(default_factory=IstiodSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+
+    @property
+    def domain(self) -> TrustDomain:
+        return TrustDomain(self.trust_domain)
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.http.admin.token_file or self.data_dir / "admin-token"
+
+    @property
+    def audit_log_file(self) -> Path:
+        return self.http.admin.audit_log or self.data_dir / "audit.log"
+
+    @property
+    def bundle_dir(self) -> Path:
+        return self.federation.bundle_dir or self.data_dir / "bundles"

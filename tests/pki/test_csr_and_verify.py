@@ -1,0 +1,155 @@
+"""CSR checks (the CSR contributes only a key) and chain verification at a given instant."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from ca_service.errors import InvalidRequestError
+from ca_service.pki.csr import CSRRejectedError, check_csr, parse_csr
+from ca_service.pki.keys import KeyAlgorithm, generate_private_key, same_public_key
+from ca_service.pki.verify import ChainVerificationError, verify_ca_chain, verify_svid
+
+from .conftest import NOW, WORKLOAD, Hierarchy, build_hierarchy
+
+AnyKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+def _csr(key: AnyKey | None = None, *, sans: list[x509.GeneralName] | None = None,
+         subject: list[x509.NameAttribute] | None = None, ca: bool | None = None,
+         extra: x509.ExtensionType | None = None) -> x509.CertificateSigningRequest:
+    key = key or generate_private_key()
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(subject or []))
+    builder = builder.add_extension(
+        x509.SubjectAlternativeName(sans if sans is not None else [x509.UniformResourceIdentifier(str(WORKLOAD))]),
+        critical=False,
+    )
+    if ca is not None:
+        builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    if extra is not None:
+        builder = builder.add_extension(extra, critical=False)
+    return builder.sign(key, hashes.SHA256())
+
+
+def _tampered() -> x509.CertificateSigningRequest:
+    # Flip a byte of the signature: the body is intact but the proof of possession no longer verifies.
+    good = _csr()
+    der = bytearray(good.public_bytes(serialization.Encoding.DER))
+    der[-5] ^= 0xFF
+    return x509.load_der_x509_csr(bytes(der))
+
+
+REJECTED: dict[str, tuple[object, type[Exception], str]] = {
+    "if the signature is bad, should reject as invalid": (_tampered, InvalidRequestError, "signature"),
+    "if the key is P-521, should reject the key":
+        (lambda: _csr(ec.generate_private_key(ec.SECP521R1())), CSRRejectedError, "secp521r1"),
+    "if the key is RSA-1024, should reject the key":
+        (lambda: _csr(rsa.generate_private_key(public_exponent=65537, key_size=1024)), CSRRejectedError, "1024"),
+    "if it requests a CA, should reject it": (lambda: _csr(ca=True), CSRRejectedError, "CA"),
+    "if it carries an extra extension, should reject it":
+        (lambda: _csr(extra=x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CODE_SIGNING])),
+         CSRRejectedError, "extension"),
+    "if its SAN names another SPIFFE ID, should reject it":
+        (lambda: _csr(sans=[x509.UniformResourceIdentifier("spiffe://cluster.local/ns/kube-system/sa/admin")]),
+         CSRRejectedError, "entitled only to"),
+    "if its SAN adds a DNS name, should reject it":
+        (lambda: _csr(sans=[x509.UniformResourceIdentifier(str(WORKLOAD)), x509.DNSName("evil.example")]),
+         CSRRejectedError, "evil.example"),
+    "if its SAN names another trust domain, should reject it":
+        (lambda: _csr(sans=[x509.UniformResourceIdentifier("spiffe://other.local/ns/default/sa/web")]),
+         CSRRejectedError, "entitled only to"),
+    "if its subject has a CN, should reject it":
+        (lambda: _csr(subject=[x509.NameAttribute(NameOID.COMMON_NAME, "admin")]), CSRRejectedError, "subject"),
+}
+
+
+@pytest.mark.parametrize("case", list(REJECTED))
+def test_csr_rejections(case: str) -> None:
+    make, error, fragment = REJECTED[case]
+    csr = make()  # type: ignore[operator]
+    with pytest.raises(error, match=fragment):
+        check_csr(csr, WORKLOAD)
+
+
+def test_a_key_type_outside_the_allowed_set_is_rejected() -> None:
+    csr = _csr(generate_private_key(KeyAlgorithm.EC_P384))
+    with pytest.raises(CSRRejectedError, match="not allowed here"):
+        check_csr(csr, WORKLOAD, allowed_algorithms={KeyAlgorithm.EC_P256})
+
+
+ACCEPTED: dict[str, object] = {
+    "if the SAN is exactly the entitled ID, should accept": lambda: _csr(),
+    "if there is no SAN at all, should accept (the identity comes from the caller)":
+        lambda: x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(
+            generate_private_key(), hashes.SHA256()),
+    "if it says CA:FALSE, should accept": lambda: _csr(ca=False),
+    "if the subject only holds an Organization (istio-agent --org), should accept":
+        lambda: _csr(subject=[x509.NameAttribute(NameOID.ORGANIZATION_NAME, "acme")]),
+    "if the key is RSA-2048, should accept": lambda: _csr(generate_private_key(KeyAlgorithm.RSA_2048)),
+    "if the key is P-384, should accept": lambda: _csr(generate_private_key(KeyAlgorithm.EC_P384)),
+}
+
+
+@pytest.mark.parametrize("case", list(ACCEPTED))
+def test_csr_acceptances_return_the_requested_key(case: str) -> None:
+    csr = ACCEPTED[case]()  # type: ignore[operator]
+    key = check_csr(csr, WORKLOAD)
+    assert same_public_key(key, csr.public_key())  # type: ignore[arg-type]
+
+
+def test_parse_csr_round_trips_pem_and_rejects_garbage() -> None:
+    csr = _csr()
+    pem = csr.public_bytes(serialization.Encoding.PEM)
+    assert parse_csr(pem.decode()) == csr
+    with pytest.raises(InvalidRequestError, match="not a valid PEM"):
+        parse_csr(b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n")
+
+
+# ---------------------------------------------------------------- chain verification
+
+
+def test_a_fresh_svid_verifies_and_yields_its_spiffe_id(ec_hierarchy: Hierarchy) -> None:
+    h = ec_hierarchy
+    assert verify_svid(h.leaf, [h.signing], [h.root], now=NOW) == WORKLOAD
+
+
+@pytest.mark.parametrize("algorithm", list(KeyAlgorithm), ids=[a.value for a in KeyAlgorithm])
+def test_every_key_type_verifies(algorithm: KeyAlgorithm) -> None:
+    from .conftest import cached_hierarchy
+
+    h = cached_hierarchy(algorithm)
+    assert verify_svid(h.leaf, [h.signing], [h.root], now=NOW) == WORKLOAD
+
+
+NEGATIVE_CHAINS: dict[str, object] = {
+    "if the leaf has expired, should fail": lambda h: verify_svid(h.leaf, [h.signing], [h.root],
+                                                                  now=NOW + dt.timedelta(days=2)),
+    "if the leaf is not yet valid, should fail": lambda h: verify_svid(h.leaf, [h.signing], [h.root],
+                                                                       now=NOW - dt.timedelta(hours=1)),
+    "if the root is another CA's, should fail": lambda h: verify_svid(h.leaf, [h.signing],
+                                                                      [build_hierarchy().root], now=NOW),
+    "if the intermediate is missing, should fail": lambda h: verify_svid(h.leaf, [], [h.root], now=NOW),
+    "if there are no roots, should fail": lambda h: verify_svid(h.leaf, [h.signing], [], now=NOW),
+    "if the leaf is a CA, should fail": lambda h: verify_svid(h.signing, [], [h.root], now=NOW),
+    "if a CA chain uses the wrong root, should fail": lambda h: verify_ca_chain(h.istiod, [], [build_hierarchy().root],
+                                                                                now=NOW),
+    "if a CA chain is checked after expiry, should fail": lambda h: verify_ca_chain(
+        h.istiod, [], [h.root], now=NOW + dt.timedelta(days=400)),
+    "if a CA chain target is a leaf, should fail": lambda h: verify_ca_chain(h.leaf, [h.signing], [h.root], now=NOW),
+}
+
+
+@pytest.mark.parametrize("case", list(NEGATIVE_CHAINS))
+def test_chain_verification_failures(case: str, ec_hierarchy: Hierarchy) -> None:
+    with pytest.raises(ChainVerificationError):
+        NEGATIVE_CHAINS[case](ec_hierarchy)  # type: ignore[operator]
+
+
+def test_a_ca_chain_verifies_through_the_root(ec_hierarchy: Hierarchy) -> None:
+    verify_ca_chain(ec_hierarchy.istiod, [], [ec_hierarchy.root], now=NOW)
+    verify_ca_chain(ec_hierarchy.root, [], [ec_hierarchy.root], now=NOW)
