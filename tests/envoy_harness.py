@@ -130,11 +130,14 @@ def find_envoy_binary() -> Path:
 
 
 def sds_stat_prefix(secret_name: str) -> str:
-    """The stats prefix Envoy uses for an SDS secret, e.g. ``sds.default`` or ``sds.spiffe_//td``.
+    """The stats prefix Envoy 1.40 uses for an SDS secret.
 
-    Envoy replaces ':' in stat names with '_' (its stat-name sanitiser), so trust-domain names change.
+    Envoy's stat-name sanitiser turns ``://``, ``:/`` and ``:`` into ``_``:
+    ``default`` → ``sds.default``, ``spiffe://cluster.local`` → ``sds.spiffe_cluster.local``,
+    ``spiffe://td/ns/x/sa/y`` → ``sds.spiffe_td/ns/x/sa/y``.  (Other stats, such as
+    ``listener.<l>.ssl.certificate.<name>.*``, keep the raw name.)
     """
-    return "sds." + secret_name.replace(":", "_")
+    return "sds." + re.sub(r"://|:/|:", "_", secret_name)
 
 
 # ---------------------------------------------------------------- configuration values
@@ -319,11 +322,18 @@ class EnvoyConfig:
         }
 
     def render_yaml(self) -> str:
-        return yaml.safe_dump(self.render(), sort_keys=False)
+        return yaml.dump(self.render(), Dumper=_PlainDumper, sort_keys=False)
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Writes a repeated sub-dict (the sds_config) out in full instead of as a YAML anchor/alias."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _duration(value: timedelta) -> str:
-    return f"{value.total_seconds():g}s"
+    return f"{value.total_seconds():.3f}s"  # protobuf JSON Duration: seconds with 0-9 fraction digits
 
 
 def _socket_address(port: int, host: str = "127.0.0.1") -> dict[str, Any]:
@@ -789,7 +799,7 @@ class EnvoyProcess:
 
 @dataclass(frozen=True)
 class HttpResult:
-    """A response as seen by the test (through a client listener)."""
+    """A response as seen by the test (through a client listener); header names are lower-case."""
 
     status: int
     body: str
@@ -810,4 +820,5 @@ async def http_get(url: str, *, timeout: float = 10.0, headers: Mapping[str, str
         aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session,
         session.get(url, headers=dict(headers or {})) as response,
     ):
-        return HttpResult(response.status, await response.text(), dict(response.headers))
+        headers = {key.lower(): value for key, value in response.headers.items()}
+        return HttpResult(response.status, await response.text(), headers)
