@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -80,7 +79,7 @@ class SdsComponent:
             address = self._bind(server, listener)
             await server.start()
             if listener.address.startswith(UNIX_SCHEME):
-                os.chmod(_socket_path(listener.address), listener.socket_mode)
+                _socket_path(listener.address).chmod(listener.socket_mode)
             self._servers.append(server)
             self.bound_addresses.append(address)
             log.info("SDS listening", extra={"address": address, "tls": listener.tls.enabled,
@@ -132,7 +131,8 @@ class SdsComponent:
                                                require_client_auth=tls.require_client_cert)
         cert = self._registry.get_or_issue(SERVING_NODE, self.serving_id)
         fetcher = _ServingCertFetcher(self, tls, cert)
-        return grpc.dynamic_ssl_server_credentials(fetcher.config, fetcher, tls.require_client_cert)
+        # grpc-stubs type the fetcher without its documented None ("unchanged") return.
+        return grpc.dynamic_ssl_server_credentials(fetcher.config, fetcher, tls.require_client_cert)  # type: ignore[arg-type]
 
     def _client_ca(self, tls: TLSSettings) -> bytes:
         return tls.client_ca_file.read_bytes() if tls.client_ca_file else self._trust.own_bundle().to_pem()
