@@ -13,9 +13,13 @@ from typing import Protocol
 
 from ca_service.clock import Clock, SystemClock
 from ca_service.config import Settings
+from ca_service.rpc.sds_listeners import SdsComponent
 from ca_service.services.authority import Authority
+from ca_service.services.trust import TrustStore
+from ca_service.services.workloads import WorkloadRegistry
 from ca_service.storage.base import AuthorityStore
 from ca_service.storage.directory import DirectoryStore
+from ca_service.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -87,4 +91,11 @@ class App:
 
 def build_app(settings: Settings, *, clock: Clock | None = None, store: AuthorityStore | None = None) -> App:
     """Wire the daemon for ``settings``: every concrete component is constructed here and nowhere else."""
-    return App(settings, clock=clock, store=store)
+    app = App(settings, clock=clock, store=store)
+    telemetry = Telemetry()
+    trust = TrustStore(app.authority)
+    registry = WorkloadRegistry(app.authority, settings.rotation, app.clock,
+                                key_algorithm=settings.ca.workload_key_algorithm)
+    sds = SdsComponent(settings.grpc, registry=registry, trust=trust, telemetry=telemetry)
+    app.components.append(sds)
+    return app
