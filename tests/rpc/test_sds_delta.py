@@ -87,8 +87,8 @@ async def test_delta_nack_is_counted(sds: SdsStack, stub: sds_pb2_grpc.SecretDis
     await call.write(delta(["default"], first=True))
     first = await read(call)
     await call.write(delta(nonce=first.nonce, error="rejected"))
-    sds.registry.reissue(node("a").id, A_ID, reason="test")
-    await read(call)
+    await call.write(delta(["spiffe://cluster.local"]))
+    assert names(await read(call)) == {"spiffe://cluster.local"}  # handled in order: no resend of default before
     assert sds.metric("ca_sds_nacks_total", api="delta") == 1
     call.cancel()
 
