@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from ca_service.clock import SystemClock
-from ca_service.config import GrpcListener, RotationSettings, Settings
+from ca_service.config import GrpcListener, RotationSettings, Settings, TLSSettings
+from ca_service.pki.certs import certs_to_pem
 from ca_service.pki.identity import SpiffeId
+from ca_service.pki.keys import generate_private_key, private_key_to_pem
 from ca_service.rpc.sds_listeners import SdsComponent
 from ca_service.services.authority import Authority
 from ca_service.services.trust import TrustStore
@@ -30,6 +32,7 @@ from tests.envoy_harness import (
     NodeIdentity,
     SdsApi,
     SdsServer,
+    SdsTls,
     ServerListener,
     http_get,
 )
@@ -52,13 +55,24 @@ class Stack:
         self.telemetry = Telemetry()
         self.component = SdsComponent(
             [GrpcListener(address="127.0.0.1:0", trust_node_metadata=True),
-             GrpcListener(address=f"unix://{self.uds}", trust_node_metadata=True)],
+             GrpcListener(address=f"unix://{self.uds}", trust_node_metadata=True),
+             GrpcListener(address="127.0.0.1:0", tls=TLSSettings(enabled=True, require_client_cert=True))],
             registry=self.registry, trust=self.trust, telemetry=self.telemetry, grace=dt.timedelta(seconds=1))
 
     def server(self, api: SdsApi, *, uds: bool = False) -> SdsServer:
         if uds:
             return SdsServer.uds(self.uds, api_type=api)
         return SdsServer.tcp(int(self.component.bound_addresses[0].rsplit(":", 1)[1]), api_type=api)
+
+    def tls_files(self, tmp_path: Path, client_id: str) -> SdsTls:
+        """Envoy's side of the TLS SDS listener: our roots, and a client SVID for ``client_id``."""
+        key = generate_private_key()
+        svid = self.authority.issue_svid(SpiffeId.parse(client_id), key.public_key())
+        (tmp_path / "sds-ca.pem").write_bytes(self.trust.own_bundle().to_pem())
+        (tmp_path / "sds-cert.pem").write_bytes(certs_to_pem(svid.chain))
+        (tmp_path / "sds-key.pem").write_bytes(private_key_to_pem(key))
+        return SdsTls(tmp_path / "sds-ca.pem", tmp_path / "sds-cert.pem", tmp_path / "sds-key.pem",
+                      server_uri_san=str(self.component.serving_id))
 
     def serial(self, node: NodeIdentity) -> int:
         cert = self.registry.get(node.id, SpiffeId.parse(node.spiffe_id))
@@ -117,6 +131,18 @@ async def test_two_envoys_get_svids_over_sds_and_talk_mtls_with_pinned_peers(
         assert served_serials(await envoy_b.certs()) == {stack.serial(NODE_B)}
         label = "delta" if api is SdsApi.DELTA_GRPC else "sotw"
         assert (stack.telemetry.registry.get_sample_value("ca_sds_pushes_total", {"api": label}) or 0) >= 4
+
+
+async def test_over_tls_the_identity_comes_from_the_client_certificate_not_node_metadata(
+        stack: Stack, tmp_path: Path) -> None:
+    port = int(stack.component.bound_addresses[2].rsplit(":", 1)[1])
+    # The node claims to be A; its client certificate says B.  Only the certificate counts on this listener.
+    sds = SdsServer.tcp(port, tls=stack.tls_files(tmp_path, NODE_B.spiffe_id))
+    async with EnvoyProcess(EnvoyConfig(NODE_A, sds, server_listener=ServerListener()), tmp_path / "a") as envoy:
+        await wait_for_secrets(envoy)
+        cert = stack.registry.get(NODE_A.id, SpiffeId.parse(NODE_B.spiffe_id))
+        assert cert is not None and stack.registry.get(NODE_A.id, SpiffeId.parse(NODE_A.spiffe_id)) is None
+        assert cert.svid.leaf.serial_number in served_serials(await envoy.certs())  # (plus its SDS client cert)
 
 
 async def poll_until(url: str, done: asyncio.Event, results: list[HttpResult | BaseException]) -> None:
