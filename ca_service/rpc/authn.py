@@ -26,6 +26,8 @@ from ca_service.pki.identity import SpiffeId, TrustDomain
 log = logging.getLogger(__name__)
 
 # Istio sidecar node id: sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local
+# Kubernetes object names (DNS-1123): one path segment each, so "a/b" can never smuggle in another identity.
+_K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _ISTIO_NODE_ID = re.compile(r"^sidecar~[^~]*~[^~]+\.(?P<ns>[^.~]+)~(?P<ns2>[^.~]+)\.svc\.[^~]+$")
 
 
@@ -75,9 +77,9 @@ class NodeMetadataAuthenticator:
     async def authenticate(self, call: CallCredentials) -> Caller | None:
         namespace = _text(call.node_metadata.get("NAMESPACE")) or _namespace_from_node_id(call.node_id)
         service_account = _text(call.node_metadata.get("SERVICE_ACCOUNT"))
-        if not namespace or not service_account:
+        if not _K8S_NAME.match(namespace) or not _K8S_NAME.match(service_account):
             raise AuthenticationError(
-                f"node {call.node_id!r} lacks NAMESPACE/SERVICE_ACCOUNT metadata (namespace={namespace!r}, "
+                f"node {call.node_id!r} lacks valid NAMESPACE/SERVICE_ACCOUNT metadata (namespace={namespace!r}, "
                 f"service_account={service_account!r})"
             )
         try:

@@ -94,7 +94,10 @@ class SdsComponent:
             unsubscribe()
         for path in self._sockets:
             path.unlink(missing_ok=True)
+        # Idempotent: the daemon and a test may both stop it.
         self._servers.clear()
+        self._unsubscribe.clear()
+        self._sockets.clear()
 
     def _servicer(self, listener: GrpcListener) -> SdsServicer:
         verified = listener.tls.enabled and listener.tls.require_client_cert
