@@ -25,9 +25,9 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
-from google.protobuf import any_pb2
-
-from tests.envoy_harness import (
+from envoy_harness import (
+    NODE_ID_HEADER,
+    PEER_SERIAL_HEADER,
     PEER_URI_SAN_HEADER,
     UPSTREAM_PEER_URI_SAN_HEADER,
     ClientListener,
@@ -45,6 +45,7 @@ from tests.envoy_harness import (
     http_get,
     sds_stat_prefix,
 )
+from google.protobuf import any_pb2
 
 SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 NODE_A = NodeIdentity(service_account="a")
@@ -152,10 +153,11 @@ def _validation_secret(name: str, root: Issued) -> secret_pb2.Secret:
 
 
 @dataclass
-class StaticSds(sds_pb2_grpc.SecretDiscoveryServiceServicer):
+class StaticSds(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[misc]
     """SotW StreamSecrets: each requested name is answered once per stream; the stream stays open.
 
-    ``default`` is the SVID of the caller's SERVICE_ACCOUNT (from node metadata); ``ROOTCA`` and
+    ``default`` is the SVID of the caller's SERVICE_ACCOUNT (from node metadata; service account
+    ``broken`` gets a certificate with the wrong key); ``ROOTCA`` and
     ``spiffe://cluster.local`` are the root.  ``nodes`` records every node seen, ``nacks`` every NACK.
     """
 
@@ -164,6 +166,9 @@ class StaticSds(sds_pb2_grpc.SecretDiscoveryServiceServicer):
     nacks: list[str] = field(default_factory=list)
 
     def secret_for(self, service_account: str, name: str) -> secret_pb2.Secret | None:
+        if name == "default" and service_account == "broken":
+            garbage = Issued(self.pki.leaves["a"].cert, ec.generate_private_key(ec.SECP256R1()))
+            return _tls_certificate_secret(name, garbage)  # key does not match the cert: Envoy NACKs
         if name == "default" and service_account in self.pki.leaves:
             return _tls_certificate_secret(name, self.pki.leaves[service_account])
         if name in ("ROOTCA", TRUST_DOMAIN_BUNDLE):
@@ -173,7 +178,7 @@ class StaticSds(sds_pb2_grpc.SecretDiscoveryServiceServicer):
     async def StreamSecrets(
         self,
         request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse],
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
         service_account = ""
         answered: set[str] = set()
@@ -220,7 +225,7 @@ class StartSds(Protocol):
 
 @pytest.fixture
 async def start_sds(pki: Pki) -> AsyncIterator[StartSds]:
-    """``await start_sds(uds=..., credentials=...)`` starts a StaticSds; all are stopped at teardown."""
+    """``await start_sds(uds_path=..., credentials=...)`` starts a StaticSds; all are stopped at teardown."""
     servers: list[grpc.aio.Server] = []
 
     async def start(*, uds_path: Path | None = None, credentials: grpc.ServerCredentials | None = None) -> RunningSds:
@@ -273,6 +278,7 @@ async def _wait_for_svid_and_roots(*envoys: EnvoyProcess) -> None:
     for envoy in envoys:
         await envoy.wait_for_secret("default")
         await envoy.wait_for_secret("ROOTCA")
+        await envoy.wait_for_certificate(uri_san=envoy.config.node.spiffe_id)
 
 
 # ---------------------------------------------------------------- tests without a running Envoy
@@ -293,7 +299,9 @@ def test_find_envoy_binary_returns_the_real_executable_not_the_python_shim() -> 
 
 def test_sds_stat_prefix_sanitises_colons_as_envoy_does() -> None:
     assert sds_stat_prefix("default") == "sds.default"
-    assert sds_stat_prefix("spiffe://cluster.local") == "sds.spiffe_//cluster.local"
+    assert sds_stat_prefix("spiffe://cluster.local") == "sds.spiffe_cluster.local"
+    assert sds_stat_prefix("spiffe://td/ns/x/sa/y") == "sds.spiffe_td/ns/x/sa/y"
+    assert sds_stat_prefix("a:/b:c") == "sds.a_b_c"
 
 
 def test_sds_server_needs_exactly_one_address() -> None:
@@ -359,15 +367,12 @@ async def test_two_envoys_receive_their_svid_and_roots_over_sds(tmp_path: Path, 
         await _wait_for_svid_and_roots(envoy_a, envoy_b)
 
         for envoy, node in ((envoy_a, NODE_A), (envoy_b, NODE_B)):
-            secrets = await envoy.active_secrets()
-            assert {"default", "ROOTCA"} <= secrets.keys()
-            sans = [
-                san["uri"]
-                for entry in (await envoy.certs())["certificates"]
-                for cert in entry["cert_chain"]
-                for san in cert["subject_alt_names"]
-            ]
-            assert node.spiffe_id in sans, await envoy.diagnostics()
+            leaf = sds.servicer.pki.leaves[node.service_account].cert
+            await envoy.wait_for_certificate(uri_san=node.spiffe_id, serial=leaf.serial_number, timeout=5)
+            assert await envoy.secret_updates("default") == 1
+            assert {"default", "ROOTCA"} <= (await envoy.active_secrets()).keys()
+            served = {(cert.serial, cert.uri_sans) for chain in await envoy.certificate_chains() for cert in chain}
+            assert served == {(leaf.serial_number, (node.spiffe_id,))}, await envoy.diagnostics()
         assert {(NODE_A.id, "a"), (NODE_B.id, "b")} <= set(sds.servicer.nodes)
         assert sds.servicer.nacks == []
 
@@ -384,11 +389,14 @@ async def test_a_request_through_a_client_listener_reaches_the_peer_mtls_listene
 
         assert response.status == 200, f"{response}\n{await envoy_a.diagnostics()}"
         assert NODE_B.id in response.body
+        assert response.headers[NODE_ID_HEADER] == NODE_B.id
         assert response.headers[PEER_URI_SAN_HEADER] == NODE_A.spiffe_id
+        assert int(response.headers[PEER_SERIAL_HEADER], 16) == sds.servicer.pki.leaves["a"].cert.serial_number
         assert response.headers[UPSTREAM_PEER_URI_SAN_HEADER] == NODE_B.spiffe_id
         server_cert = response.upstream_peer_certificate()
         assert server_cert is not None
         assert server_cert.serial_number == sds.servicer.pki.leaves["b"].cert.serial_number
+        assert await envoy_b.stat("listener.mtls_server.ssl.versions.TLSv1.3") == 1
 
 
 @pytest.mark.envoy
@@ -418,12 +426,24 @@ async def test_a_server_pin_on_another_client_rejects_the_handshake(tmp_path: Pa
 
 
 @pytest.mark.envoy
-@pytest.mark.parametrize(("new_handshake_per_request", "expected_handshakes"), [(True, 3), (False, 1)])
+@pytest.mark.parametrize(
+    ("new_handshake_per_request", "server_resumption", "expected_handshakes"),
+    [
+        pytest.param(True, False, 3, id="per-request"),
+        # max_session_keys: 0 alone keeps a resumption-capable server (a real sidecar) from resuming.
+        pytest.param(True, True, 3, id="per-request-even-if-server-resumes"),
+        pytest.param(False, False, 1, id="pooled"),
+    ],
+)
 async def test_new_handshake_per_request_makes_every_request_a_full_handshake(
-    tmp_path: Path, sds: RunningSds, new_handshake_per_request: bool, expected_handshakes: int
+    tmp_path: Path, sds: RunningSds, new_handshake_per_request: bool, server_resumption: bool, expected_handshakes: int
 ) -> None:
     envoy_a, envoy_b = await _start_pair(
-        tmp_path, sds.server(), pins=(NODE_B.spiffe_id,), new_handshake_per_request=new_handshake_per_request
+        tmp_path,
+        sds.server(),
+        pins=(NODE_B.spiffe_id,),
+        server=ServerListener(session_resumption=server_resumption),
+        new_handshake_per_request=new_handshake_per_request,
     )
     async with envoy_a, envoy_b:
         await _wait_for_svid_and_roots(envoy_a, envoy_b)
@@ -480,9 +500,24 @@ async def test_waiting_for_a_secret_the_server_never_sends_times_out_with_the_lo
         with pytest.raises(EnvoyTimeoutError) as caught:
             await envoy.wait_for_secret("default", timeout=1)
     message = str(caught.value)
-    assert "update_success 0 < 1" in message
+    assert "sds.default.update_success = 0 after 1" in message
     assert "envoy.log" in message
     assert stranger.id in message
+
+
+@pytest.mark.envoy
+async def test_waiting_for_a_certificate_envoy_rejects_fails_at_once_with_the_reason(
+    tmp_path: Path, sds: RunningSds
+) -> None:
+    broken = NodeIdentity(service_account="broken")  # StaticSds sends a certificate with the wrong key
+    config = EnvoyConfig(broken, sds.server(), server_listener=ServerListener())
+    async with EnvoyProcess(config, tmp_path / "x") as envoy:
+        with pytest.raises(EnvoyHarnessError, match="rejected") as caught:
+            await envoy.wait_for_certificate(uri_san=NODE_A.spiffe_id, timeout=10)
+        assert await envoy.rejections() == 1
+    assert not isinstance(caught.value, EnvoyTimeoutError)
+    assert "KEY_VALUES_MISMATCH" in str(caught.value)
+    assert len(sds.servicer.nacks) == 1
 
 
 @pytest.mark.envoy

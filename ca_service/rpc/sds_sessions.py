@@ -56,7 +56,8 @@ class _Session:
         return resolved
 
     def _sync_watch(self) -> None:
-        keys: frozenset[ChangeKey] = frozenset(TRUST_SET for _ in range(int(self.wildcard)))
+        # A wildcard stream also watches the set of trust domains: a new peer is a new name for it.
+        keys: frozenset[ChangeKey] = frozenset({TRUST_SET}) if self.wildcard else frozenset()
         self.hub.set_keys(self.watch, keys.union(*self.name_keys.values()))
 
     def _affected(self, keys: frozenset[ChangeKey]) -> list[str]:
@@ -117,12 +118,12 @@ class SotwSession(_Session):
         added = requested - self.names if self._started else requested
         self._unsubscribe(self.names - requested)
         self._subscribe(added)
-        first, self._started = not self._started, True
+        self._started = True
         for gone in set(self._sent) - self.names:
             del self._sent[gone]
         resolved = [r for r in (self._resolve(n) for n in sorted(added)) if r is not None]
         self._sync_watch()
-        return self._respond(resolved, force=first)
+        return self._respond(resolved)
 
     def on_change(self, keys: frozenset[ChangeKey]) -> list[discovery_pb2.DiscoveryResponse]:
         out = []
@@ -134,13 +135,11 @@ class SotwSession(_Session):
             if resolved is not None and self._sent.get(name) != resolved.version:
                 out.append(resolved)
         self._sync_watch()
-        return self._respond(out, force=False)
+        return self._respond(out)
 
-    def _respond(self, resolved: list[Resolved], *, force: bool) -> list[discovery_pb2.DiscoveryResponse]:
-        if not resolved and not force:
-            return []
+    def _respond(self, resolved: list[Resolved]) -> list[discovery_pb2.DiscoveryResponse]:
         if not resolved:
-            # Nothing exists yet (a peer trust domain not fetched yet): stay silent, send when it appears.
+            # Nothing new, or nothing exists yet (a peer trust domain not fetched yet): stay silent.
             return []
         for r in resolved:
             self._sent[r.name] = r.version
