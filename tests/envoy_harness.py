@@ -16,19 +16,37 @@ Locating the binary (:func:`find_envoy_binary`): ``$ENVOY_BIN`` if set; otherwis
 last, ``envoy`` on ``$PATH``.  ``.venv/bin/envoy`` is only a Python shim that ``execv``\\ s that file, so
 we run the real file directly and signal the real pid.
 
+Import it as ``envoy_harness`` (pytest puts ``tests/`` on ``sys.path``: there is no ``tests/__init__.py``);
+every test module should use the same spelling, or the exception classes exist twice.
+
 Example::
 
     sds = SdsServer.tcp(sds_port)
     b = EnvoyConfig(NodeIdentity(service_account="b"), sds, server_listener=ServerListener())
     async with EnvoyProcess(b, tmp_path / "b") as envoy_b:
-        await envoy_b.wait_for_secret("default")
-        a = EnvoyConfig(
-            NodeIdentity(service_account="a"), sds,
-            client_listeners=(ClientListener("to-b", await envoy_b.server_port(), (b.node.spiffe_id,)),),
-        )
+        await envoy_b.wait_for_certificate(uri_san=b.node.spiffe_id)
+        to_b = ClientListener("to-b", await envoy_b.server_port(), peer_spiffe_ids=(b.node.spiffe_id,))
+        a = EnvoyConfig(NodeIdentity(service_account="a"), sds, client_listeners=(to_b,))
         async with EnvoyProcess(a, tmp_path / "a") as envoy_a:
+            await envoy_a.wait_for_certificate(uri_san=a.node.spiffe_id)
             response = await http_get(await envoy_a.client_url("to-b"))
             assert response.status == 200, await envoy_a.diagnostics()
+            assert response.upstream_peer_certificate() is not None  # B's leaf, e.g. to check its serial
+
+Envoy 1.40 behaviour this module encodes (each cost time to find):
+
+* ``sds.<name>.update_success`` counts a secret that reached Envoy, not one in use: a certificate with a
+  mismatched key still counts as a success, and the NACK is charged to whichever secret of the same TLS
+  context arrived last (often ``sds.ROOTCA.update_rejected``).  ``/certs`` is the truth
+  (:meth:`EnvoyProcess.wait_for_certificate`).
+* A response naming a different secret than requested is ignored silently, like a wrong type URL.
+* ``max_requests_per_connection: 1`` alone still resumes TLS sessions on the next connections
+  (``ssl.session_reused`` grows, no certificate is exchanged); ``max_session_keys: 0`` on the
+  UpstreamTlsContext stops that even against a server that allows resumption.
+* SDS stat names are sanitised (``spiffe://td`` → ``sds.spiffe_td``), see :func:`sds_stat_prefix`.
+* ``--log-path`` flushes every 10 s by default: the harness passes ``--file-flush-interval-msec 100``.
+* Static listeners on port 0 are bound at start, before their secrets arrive, so their port can be
+  read from ``/listeners`` at once; the admin port (also 0) comes from ``--admin-address-path``.
 """
 
 from __future__ import annotations
@@ -48,7 +66,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -68,6 +86,7 @@ _HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connectio
 _ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 
 # Response headers the rendered listeners add, so a test can see which certificates a request used.
+NODE_ID_HEADER = "x-envoy-node-id"  # server listener: the answering Envoy's node id
 PEER_URI_SAN_HEADER = "x-peer-uri-san"  # server listener: the client certificate's URI SAN
 PEER_SERIAL_HEADER = "x-peer-serial"  # server listener: the client certificate's serial (hex)
 PEER_ISSUER_HEADER = "x-peer-issuer"  # server listener: the client certificate's issuer DN
@@ -419,7 +438,7 @@ def _server_listener(server: ServerListener, node: NodeIdentity, sds: SdsServer)
         _header(PEER_URI_SAN_HEADER, "%DOWNSTREAM_PEER_URI_SAN%"),
         _header(PEER_SERIAL_HEADER, "%DOWNSTREAM_PEER_SERIAL%"),
         _header(PEER_ISSUER_HEADER, "%DOWNSTREAM_PEER_ISSUER%"),
-        _header("x-envoy-node-id", node.id),
+        _header(NODE_ID_HEADER, node.id),
     ]
     context: dict[str, Any] = {
         "@type": _TLS_TYPE + "DownstreamTlsContext",
@@ -515,12 +534,35 @@ def _parent_death_wrapper() -> list[str]:
     return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
 
+@dataclass(frozen=True)
+class CertificateInfo:
+    """One certificate as the admin ``/certs`` endpoint summarises it."""
+
+    serial: int
+    uri_sans: tuple[str, ...]
+    expiration_time: str
+    path: str  # "<inline>" for SDS-delivered bytes; a file name for static certificates
+
+    @classmethod
+    def from_admin(cls, entry: Mapping[str, Any]) -> CertificateInfo:
+        sans = tuple(san["uri"] for san in entry.get("subject_alt_names", []) if "uri" in san)
+        serial = int(entry["serial_number"], 16)
+        return cls(serial, sans, str(entry.get("expiration_time", "")), str(entry.get("path", "")))
+
+    @property
+    def is_inline(self) -> bool:
+        return self.path == "<inline>"
+
+    def __str__(self) -> str:
+        return f"{','.join(self.uri_sans) or '-'} serial={self.serial:x}"
+
+
 class EnvoyProcess:
     """One Envoy started on ``config`` in ``workdir`` (created if missing).
 
     Use as ``async with EnvoyProcess(config, tmp_path / "a") as envoy:``; the process is stopped
     (SIGTERM, then SIGKILL) on exit whatever happened inside.  ``workdir`` keeps ``envoy.yaml``,
-    ``envoy.log`` (Envoy's log), ``envoy.out`` (stdout/stderr) and ``access.log``-free admin files.
+    ``envoy.log`` (Envoy's log), ``envoy.out`` (its stdout/stderr), ``admin-address.txt`` and ``base-id``.
     """
 
     def __init__(
@@ -543,6 +585,7 @@ class EnvoyProcess:
         self._admin_path = self.workdir / "admin-address.txt"
         self._proc: subprocess.Popen[bytes] | None = None
         self._admin: str | None = None
+        self._acknowledged_rejections = 0
 
     # -- lifecycle
 
@@ -675,7 +718,9 @@ class EnvoyProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def _with_tail(self, message: str) -> str:
-        return f"{message} [node {self.config.node.id}, workdir {self.workdir}]\n{self.log_tail()}"
+        rejected = [line for line in self.log_text().splitlines() if "rejected" in line][-5:]
+        rejections = "--- SDS rejections in envoy.log\n" + "\n".join(rejected) + "\n" if rejected else ""
+        return f"{message} [node {self.config.node.id}, workdir {self.workdir}]\n{rejections}{self.log_tail()}"
 
     async def diagnostics(self, stat_filter: str = r"^(sds\.|cluster\.[^.]+\.ssl\.|listener\.[^.]+\.ssl\.)") -> str:
         """A failure message: the interesting stats plus the log tail."""
@@ -713,63 +758,120 @@ class EnvoyProcess:
         return (await self.stats("^" + re.escape(name) + "$")).get(name)
 
     async def wait_for_stat(
-        self, name: str, predicate: Callable[[int], bool], timeout: float = 20.0, *, message: str = ""
+        self, name: str, predicate: Callable[[int], bool], timeout: float = 20.0, *, fail_on_rejection: bool = False
     ) -> int:
         """Poll ``name`` (a missing stat reads as 0) until ``predicate`` holds; return its value.
 
         Raises:
-            EnvoyTimeoutError: the deadline passed (message has the last value and the log tail).
-            EnvoyHarnessError: Envoy exited meanwhile.
+            EnvoyTimeoutError: the deadline passed (message has the last value, SDS stats and log tail).
+            EnvoyHarnessError: Envoy exited meanwhile, or rejected an SDS update and ``fail_on_rejection``.
         """
-        deadline = time.monotonic() + timeout
         value = 0
-        while True:
-            self._raise_if_exited(f"while waiting for {name}")
-            value = await self.stat(name) or 0
-            if predicate(value):
-                return value
-            if time.monotonic() >= deadline:
-                raise EnvoyTimeoutError(
-                    await self._diagnostics_for(f"{name} = {value} after {timeout}s. {message}".strip())
-                )
-            await asyncio.sleep(0.1)
 
-    async def _diagnostics_for(self, message: str) -> str:
-        return message + "\n" + await self.diagnostics()
+        async def probe() -> tuple[bool, str]:
+            nonlocal value
+            value = await self.stat(name) or 0
+            return predicate(value), f"{name} = {value}"
+
+        await self._poll(name, probe, timeout, fail_on_rejection)
+        return value
 
     async def wait_for_secret(
         self, name: str, *, min_updates: int = 1, timeout: float = 20.0, fail_on_rejection: bool = True
     ) -> int:
         """Wait until ``sds.<name>.update_success`` reaches ``min_updates``; return it.
 
-        ``/ready`` is no signal: Envoy goes LIVE after ``initial_fetch_timeout`` without secrets.  To
-        wait for a rotation, pass the count seen before plus one.  A NACK (``update_rejected`` growing
-        during the wait) fails at once unless ``fail_on_rejection`` is False.
+        ``/ready`` is no signal: Envoy goes LIVE after ``initial_fetch_timeout`` without secrets.  To wait
+        for a rotation, pass :meth:`secret_updates` from before plus one.  Any SDS rejection during the
+        wait fails at once unless ``fail_on_rejection`` is False (see :meth:`acknowledge_rejections`).
+
+        Caveat (Envoy 1.40): ``update_success`` counts a secret that reached Envoy, not one in use.  A
+        certificate whose key does not match still counts as a success when it arrives before the
+        validation context; the NACK is then charged to ``sds.ROOTCA.update_rejected``, the secret whose
+        arrival made the TLS context rebuild fail.  Use :meth:`wait_for_certificate` to know what is served.
         """
-        prefix = sds_stat_prefix(name)
-        rejected_before = await self.stat(prefix + ".update_rejected") or 0
-        deadline = time.monotonic() + timeout
-        while True:
-            self._raise_if_exited(f"while waiting for secret {name!r}")
-            stats = await self.stats("^" + re.escape(prefix) + r"\.")
-            success = stats.get(prefix + ".update_success", 0)
-            if success >= min_updates:
-                return success
-            rejected = stats.get(prefix + ".update_rejected", 0)
-            if fail_on_rejection and rejected > rejected_before:
-                raise EnvoyHarnessError(await self._diagnostics_for(f"Envoy rejected (NACKed) secret {name!r}"))
-            if time.monotonic() >= deadline:
-                raise EnvoyTimeoutError(
-                    await self._diagnostics_for(
-                        f"secret {name!r}: update_success {success} < {min_updates} after {timeout}s"
-                    )
-                )
-            await asyncio.sleep(0.1)
+        stat = sds_stat_prefix(name) + ".update_success"
+        return await self.wait_for_stat(stat, lambda v: v >= min_updates, timeout, fail_on_rejection=fail_on_rejection)
+
+    async def secret_updates(self, name: str) -> int:
+        """``sds.<name>.update_success`` now (0 before the first); note it before triggering a rotation."""
+        return await self.stat(sds_stat_prefix(name) + ".update_success") or 0
+
+    async def rejections(self) -> int:
+        """Sum of ``sds.*.update_rejected`` (NACKs) over all secrets."""
+        return sum((await self.stats(r"^sds\..*\.update_rejected$")).values())
+
+    async def acknowledge_rejections(self) -> int:
+        """Treat every NACK so far as expected; later waits fail only on new ones.  Returns the count.
+
+        By default any NACK since start fails a ``wait_for_*`` with ``fail_on_rejection``: a NACK can
+        come before the wait begins (SDS answers within milliseconds of start).
+        """
+        self._acknowledged_rejections = await self.rejections()
+        return self._acknowledged_rejections
 
     async def certs(self) -> dict[str, Any]:
         """The parsed admin ``/certs`` (``certificates[].cert_chain[]`` / ``ca_cert[]`` summaries)."""
         result: dict[str, Any] = json.loads(await self.admin_get("/certs"))
         return result
+
+    async def certificate_chains(self) -> list[tuple[CertificateInfo, ...]]:
+        """Per TLS context (listener or cluster), the certificates it presents; empty until it has one."""
+        return [
+            tuple(CertificateInfo.from_admin(cert) for cert in context.get("cert_chain", []))
+            for context in (await self.certs()).get("certificates", [])
+        ]
+
+    async def wait_for_certificate(
+        self,
+        *,
+        uri_san: str | None = None,
+        serial: int | None = None,
+        timeout: float = 20.0,
+        fail_on_rejection: bool = True,
+    ) -> None:
+        """Wait until EVERY SDS-fed TLS context presents a certificate with ``uri_san`` and/or ``serial``.
+
+        Contexts whose certificate is a file (the SDS cluster's own client certificate with
+        :class:`SdsTls`) are skipped; a context without a certificate yet counts as not there.
+        This is what Envoy actually serves (admin ``/certs``), unlike the SDS counters; use it after a
+        rotation with the new serial.  Fails at once on any SDS rejection not acknowledged with
+        :meth:`acknowledge_rejections`, unless ``fail_on_rejection`` is False.
+        """
+        if uri_san is None and serial is None:
+            raise TypeError("wait_for_certificate needs uri_san or serial")
+
+        def matches(cert: CertificateInfo) -> bool:
+            return (uri_san is None or uri_san in cert.uri_sans) and (serial is None or cert.serial == serial)
+
+        async def probe() -> tuple[bool, str]:
+            chains = [c for c in await self.certificate_chains() if all(cert.is_inline for cert in c)]
+            done = bool(chains) and all(any(matches(c) for c in chain) for chain in chains)
+            return done, f"contexts present {[[str(c) for c in chain] for chain in chains]}"
+
+        wanted = " ".join(f"{k}={v}" for k, v in (("uri_san", uri_san), ("serial", serial)) if v is not None)
+        await self._poll(f"certificate {wanted}", probe, timeout, fail_on_rejection)
+
+    async def _poll(
+        self, what: str, probe: Callable[[], Awaitable[tuple[bool, str]]], timeout: float, fail_on_rejection: bool
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._raise_if_exited(f"while waiting for {what}")
+            done, state = await probe()
+            if done:
+                return
+            if fail_on_rejection and await self.rejections() > self._acknowledged_rejections:
+                # Any secret's counter: Envoy charges a NACK to the secret whose arrival failed the context.
+                message = f"Envoy rejected (NACKed) an SDS update while waiting for {what}; {state}"
+                await asyncio.sleep(0.3)  # let Envoy flush the reason to its log (flush interval 100 ms)
+                raise EnvoyHarnessError(await self._diagnostics_for(message))
+            if time.monotonic() >= deadline:
+                raise EnvoyTimeoutError(await self._diagnostics_for(f"{what}: {state} after {timeout}s"))
+            await asyncio.sleep(0.1)
+
+    async def _diagnostics_for(self, message: str) -> str:
+        return message + "\n" + await self.diagnostics()
 
     async def active_secrets(self) -> dict[str, dict[str, Any]]:
         """``/config_dump?resource=dynamic_active_secrets`` keyed by secret name (keys are redacted).
