@@ -15,6 +15,7 @@ from typing import Protocol
 from ca_service.clock import Clock, SystemClock
 from ca_service.config import Settings
 from ca_service.rotation.planner import RotationPolicy
+from ca_service.rpc.sds_listeners import SdsComponent
 from ca_service.services.authority import Authority
 from ca_service.services.cacerts_publisher import CacertsPublisher
 from ca_service.services.ports import AckTracker
@@ -67,6 +68,7 @@ class App:
         # Set by build_app; tests that build an App by hand may leave them unset.
         self.reconciler: Reconciler | None = None
         self.rotator: RotationService | None = None
+        self.sds: SdsComponent | None = None
         # Run first thing in stop(), before any component stops: readiness turns false while every
         # listener still answers, so load balancers move away before connections are refused.
         self.shutdown_hooks: list[Callable[[], None]] = []
@@ -113,20 +115,24 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
               acks: AckTracker | None = None) -> App:
     """Wire the daemon for ``settings``: every concrete component is constructed here and nowhere else.
 
-    ``acks`` is the SDS server's ACK tracker (the root rotation gate); without it only the minimum
-    propagation time gates a root rotation.
+    ``acks`` overrides the SDS server's ACK tracker as the root rotation gate (tests use a fake).
     """
     app = App(settings, clock=clock, store=store)
+    sds = SdsComponent(settings.grpc, registry=app.registry, trust=app.trust, telemetry=app.telemetry)
+    app.sds = sds
     app.reconciler = Reconciler(app.authority, app.registry, RotationPolicy.from_settings(settings), app.telemetry,
-                                acks=acks, clock=app.clock)
+                                acks=acks or sds.hub, clock=app.clock)
     app.rotator = RotationService(app.reconciler)
     sideport = HttpSideport(settings, app.authority, app.telemetry, app.clock, registry=app.registry,
-                            trust=app.trust, rotator=app.rotator, readiness_checks={})
+                            trust=app.trust, rotator=app.rotator,
+                            readiness_checks={"grpc_serving": lambda: len(sds.bound_addresses) == len(settings.grpc)})
     app.shutdown_hooks.append(sideport.begin_shutdown)
-    # First in, last out: the side-port keeps answering /readyz (503) and /metrics while the others drain.
+    # Start order: side-port first (it stops last, so /readyz says 503 while the others drain), then
+    # istiod's cacerts (on disk before any rotation), SDS, and the scheduler last (nothing rotates
+    # before every consumer of a rotation is listening).
     app.components.append(sideport)
-    # istiod's cacerts come before the scheduler so the first set is on disk before any rotation.
     if settings.istiod.cacerts_dir is not None:
         app.components.append(CacertsPublisher(app.authority, settings.istiod.cacerts_dir, app.telemetry, app.clock))
+    app.components.append(sds)
     app.components.append(RotationScheduler(app.reconciler, settings.rotation, app.telemetry))
     return app

@@ -1,0 +1,117 @@
+"""Fan-out of certificate and bundle changes to exactly the SDS streams that depend on them.
+
+Each stream owns one :class:`StreamWatch` (a queue plus the change keys it watches).  Registry and
+trust-store listeners put a :class:`Changed` into the queues of the watches whose keys match; a
+stream's handler sleeps on its queue, so an idle stream costs no wake-ups and no timer.  The hub
+also answers the root-rotation ACK gate (:class:`~ca_service.services.ports.AckTracker`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ca_service.pki.identity import TrustDomain
+from ca_service.rpc.sds_resources import TRUST_SET, ChangeKey, bundle_key, svid_key
+from ca_service.services.workloads import WorkloadCert
+
+
+@dataclass(frozen=True)
+class Changed:
+    keys: frozenset[ChangeKey]
+
+
+class Shutdown:
+    """Put into every queue on graceful stop: the handler ends its stream with OK."""
+
+
+@dataclass(eq=False)
+class StreamWatch:
+    queue: asyncio.Queue[Any]
+    keys: frozenset[ChangeKey] = frozenset()
+    # Bundle-sequence bookkeeping for the ACK gate.
+    receives_own_bundle: bool = False
+    acked_bundle_sequence: int = 0
+    pending: dict[str, int] = field(default_factory=dict)  # nonce -> own bundle sequence pushed with it
+
+
+class WatchHub:
+    """Maps change keys to watching streams; implements :class:`AckTracker`."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[ChangeKey, set[StreamWatch]] = defaultdict(set)
+        self._watches: set[StreamWatch] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    def open(self) -> StreamWatch:
+        self._loop = asyncio.get_running_loop()
+        watch = StreamWatch(asyncio.Queue())
+        if self._closed:
+            watch.queue.put_nowait(Shutdown())
+        self._watches.add(watch)
+        return watch
+
+    def close_watch(self, watch: StreamWatch) -> None:
+        self.set_keys(watch, frozenset())
+        self._watches.discard(watch)
+
+    def set_keys(self, watch: StreamWatch, keys: frozenset[ChangeKey]) -> None:
+        for key in watch.keys - keys:
+            watchers = self._by_key.get(key)
+            if watchers is not None:
+                watchers.discard(watch)
+                if not watchers:
+                    del self._by_key[key]
+        for key in keys - watch.keys:
+            self._by_key[key].add(watch)
+        watch.keys = keys
+
+    def shutdown(self) -> None:
+        self._closed = True
+        for watch in list(self._watches):
+            watch.queue.put_nowait(Shutdown())
+
+    # ------------------------------------------------------------ listeners (registry, trust store)
+
+    def on_workload(self, cert: WorkloadCert) -> None:
+        self.notify([svid_key(cert.node_id, cert.spiffe_id)])
+
+    def on_trust(self, changed: frozenset[TrustDomain]) -> None:
+        self.notify([TRUST_SET, *(bundle_key(td) for td in changed)])
+
+    def notify(self, keys: Iterable[ChangeKey]) -> None:
+        """Wake the streams watching any of ``keys`` (safe to call from a non-loop thread)."""
+        keyset = frozenset(keys)
+        loop = self._loop
+        if loop is None:
+            return  # no stream was ever opened
+        if loop.is_running() and _in_loop_thread(loop):
+            self._deliver(keyset)
+        else:
+            loop.call_soon_threadsafe(self._deliver, keyset)
+
+    def _deliver(self, keys: frozenset[ChangeKey]) -> None:
+        targets: set[StreamWatch] = set()
+        for key in keys:
+            targets |= self._by_key.get(key, set())
+        for watch in targets:
+            watch.queue.put_nowait(Changed(keys & watch.keys))
+
+    # ------------------------------------------------------------ AckTracker
+
+    def connected_streams(self) -> int:
+        return sum(1 for w in self._watches if w.receives_own_bundle)
+
+    def streams_behind(self, bundle_sequence: int) -> int:
+        return sum(1 for w in self._watches if w.receives_own_bundle and w.acked_bundle_sequence < bundle_sequence)
+
+
+def _in_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:  # called from a thread without a loop (a scheduler thread)
+        return False

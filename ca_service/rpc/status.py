@@ -1,0 +1,52 @@
+"""The one table that maps ca-service errors to gRPC status codes (the edge of every RPC).
+
+Clients get an opaque message (enough to know what to fix on their side, nothing about our
+internals); the log gets the cause, once, here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NoReturn
+
+import grpc
+
+from ca_service.errors import (
+    AuthenticationError,
+    CAServiceError,
+    InvalidRequestError,
+    NotFoundError,
+    NotReadyError,
+    PolicyViolationError,
+)
+
+log = logging.getLogger(__name__)
+
+# Ordered: the first matching class wins (subclasses before their bases).
+STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, str], ...] = (
+    (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED, "caller could not be authenticated"),
+    (PolicyViolationError, grpc.StatusCode.PERMISSION_DENIED, "caller is not entitled to this resource"),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND, "no such resource"),
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT, "malformed request"),
+    (NotReadyError, grpc.StatusCode.UNAVAILABLE, "not ready, retry later"),
+    (CAServiceError, grpc.StatusCode.INTERNAL, "internal error"),
+)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and the opaque client message for ``exc`` (INTERNAL for anything unexpected)."""
+    for cls, code, message in STATUS_TABLE:
+        if isinstance(exc, cls):
+            return code, message
+    return grpc.StatusCode.INTERNAL, "internal error"
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, *, rpc: str) -> NoReturn:
+    """Log the cause and end the call with the mapped status."""
+    code, message = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.error("%s failed", rpc, exc_info=exc, extra={"peer": context.peer()})
+    else:
+        log.warning("%s refused: %s", rpc, exc, extra={"peer": context.peer(), "status": code.name})
+    await context.abort(code, message)
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover

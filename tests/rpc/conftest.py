@@ -1,0 +1,5 @@
+"""Fixtures of the SDS protocol tests (defined in sds_fixtures so the e2e tests can reuse them)."""
+
+from tests.rpc.sds_fixtures import sds, stub
+
+__all__ = ["sds", "stub"]
