@@ -42,7 +42,8 @@ SourceFactory = Callable[[PeerSettings, Callable[[], TrustBundle]], BundleSource
 def backoff_delay(failures: int, cap: dt.timedelta, *, rng: random.Random | None = None) -> dt.timedelta:
     """Delay before retry number ``failures`` (1-based): 1s, 2s, 4s ... capped, then 50-100% jitter
     so that every region's pollers do not hit a recovering peer in the same second."""
-    base = min(MIN_BACKOFF * (2 ** min(failures - 1, 30)), max(cap, MIN_BACKOFF))
+    doubling: int = 2 ** min(failures - 1, 30)
+    base: dt.timedelta = min(MIN_BACKOFF * doubling, max(cap, MIN_BACKOFF))
     factor: float = (rng or random).uniform(0.5, 1.0)
     return base * factor
 

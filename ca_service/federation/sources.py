@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from cryptography import x509
+
 import aiohttp
 
 from ca_service.clock import Clock
@@ -20,7 +22,6 @@ from ca_service.federation.policy import BundleRejectedError
 from ca_service.federation.tls import (
     EndpointAuthenticationError,
     authenticate_endpoint,
-    presented_chain,
     spiffe_client_context,
     web_client_context,
 )
@@ -73,9 +74,8 @@ class EndpointSource:
         self._clock = clock
         self._endpoint_id = endpoint_id
         self._roots = roots
-        self._ssl: ssl.SSLContext = (
-            spiffe_client_context() if profile is BundleProfile.HTTPS_SPIFFE else web_client_context(ca_file)
-        )
+        self._ca_file = ca_file
+        self._auth_error: EndpointAuthenticationError | None = None
 
     def has_changed(self) -> bool:
         return False
@@ -83,19 +83,20 @@ class EndpointSource:
     async def fetch(self, current: TrustBundle | None) -> TrustBundle:
         timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT_SECONDS)
         # A fresh connection per fetch: every fetch re-authenticates the endpoint with the current roots.
-        connector = aiohttp.TCPConnector(ssl=self._ssl, force_close=True)
+        connector = aiohttp.TCPConnector(ssl=self._context(), force_close=True)
+        self._auth_error = None
         try:
             async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session, \
                     session.get(self.url, allow_redirects=False) as resp:
-                self._authenticate(resp)
                 if resp.status != 200:
                     raise BundleRejectedError(f"{self.url} answered HTTP {resp.status}", policy.HTTP_STATUS)
                 body = await resp.content.read(MAX_BUNDLE_BYTES + 1)
-        except aiohttp.ClientSSLError as exc:
-            raise BundleRejectedError(f"TLS with {self.url} failed: {exc}", policy.TLS) from None
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise BundleRejectedError(f"cannot fetch {self.url}: {exc or type(exc).__name__}",
-                                      policy.UNREACHABLE) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            if self._auth_error is None:
+                raise self._transport_error(exc) from None
+            raise BundleRejectedError(f"{self.url}: {self._auth_error}", self._auth_error.reason) from None
+        except TimeoutError as exc:
+            raise self._transport_error(exc) from None
         if len(body) > MAX_BUNDLE_BYTES:
             raise BundleRejectedError(f"{self.url} sent more than {MAX_BUNDLE_BYTES} bytes", policy.UNPARSABLE)
         if not body.lstrip().startswith(b"{"):
@@ -103,17 +104,24 @@ class EndpointSource:
             raise BundleRejectedError(f"{self.url} did not send a SPIFFE bundle (JSON)", policy.UNPARSABLE)
         return policy.parse_bundle_document(body, self.trust_domain, current=current)
 
-    def _authenticate(self, resp: aiohttp.ClientResponse) -> None:
+    def _transport_error(self, exc: BaseException) -> BundleRejectedError:
+        if isinstance(exc, aiohttp.ClientSSLError):
+            return BundleRejectedError(f"TLS with {self.url} failed: {exc}", policy.TLS)
+        return BundleRejectedError(f"cannot fetch {self.url}: {exc or type(exc).__name__}", policy.UNREACHABLE)
+
+    def _context(self) -> ssl.SSLContext:
         if self.profile is not BundleProfile.HTTPS_SPIFFE:
-            return
+            return web_client_context(self._ca_file)
+        return spiffe_client_context(self._authenticate)
+
+    def _authenticate(self, chain: list[x509.Certificate]) -> None:
+        """Called inside the TLS handshake; the roots are read now, so a rotation is followed at once."""
         assert self._endpoint_id is not None and self._roots is not None
-        transport = resp.connection.transport if resp.connection else None
-        ssl_object = transport.get_extra_info("ssl_object") if transport else None
         try:
-            authenticate_endpoint(presented_chain(ssl_object), self._roots().roots, self._endpoint_id,
-                                  now=self._clock.now())
+            authenticate_endpoint(chain, self._roots().roots, self._endpoint_id, now=self._clock.now())
         except EndpointAuthenticationError as exc:
-            raise BundleRejectedError(f"{self.url}: {exc}", exc.reason) from None
+            self._auth_error = exc  # the handshake error aiohttp raises does not carry our reason
+            raise
 
 
 class FileSource:

@@ -12,7 +12,7 @@ import datetime as dt
 import os
 import ssl
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -22,6 +22,10 @@ from ca_service.pki.certs import certs_to_pem, spiffe_id_of
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import PrivateKey, private_key_to_pem
 from ca_service.pki.verify import verify_svid
+
+
+# _ssl.Certificate.public_bytes format code for DER (ssl re-exports it only from 3.13 on).
+_DER: int = getattr(ssl, "ENCODING_DER", 2)
 
 
 class EndpointAuthenticationError(PolicyViolationError):
@@ -59,12 +63,24 @@ def server_context() -> ssl.SSLContext:
     return context
 
 
-def spiffe_client_context() -> ssl.SSLContext:
-    """Client context for ``https_spiffe``: OpenSSL accepts any chain; :func:`authenticate_endpoint` decides."""
+def spiffe_client_context(check: Callable[[list[x509.Certificate]], None]) -> ssl.SSLContext:
+    """Client context for ``https_spiffe``: OpenSSL accepts any chain, ``check`` decides.
+
+    ``check`` runs inside the handshake (through ``SSLContext.sslobject_class``, which asyncio uses
+    for every TLS connection), so an endpoint that fails it never receives a request and aiohttp
+    reports a connection error.  ``check`` raises to refuse.
+    """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
+
+    class _AuthenticatingSSLObject(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            super().do_handshake()  # raises SSLWantReadError until the handshake is complete
+            check(presented_chain(self))
+
+    context.sslobject_class = _AuthenticatingSSLObject
     return context
 
 
@@ -89,7 +105,7 @@ def presented_chain(ssl_object: ssl.SSLObject | None) -> list[x509.Certificate]:
         return [x509.load_der_x509_certificate(der)] if der else []
     out = []
     for cert in getter() or []:
-        der = cert if isinstance(cert, bytes) else cert.public_bytes(ssl.ENCODING_DER)  # type: ignore[attr-defined]
+        der = cert if isinstance(cert, bytes) else cert.public_bytes(_DER)
         out.append(x509.load_der_x509_certificate(der))
     return out
 
