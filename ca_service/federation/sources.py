@@ -11,9 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from cryptography import x509
-
 import aiohttp
+from cryptography import x509
 
 from ca_service.clock import Clock
 from ca_service.config import BundleProfile, PeerSettings
@@ -91,6 +90,9 @@ class EndpointSource:
                 if resp.status != 200:
                     raise BundleRejectedError(f"{self.url} answered HTTP {resp.status}", policy.HTTP_STATUS)
                 body = await resp.content.read(MAX_BUNDLE_BYTES + 1)
+        except EndpointAuthenticationError as exc:
+            # asyncio passes an exception from inside the handshake through unwrapped.
+            raise BundleRejectedError(f"{self.url}: {exc}", exc.reason) from None
         except (aiohttp.ClientError, OSError) as exc:
             if self._auth_error is None:
                 raise self._transport_error(exc) from None

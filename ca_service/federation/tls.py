@@ -23,7 +23,6 @@ from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import PrivateKey, private_key_to_pem
 from ca_service.pki.verify import verify_svid
 
-
 # _ssl.Certificate.public_bytes format code for DER (ssl re-exports it only from 3.13 on).
 _DER: int = getattr(ssl, "ENCODING_DER", 2)
 

@@ -4,8 +4,8 @@ peer pollers and bundle files, each on 127.0.0.1:0 and its own data directory.""
 from __future__ import annotations
 
 import asyncio
-import json
 import datetime as dt
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +117,7 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = loop.time() + timeout
     while not predicate():
         if loop.time() > deadline:
-            raise AssertionError("condition not met within %.1fs" % timeout)
+            raise AssertionError(f"condition not met within {timeout:.1f}s")
         await asyncio.sleep(0.02)
 
 
