@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from ca_service.clock import FakeClock
 from ca_service.config import BundleProfile, CASettings
@@ -95,7 +96,7 @@ async def test_if_a_key_holds_a_leaf_instead_of_a_ca_it_is_rejected(setup: Setup
     leaf = setup.rogue.chain[0]
     doc = json.loads(setup.eu.authority.bundle().to_json())
     doc["spiffe_sequence"] = 99
-    doc["keys"][0]["x5c"] = [base64.b64encode(leaf.public_bytes(__import__("cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]).Encoding.DER)).decode()]
+    doc["keys"][0]["x5c"] = [base64.b64encode(leaf.public_bytes(Encoding.DER)).decode()]
     setup.rogue.body = json.dumps(doc).encode()
     await assert_rejected(setup, policy.NOT_CA)
 
