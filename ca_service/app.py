@@ -13,9 +13,15 @@ from typing import Protocol
 
 from ca_service.clock import Clock, SystemClock
 from ca_service.config import Settings
+from ca_service.federation.endpoint import BundleEndpoint
+from ca_service.federation.files import BundleFilePublisher
+from ca_service.federation.lastgood import LastGoodStore
+from ca_service.federation.peers import Federation
 from ca_service.services.authority import Authority
+from ca_service.services.trust import TrustStore
 from ca_service.storage.base import AuthorityStore
 from ca_service.storage.directory import DirectoryStore
+from ca_service.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,9 @@ class App:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.authority = build_authority(settings, self.clock, store)
+        self.telemetry = Telemetry()
+        # Every bundle we deliver (own + federated peers); SDS, bundle files and the endpoint read it.
+        self.trust = TrustStore(self.authority)
         self.components: list[Component] = []
         self._started: list[Component] = []
         self.stopping = asyncio.Event()
@@ -87,4 +96,19 @@ class App:
 
 def build_app(settings: Settings, *, clock: Clock | None = None, store: AuthorityStore | None = None) -> App:
     """Wire the daemon for ``settings``: every concrete component is constructed here and nowhere else."""
-    return App(settings, clock=clock, store=store)
+    app = App(settings, clock=clock, store=store)
+    app.components.extend(build_federation(settings, app))
+    return app
+
+
+def build_federation(settings: Settings, app: App) -> list[Component]:
+    """Bundle files first (they must reflect what federation restores from disk), then the peer
+    pollers (restore last-good bundles, then poll), then our bundle endpoint."""
+    components: list[Component] = [
+        BundleFilePublisher(app.trust, settings.bundle_dir),
+        Federation(settings.federation.peers, app.trust, LastGoodStore(settings.data_dir / "federation"),
+                   app.telemetry, app.clock),
+    ]
+    if settings.bundle_endpoint.enabled:
+        components.append(BundleEndpoint(settings.bundle_endpoint, app.trust, app.authority, app.clock))
+    return components
