@@ -106,7 +106,7 @@ class PeerPoller:
             return False
         except Exception as exc:  # a bug must not kill the poller or the old bundle
             log.exception("bundle refresh of %s failed unexpectedly", self.trust_domain)
-            self._reject(str(exc), "internal")
+            self._reject(str(exc), policy.INTERNAL)
             return False
         self._install(candidate, self._clock.now(), persist=True)
         self.failures, self.last_error = 0, ""

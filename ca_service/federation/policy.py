@@ -20,8 +20,9 @@ WRONG_DOMAIN = "wrong_domain"  # an endpoint SVID or a root that belongs to anot
 UNPARSABLE = "unparsable"  # not JSON / PEM, or the SPIFFE bundle format is broken
 NOT_CA = "not_ca"  # a trust anchor that is not a CA certificate (a leaf)
 SEQUENCE = "sequence"  # spiffe_sequence went backwards: a replay or a rolled-back peer
+INTERNAL = "internal"  # a bug on our side while fetching; logged with its traceback
 
-REASONS = (UNREACHABLE, HTTP_STATUS, TLS, ENDPOINT_ID, WRONG_DOMAIN, UNPARSABLE, NOT_CA, SEQUENCE)
+REASONS = (UNREACHABLE, HTTP_STATUS, TLS, ENDPOINT_ID, WRONG_DOMAIN, UNPARSABLE, NOT_CA, SEQUENCE, INTERNAL)
 
 
 class BundleRejectedError(InvalidRequestError):
