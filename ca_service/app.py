@@ -14,6 +14,10 @@ from typing import Protocol
 
 from ca_service.clock import Clock, SystemClock
 from ca_service.config import Settings
+from ca_service.federation.endpoint import BundleEndpoint
+from ca_service.federation.files import BundleFilePublisher
+from ca_service.federation.lastgood import LastGoodStore
+from ca_service.federation.peers import Federation
 from ca_service.rotation.planner import RotationPolicy
 from ca_service.rpc.sds_listeners import SdsComponent
 from ca_service.services.authority import Authority
@@ -57,6 +61,9 @@ class App:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.authority = build_authority(settings, self.clock, store)
+        self.telemetry = Telemetry()
+        # Every bundle we deliver (own + federated peers); SDS, bundle files and the endpoint read it.
+        self.trust = TrustStore(self.authority)
         self.components: list[Component] = []
         self._started: list[Component] = []
         self.stopping = asyncio.Event()
@@ -128,11 +135,26 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
                             readiness_checks={"grpc_serving": lambda: len(sds.bound_addresses) == len(settings.grpc)})
     app.shutdown_hooks.append(sideport.begin_shutdown)
     # Start order: side-port first (it stops last, so /readyz says 503 while the others drain), then
-    # istiod's cacerts (on disk before any rotation), SDS, and the scheduler last (nothing rotates
-    # before every consumer of a rotation is listening).
+    # istiod's cacerts (on disk before any rotation), federation (peers restored from their last good
+    # bundles before SDS hands out a validation context), SDS, and the scheduler last (nothing
+    # rotates before every consumer of a rotation is listening).
     app.components.append(sideport)
     if settings.istiod.cacerts_dir is not None:
         app.components.append(CacertsPublisher(app.authority, settings.istiod.cacerts_dir, app.telemetry, app.clock))
+    app.components.extend(build_federation(settings, app))
     app.components.append(sds)
     app.components.append(RotationScheduler(app.reconciler, settings.rotation, app.telemetry))
     return app
+
+
+def build_federation(settings: Settings, app: App) -> list[Component]:
+    """Bundle files first (they must reflect what federation restores from disk), then the peer
+    pollers (restore last-good bundles, then poll), then our bundle endpoint."""
+    components: list[Component] = [
+        BundleFilePublisher(app.trust, settings.bundle_dir),
+        Federation(settings.federation.peers, app.trust, LastGoodStore(settings.data_dir / "federation"),
+                   app.telemetry, app.clock),
+    ]
+    if settings.bundle_endpoint.enabled:
+        components.append(BundleEndpoint(settings.bundle_endpoint, app.trust, app.authority, app.clock))
+    return components
