@@ -16,8 +16,10 @@ Locating the binary (:func:`find_envoy_binary`): ``$ENVOY_BIN`` if set; otherwis
 last, ``envoy`` on ``$PATH``.  ``.venv/bin/envoy`` is only a Python shim that ``execv``\\ s that file, so
 we run the real file directly and signal the real pid.
 
-Import it as ``envoy_harness`` (pytest puts ``tests/`` on ``sys.path``: there is no ``tests/__init__.py``);
-every test module should use the same spelling, or the exception classes exist twice.
+Import it as ``tests.envoy_harness`` and run ``python -m pytest`` from the repository root (or set
+pytest's ``pythonpath = ["."]``).  Every test module must use the same spelling: ``tests/`` is also on
+``sys.path`` (no ``tests/__init__.py``), and ``import envoy_harness`` would load a second copy with its
+own exception classes.
 
 Example::
 

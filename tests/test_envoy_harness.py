@@ -25,7 +25,9 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
-from envoy_harness import (
+from google.protobuf import any_pb2
+
+from tests.envoy_harness import (
     NODE_ID_HEADER,
     PEER_SERIAL_HEADER,
     PEER_URI_SAN_HEADER,
@@ -45,7 +47,6 @@ from envoy_harness import (
     http_get,
     sds_stat_prefix,
 )
-from google.protobuf import any_pb2
 
 SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 NODE_A = NodeIdentity(service_account="a")
