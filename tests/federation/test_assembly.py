@@ -21,6 +21,7 @@ from ca_service.federation.files import BundleFilePublisher
 from ca_service.federation.lastgood import LastGoodStore
 from ca_service.federation.peers import Federation, PeerPoller
 from ca_service.federation.sources import EndpointSource
+from ca_service.rpc.sds_listeners import SdsComponent
 from tests.conftest import START
 from tests.federation.regions import start_region
 
@@ -47,11 +48,15 @@ def test_the_example_region_configs_federate_us_and_eu_on_distinct_loopback_port
 
 
 async def test_build_app_wires_bundle_files_federation_and_the_endpoint(tmp_path: Path):
-    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path / "d"), "trust_domain": "us.cluster.local",
-                                                    "bundle_endpoint": {"address": "127.0.0.1:0"}})
+    settings = load_settings(environ={}, overrides={
+        "data_dir": str(tmp_path / "d"), "trust_domain": "us.cluster.local",
+        "bundle_endpoint": {"address": "127.0.0.1:0"}, "http": {"address": "127.0.0.1:0"},
+        "grpc": [{"address": "127.0.0.1:0", "trust_node_metadata": True}]})
     app = build_app(settings, clock=FakeClock(START))
     kinds = [type(c) for c in app.components]
-    assert kinds[:3] == [BundleFilePublisher, Federation, BundleEndpoint]
+    # Peers are restored (and bundle files written) before SDS hands out a validation context.
+    federation = [k for k in kinds if k in (BundleFilePublisher, Federation, BundleEndpoint, SdsComponent)]
+    assert federation == [BundleFilePublisher, Federation, BundleEndpoint, SdsComponent]
     await app.start()
     try:
         assert (settings.bundle_dir / "us.cluster.local.pem").exists()
