@@ -201,3 +201,9 @@ def test_format_duration_shows_the_two_largest_units() -> None:
     assert format_duration(dt.timedelta(days=29, hours=23, minutes=5)) == "29d 23h"
     assert format_duration(dt.timedelta(seconds=42)) == "42s"
     assert format_duration(-dt.timedelta(hours=2)) == "-2h"
+
+
+def test_the_kubernetes_storage_backend_is_refused_until_it_exists(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={}, overrides={"data_dir": str(tmp_path), "storage": {"backend": "kubernetes"}})
+    assert any(p.startswith("storage.backend:") for p in info.value.problems)
