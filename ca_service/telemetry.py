@@ -44,6 +44,7 @@ class Telemetry:
         self.sds_nacks = Counter("ca_sds_nacks", "SDS NACKs received", ["api"], registry=r)
         self.sds_ack_latency = Histogram("ca_sds_push_ack_latency_seconds", "Time from an SDS push to its ACK",
                                          buckets=_ACK_BUCKETS, registry=r)
+        # Set only by web.metrics.StateMetrics.refresh_workloads (at scrape time), nowhere else.
         self.sds_live_svids = Gauge("ca_sds_live_svids", "Workload SVIDs held for connected nodes", registry=r)
         self.sds_denied = Counter("ca_sds_requests_denied", "SDS requests refused", ["reason"], registry=r)
         # Trust bundles.

@@ -72,7 +72,6 @@ class SdsComponent:
 
     async def start(self) -> None:
         self._unsubscribe = [self._registry.subscribe(self.hub.on_workload), self._trust.subscribe(self.hub.on_trust)]
-        self._telemetry.sds_live_svids.set_function(lambda: len(self._registry))
         for listener in self._listeners:
             server = grpc.aio.server()
             sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(self._servicer(listener), server)

@@ -72,6 +72,7 @@ class RotationService:
             # One identity is a handful of nodes: re-issue now, nothing to stampede.
             new = tuple(_serial(registry.reissue(c.node_id, c.spiffe_id, reason=f"forced: {request.reason}"))
                         for c in selected)
+            self._reconciler.telemetry.rotations.labels(kind="workload", reason="forced").inc(len(new))
             return RotationResult(request.scope, False, affected, new, identities,
                                   detail=f"{len(new)} workload certificate(s) re-issued")
         window = self._reconciler.policy.reissue_window
