@@ -61,14 +61,12 @@ class App:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.authority = build_authority(settings, self.clock, store)
-        self.telemetry = Telemetry()
-        # Every bundle we deliver (own + federated peers); SDS, bundle files and the endpoint read it.
-        self.trust = TrustStore(self.authority)
         self.components: list[Component] = []
         self._started: list[Component] = []
         self.stopping = asyncio.Event()
         # One instance of each shared service per daemon; build_app wires the rest around them.
         self.telemetry = Telemetry()
+        # Every bundle we deliver (own + federated peers); SDS, bundle files and the endpoint read it.
         self.trust = TrustStore(self.authority)
         self.registry = WorkloadRegistry(self.authority, settings.rotation, self.clock,
                                          key_algorithm=settings.ca.workload_key_algorithm)
