@@ -67,8 +67,10 @@ class RotationSettings:
     jitter_fraction: float = 0.02
     tick_interval: dt.timedelta = dt.timedelta(seconds=5)
     misfire_grace: dt.timedelta = dt.timedelta(seconds=30)
-    root_min_propagation: dt.timedelta = dt.timedelta(minutes=1)
-    root_ack_timeout: dt.timedelta = dt.timedelta(minutes=10)
+    # Two default bundle refresh hints (5 min): peers and file consumers have no ACK, only time, and a
+    # root rotation happens once in years, so waiting costs nothing.
+    root_min_propagation: dt.timedelta = dt.timedelta(minutes=10)
+    root_ack_timeout: dt.timedelta = dt.timedelta(minutes=30)
     reissue_window: dt.timedelta = dt.timedelta(seconds=30)
 
 

@@ -61,10 +61,14 @@ class DirectoryStore:
             self.directory.chmod(0o700)
 
     def _remove_stale_temp_files(self) -> None:
-        # Leftovers of a write that crashed before its rename: never the committed record.
-        for tmp in self.directory.glob(_TMP_PREFIX + "*"):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        # Leftovers of a write that crashed before its rename: never the committed record.  Writers
+        # create temp files only while holding the lock, so under the lock every temp file is stale;
+        # without it a reader (``ca-service status`` next to a running daemon) would delete a live
+        # writer's file mid-write.
+        with self._locked():
+            for tmp in self.directory.glob(_TMP_PREFIX + "*"):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
 
     def _path(self, name: str) -> Path:
         _check_name(name)

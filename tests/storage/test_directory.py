@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -162,3 +164,22 @@ def test_stale_temp_files_are_removed_on_open_and_never_read(tmp_path: Path) -> 
     assert store.read("authority") == v1
     DirectoryStore(tmp_path / "s")
     assert not stale.exists()
+
+
+def test_opening_a_store_never_deletes_a_temp_file_of_a_writer_that_holds_the_lock(tmp_path: Path) -> None:
+    """A reader opening the store next to a running writer must not break the writer's rename."""
+    writer = DirectoryStore(tmp_path / "s")
+    live_tmp = tmp_path / "s" / ".tmp-authority.json.12345"
+    live_tmp.write_bytes(b"half written")
+    fd = os.open(tmp_path / "s" / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the writer is mid-write
+    try:
+        opened = threading.Event()
+        threading.Thread(target=lambda: (DirectoryStore(tmp_path / "s"), opened.set()), daemon=True).start()
+        assert not opened.wait(0.3), "the store opened (and could clean up) while a writer held the lock"
+        assert live_tmp.exists()
+    finally:
+        os.close(fd)
+    assert opened.wait(5)
+    assert not live_tmp.exists(), "once the writer is gone, its leftover is stale and removed"
+    assert writer.read("authority") is None
