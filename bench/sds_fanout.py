@@ -1,0 +1,116 @@
+"""SDS fan-out: N Envoy-like streams against an SDS server, pushes measured to the last ACK.
+
+Metrics per stream count N: server memory per stream (RSS delta of the server process over N open
+streams), time from a trust-bundle change to the last ACK on every ``ROOTCA`` stream, time from a
+forced re-issue of every node to the last ACK on every ``default`` stream, and server CPU per pushed
+stream.  The server is an :class:`SdsTarget`; until the daemon's SDS server (issue 3) is merged, the
+run uses ``sds_stub_server.StubTarget`` and every figure is labelled ``target: stub``.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from typing import Protocol
+
+from bench.common import Result
+from bench.sds_loadgen import LoadGenerator
+
+
+class SdsTarget(Protocol):
+    """An SDS server under test, in its own process."""
+
+    address: str  # host:port of the gRPC listener
+    pid: int  # for its RSS and CPU
+
+    def change_bundle(self) -> None: ...  # a new trust bundle: every ROOTCA stream gets a push
+
+    def reissue_all(self) -> None: ...  # a forced re-issue of every node: every default stream gets a push
+
+    def close(self) -> None: ...
+
+
+def start_daemon_target() -> SdsTarget:
+    """TODO(issue 3, after the SDS server merge): start the real daemon as the target.
+
+    Plan: run ``python -m ca_service --data-dir <tmp> serve --grpc-address 127.0.0.1:0 --http-address
+    127.0.0.1:0 --bundle-address 127.0.0.1:0`` with JSON logs (as ``bench/startup.py`` does), read the bound
+    gRPC port from its listening log line, ``pid`` = the child's pid; ``change_bundle`` = the admin API's
+    forced root rotation (or ``ca-service`` CLI) up to the phase that publishes the new bundle;
+    ``reissue_all`` = the admin API's forced re-issue of all workloads with ``reissue_window`` 0.  Until
+    then the fan-out bench runs against the stub and says so.
+    """
+    raise NotImplementedError("the daemon's SDS server (issue 3) is not on this branch yet")
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _push(target: SdsTarget, load: LoadGenerator, kind: str, trigger: str) -> tuple[float, float]:
+    """Seconds from the trigger to the last ACK, and server CPU seconds spent meanwhile."""
+    load.mark(kind)
+    cpu_before, started = _cpu(target.pid), time.time()
+    target.change_bundle() if trigger == "bundle" else target.reissue_all()
+    last_ack = load.wait_all_acked(kind)
+    time.sleep(0.05)  # let the server finish reading the last ACKs before its CPU is sampled
+    return last_ack - started, _cpu(target.pid) - cpu_before
+
+
+def measure(target: SdsTarget, streams: int, processes: int) -> dict[str, float]:
+    gc.collect()
+    time.sleep(0.2)
+    idle_rss = _rss(target.pid)
+    load = LoadGenerator(target.address, streams, processes=processes)
+    try:
+        time.sleep(0.5)  # the server settles after the connect storm
+        per_stream = (_rss(target.pid) - idle_rss) / streams
+        bundle_s, bundle_cpu = _push(target, load, "ROOTCA", "bundle")
+        reissue_s, reissue_cpu = _push(target, load, "default", "reissue")
+    finally:
+        load.close()
+    pushed = streams / 2  # each trigger reaches one stream of the two per node
+    return {
+        "streams": float(streams), "connect_s": load.connect_seconds, "server_bytes_per_stream": per_stream,
+        "bundle_push_last_ack_s": bundle_s, "reissue_last_ack_s": reissue_s,
+        "server_cpu_us_per_bundle_push": 1e6 * bundle_cpu / pushed,
+        "server_cpu_us_per_reissue_push": 1e6 * reissue_cpu / pushed,
+    }
+
+
+def run(quick: bool, stream_counts: tuple[int, ...] | None = None, target_kind: str = "stub") -> Result:
+    counts = stream_counts or ((20,) if quick else (1_000, 5_000, 10_000))
+    result = Result("sds_fanout")
+    result.metrics["target_is_stub"] = 1.0 if target_kind == "stub" else 0.0
+    for streams in counts:
+        if target_kind == "stub":
+            from bench.sds_stub_server import StubTarget
+
+            target: SdsTarget = StubTarget()
+        else:
+            target = start_daemon_target()
+        try:
+            figures = measure(target, streams, processes=1 if streams <= 100 else 2)
+        finally:
+            target.close()
+        for name, value in figures.items():
+            result.metrics[f"{name}@{streams}"] = value
+    top = max(counts)
+    result.target(f"{top} streams: <= 40 KB server memory per stream", f"server_bytes_per_stream@{top}", "<=",
+                  40 * 1024)
+    result.target(f"bundle push to {top} streams: last ACK <= 3 s", f"bundle_push_last_ack_s@{top}", "<=", 3.0)
+    result.target(f"forced re-issue of {top // 2} nodes: last ACK <= 5 s", f"reissue_last_ack_s@{top}", "<=", 5.0)
+    if target_kind == "stub":
+        for target in result.targets:  # a stub's figures say nothing about the daemon: no verdict
+            target["met"], target["target"] = None, target["target"] + " [stub: n/a until issue 3]"
+        result.notes.append("TARGET IS THE STUB SDS SERVER (bench/sds_stub_server.py), not the daemon: these "
+                            "figures test the load generator only; targets are reported but mean nothing yet")
+    return result
