@@ -79,7 +79,8 @@ def measure(target: SdsTarget, streams: int, processes: int) -> dict[str, float]
         load.close()
     pushed = streams / 2  # each trigger reaches one stream of the two per node
     return {
-        "streams": float(streams), "connect_s": load.connect_seconds, "server_bytes_per_stream": per_stream,
+        "streams": float(streams), "connect_s": load.connect_seconds, "connect_retries": float(load.retries),
+        "server_bytes_per_stream": per_stream,
         "bundle_push_last_ack_s": bundle_s, "reissue_last_ack_s": reissue_s,
         "server_cpu_us_per_bundle_push": 1e6 * bundle_cpu / pushed,
         "server_cpu_us_per_reissue_push": 1e6 * reissue_cpu / pushed,

@@ -30,6 +30,8 @@ KINDS = ("default", "ROOTCA")
 # Streams per HTTP/2 connection: Envoy has one connection per sidecar; a load generator cannot afford
 # 10k sockets per process, and a few hundred streams per connection stays below any server's limit.
 STREAMS_PER_CHANNEL = 500
+CONNECTING = 200
+FIRST_RESPONSE_TIMEOUT = 5.0
 
 
 @dataclass
@@ -47,6 +49,8 @@ class WorkerState:
     done: dict[str, asyncio.Event] = field(default_factory=lambda: {k: asyncio.Event() for k in KINDS})
     last_ack: dict[str, float] = field(default_factory=lambda: dict.fromkeys(KINDS, 0.0))
     initial: int = 0
+    retries: int = 0
+    connecting: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(CONNECTING))
     all_initial: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -59,16 +63,33 @@ def node_of(index: int) -> base_pb2.Node:
                          metadata=metadata)
 
 
+async def _open(stub: sds_pb2_grpc.SecretDiscoveryServiceStub, node: base_pb2.Node, stream: StreamState,
+                worker: WorkerState) -> tuple[object, discovery_pb2.DiscoveryResponse]:
+    """Open the stream and get its first response, retrying like Envoy's SDS client if none comes.
+
+    In a connect storm of thousands of streams, grpc.aio occasionally leaves a few RPCs that never
+    reach the server handler; Envoy's initial-fetch timeout + reconnect covers the same case.
+    """
+    async with worker.connecting:  # ramp up: at most CONNECTING streams wait for a first response at once
+        while True:
+            call = stub.StreamSecrets()
+            # Like Envoy: the node only on the first request of a stream.
+            await call.write(discovery_pb2.DiscoveryRequest(node=node, resource_names=[stream.kind],
+                                                            type_url=SECRET_TYPE))
+            try:
+                return call, await asyncio.wait_for(call.read(), FIRST_RESPONSE_TIMEOUT)
+            except TimeoutError:
+                call.cancel()
+                worker.retries += 1
+
+
 async def _stream(stub: sds_pb2_grpc.SecretDiscoveryServiceStub, node: base_pb2.Node, stream: StreamState,
                   worker: WorkerState) -> None:
-    call = stub.StreamSecrets()
-    # Like Envoy: the node only on the first request of a stream.
-    await call.write(discovery_pb2.DiscoveryRequest(node=node, resource_names=[stream.kind], type_url=SECRET_TYPE))
+    call, response = await _open(stub, node, stream, worker)
     while True:
-        response = await call.read()
         if response is grpc.aio.EOF:
             return
-        await call.write(discovery_pb2.DiscoveryRequest(
+        await call.write(discovery_pb2.DiscoveryRequest(  # type: ignore[attr-defined]
             version_info=response.version_info, response_nonce=response.nonce, resource_names=[stream.kind],
             type_url=SECRET_TYPE))
         acked_at = time.time()
@@ -82,6 +103,7 @@ async def _stream(stub: sds_pb2_grpc.SecretDiscoveryServiceStub, node: base_pb2.
             worker.waiting[stream.kind] -= 1
             if worker.waiting[stream.kind] == 0:
                 worker.done[stream.kind].set()
+        response = await call.read()  # type: ignore[attr-defined]
 
 
 async def _worker(conn: Connection, address: str, first_node: int, nodes: int) -> None:
@@ -89,7 +111,8 @@ async def _worker(conn: Connection, address: str, first_node: int, nodes: int) -
     worker = WorkerState()
     n_channels = max(1, (2 * nodes + STREAMS_PER_CHANNEL - 1) // STREAMS_PER_CHANNEL)
     options = [("grpc.max_receive_message_length", 16 << 20), ("grpc.use_local_subchannel_pool", 1)]
-    channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(n_channels)]
+    # A distinct channel argument per channel forces a connection each (channels would share one otherwise).
+    channels = [grpc.aio.insecure_channel(address, options=[*options, ("bench.channel", i)]) for i in range(n_channels)]
     stubs = [sds_pb2_grpc.SecretDiscoveryServiceStub(c) for c in channels]
     tasks = []
     for i in range(nodes):
@@ -99,7 +122,7 @@ async def _worker(conn: Connection, address: str, first_node: int, nodes: int) -
             worker.streams.append(stream)
             tasks.append(asyncio.create_task(_stream(stubs[len(tasks) % n_channels], node, stream, worker)))
     await worker.all_initial.wait()
-    conn.send(("ready", len(worker.streams)))
+    conn.send(("ready", len(worker.streams), worker.retries))
     try:
         while True:
             command = await loop.run_in_executor(None, conn.recv)
@@ -150,12 +173,13 @@ class LoadGenerator:
             self._procs.append(proc)
             first += count
         started = time.perf_counter()
-        self.streams = 0
+        self.streams = self.retries = 0
         for conn in self._conns:
             if not conn.poll(connect_timeout - (time.perf_counter() - started)):
                 self.close()
                 raise TimeoutError(f"not every stream got its first response within {connect_timeout} s")
-            self.streams += conn.recv()[1]
+            _, streams, retries = conn.recv()
+            self.streams, self.retries = self.streams + streams, self.retries + retries
         self.connect_seconds = time.perf_counter() - started
 
     def mark(self, kind: str) -> None:
