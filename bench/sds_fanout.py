@@ -10,6 +10,7 @@ run uses ``sds_stub_server.StubTarget`` and every figure is labelled ``target: s
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 import time
 from typing import Protocol
@@ -31,17 +32,23 @@ class SdsTarget(Protocol):
     def close(self) -> None: ...
 
 
-def start_daemon_target() -> SdsTarget:
-    """TODO(issue 3, after the SDS server merge): start the real daemon as the target.
+def daemon_has_sds_server() -> bool:
+    return importlib.util.find_spec("ca_service.rpc.sds_server") is not None
 
-    Plan: run ``python -m ca_service --data-dir <tmp> serve --grpc-address 127.0.0.1:0 --http-address
-    127.0.0.1:0 --bundle-address 127.0.0.1:0`` with JSON logs (as ``bench/startup.py`` does), read the bound
-    gRPC port from its listening log line, ``pid`` = the child's pid; ``change_bundle`` = the admin API's
-    forced root rotation (or ``ca-service`` CLI) up to the phase that publishes the new bundle;
-    ``reissue_all`` = the admin API's forced re-issue of all workloads with ``reissue_window`` 0.  Until
-    then the fan-out bench runs against the stub and says so.
+
+def start_daemon_target() -> SdsTarget:
+    """The hook for the real server: the daemon with its SDS gRPC component, in its own process.
+
+    TODO(issue 3, after the SDS server merge): run ``bench/run.py --only sds_fanout --sds-target daemon``,
+    check the draft in ``bench/sds_daemon_target.py`` against the merged daemon (the "SDS listening" log
+    line, the admin rotate scopes, whether a root rotation's first phase pushes ROOTCA at once), then
+    make ``daemon`` the default target so the stub is only used for the smoke run.
     """
-    raise NotImplementedError("the daemon's SDS server (issue 3) is not on this branch yet")
+    if not daemon_has_sds_server():
+        raise NotImplementedError("the daemon's SDS server (issue 3) is not on this branch yet; use the stub")
+    from bench.sds_daemon_target import DaemonTarget
+
+    return DaemonTarget()
 
 
 def _rss(pid: int) -> int:
