@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=sorted(BENCHES), help="run only this benchmark")
     parser.add_argument("--name", default=None, help="result file name (default: quick or full)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--context", default="", help="free text recorded with the results (e.g. what tree ran)")
     parser.add_argument("--sds-target", choices=("stub", "daemon"), default="stub",
                         help="SDS fan-out server: the bench's stub (default until issue 3 is merged) or the daemon")
     parser.add_argument("--sds-streams", type=int, nargs="+", help="stream counts (default 1000 5000 10000)")
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         sds_fanout.run, stream_counts=tuple(args.sds_streams) if args.sds_streams else None,
         target_kind=args.sds_target)
     command = ["python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])]
-    doc = {**common.environment(command), "quick": args.quick, "results": {}, "errors": {}}
+    doc = {**common.environment(command), "context": args.context, "quick": args.quick, "results": {}, "errors": {}}
     for name in args.only or list(BENCHES):
         print(f"running {name} ...", flush=True)
         try:

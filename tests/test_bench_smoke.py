@@ -50,4 +50,4 @@ def test_report_renders_the_quick_results_as_markdown(tmp_path: Path) -> None:
     assert rendered.returncode == 0, rendered.stderr
     text = doc_path.read_text()
     assert text.startswith("# intro kept")
-    assert "| idle_tick_pct_of_core |" in text and "### Targets" in text
+    assert "| idle_tick_pct_of_core |" in text and "#### Targets" in text
