@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from ca_service.clock import Clock
 from ca_service.config import CASettings
@@ -21,7 +22,7 @@ from ca_service.errors import NotReadyError, StorageError
 from ca_service.pki.bundle import TrustBundle
 from ca_service.pki.identity import SpiffeId, TrustDomain
 from ca_service.pki.keys import PublicKey
-from ca_service.pki.templates import CAKind, build_svid
+from ca_service.pki.templates import CAKind, IssuerProfile, build_svid_for
 from ca_service.pki.verify import verify_svid
 from ca_service.rotation.minting import bootstrap_state
 from ca_service.rotation.state import AuthorityState, CAEntry
@@ -41,6 +42,8 @@ class IssuedSvid:
     chain: tuple[x509.Certificate, ...]
     roots: tuple[x509.Certificate, ...]
     issuer_key_id: str
+    # PEM of chain[1:], shared by every SVID of one signer so that encoding a chain costs one leaf.
+    tail_pem: bytes | None = None
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -53,6 +56,37 @@ class IssuedSvid:
     @property
     def not_before(self) -> dt.datetime:
         return self.leaf.not_valid_before_utc
+
+    def chain_pem(self) -> bytes:
+        """The chain as concatenated PEM, leaf first (what SDS ``tls_certificate.certificate_chain`` carries)."""
+        tail = self.tail_pem
+        if tail is None:
+            tail = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.chain[1:])
+        return self.leaf.public_bytes(serialization.Encoding.PEM) + tail
+
+
+@dataclass(frozen=True)
+class SigningContext:
+    """Everything signing with the active intermediate of one state repeats, computed once per state."""
+
+    state: AuthorityState
+    signer: CAEntry
+    profile: IssuerProfile
+    key_id: str
+    tail: tuple[x509.Certificate, ...]  # chain after the leaf: the signer, then any non-root CAs above it
+    tail_pem: bytes
+    roots: tuple[x509.Certificate, ...]
+
+    @classmethod
+    def of(cls, state: AuthorityState) -> SigningContext:
+        """Raises: NotReadyError: if no signing intermediate is active or its key is not available."""
+        signer = state.active(CAKind.INTERMEDIATE)
+        if signer.key is None:
+            raise NotReadyError("the signing intermediate's key is not available")
+        roots = state.roots
+        tail = (signer.cert, *[c for c in state.chain_above(signer) if c not in roots])
+        return cls(state, signer, IssuerProfile.of(signer.cert, signer.key), signer.key_id, tail,
+                   b"".join(c.public_bytes(serialization.Encoding.PEM) for c in tail), roots)
 
 
 class Authority:
@@ -69,6 +103,7 @@ class Authority:
         # A signer's chain is verified once against the roots (not per leaf): the leaf profile is fixed
         # by our template, the chain is what can go wrong (a rotation that published nothing).
         self._verified_signers: set[tuple[str, int]] = set()
+        self._context: SigningContext | None = None
 
     # ---------------------------------------------------------- state
 
@@ -156,6 +191,18 @@ class Authority:
     def signer(self, kind: CAKind = CAKind.INTERMEDIATE) -> CAEntry:
         return self.state.active(kind)
 
+    def signing_context(self) -> SigningContext:
+        """The cached :class:`SigningContext` of the current state (rebuilt when the state changes).
+
+        Raises:
+            NotReadyError: if no signing intermediate is active or its key is not available.
+        """
+        state = self.state
+        context = self._context
+        if context is None or context.state is not state:
+            context = self._context = SigningContext.of(state)
+        return context
+
     def issue_svid(
         self, spiffe_id: SpiffeId, public_key: PublicKey, *, ttl: dt.timedelta | None = None,
         now: dt.datetime | None = None,
@@ -167,28 +214,34 @@ class Authority:
         Raises:
             NotReadyError: if no signing intermediate is active or the identity is of another trust domain.
         """
+        self.check_member(spiffe_id)
+        now = now or self.clock.now()
+        context = self.signing_context()
+        leaf = build_svid_for(public_key, spiffe_id, context.profile, now=now, ttl=self.leaf_ttl(ttl),
+                              backdate=self.settings.backdate)
+        return self.assemble_svid(spiffe_id, leaf, context, now)
+
+    def check_member(self, spiffe_id: SpiffeId) -> None:
         if not spiffe_id.is_member_of(self.trust_domain):
             raise NotReadyError(f"this CA signs only for {self.trust_domain}, not for {spiffe_id}")
-        now = now or self.clock.now()
-        state = self.state
-        signer = state.active(CAKind.INTERMEDIATE)
-        if signer.key is None:
-            raise NotReadyError("the signing intermediate's key is not available")
-        ttl = min(ttl or self.settings.workload_ttl, self.settings.max_workload_ttl)
-        leaf = build_svid(public_key, spiffe_id, issuer=signer.cert, issuer_key=signer.key, now=now, ttl=ttl,
-                          backdate=self.settings.backdate)
-        above = state.chain_above(signer)
-        chain = (leaf, signer.cert, *[c for c in above if c not in state.roots])
-        self._check_signer_chain(signer, chain, state, now)
-        return IssuedSvid(spiffe_id, chain, state.roots, signer.key_id)
 
-    def _check_signer_chain(
-        self, signer: CAEntry, chain: tuple[x509.Certificate, ...], state: AuthorityState, now: dt.datetime
-    ) -> None:
-        marker = (signer.key_id, state.bundle_sequence)
+    def leaf_ttl(self, requested: dt.timedelta | None = None) -> dt.timedelta:
+        return min(requested or self.settings.workload_ttl, self.settings.max_workload_ttl)
+
+    def assemble_svid(
+        self, spiffe_id: SpiffeId, leaf: x509.Certificate, context: SigningContext, now: dt.datetime
+    ) -> IssuedSvid:
+        """Wrap a leaf signed under ``context`` (here or in a signing-pool worker) into an :class:`IssuedSvid`."""
+        chain = (leaf, *context.tail)
+        self._check_signer_chain(context, chain, now)
+        return IssuedSvid(spiffe_id, chain, context.roots, context.key_id, context.tail_pem)
+
+    def _check_signer_chain(self, context: SigningContext, chain: tuple[x509.Certificate, ...],
+                            now: dt.datetime) -> None:
+        marker = (context.key_id, context.state.bundle_sequence)
         if marker in self._verified_signers:
             return
-        verify_svid(chain[0], chain[1:], state.roots, now=now)
+        verify_svid(chain[0], chain[1:], context.roots, now=now)
         self._verified_signers.add(marker)
 
 

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import heapq
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from ca_service.clock import Clock
 from ca_service.config import RotationSettings
 from ca_service.pki.identity import SpiffeId
-from ca_service.pki.keys import KeyAlgorithm, PrivateKey, generate_private_key
+from ca_service.pki.keys import KeyAlgorithm, PrivateKey, generate_private_key, load_private_key, private_key_to_pem
 from ca_service.rotation.renewal import renewal_time
 from ca_service.services.authority import Authority, IssuedSvid
 
@@ -31,14 +33,28 @@ WorkloadKey = tuple[str, SpiffeId]  # (node id, SPIFFE ID)
 WorkloadListener = Callable[["WorkloadCert"], None]
 
 
+class BatchSigner(Protocol):
+    """Signs many identities at once, e.g. on a process pool (``signing_pool.SigningPool``)."""
+
+    async def issue_many(self, spiffe_ids: Sequence[SpiffeId], *, now: dt.datetime) -> list[tuple[bytes, IssuedSvid]]:
+        ...
+
+
 @dataclass(frozen=True)
 class WorkloadCert:
     node_id: str
     spiffe_id: SpiffeId
-    key: PrivateKey
+    # PKCS#8 PEM, the form SDS sends.  Held as PEM (not a key object) because a signing-pool worker
+    # hands it over that way; parsing it in the event loop's process would cost a third of a storm.
+    key_pem: bytes
     svid: IssuedSvid
     renew_at: dt.datetime
     generation: int  # increases on every re-issue for this (node, identity); used as the resource version
+
+    @functools.cached_property
+    def key(self) -> PrivateKey:
+        """The private key object, parsed on first use."""
+        return load_private_key(self.key_pem)
 
     @property
     def workload_key(self) -> WorkloadKey:
@@ -98,12 +114,37 @@ class WorkloadRegistry:
                  extra={"spiffe_id": str(spiffe_id), "node": node_id, "reason": reason, "serial": serial})
         return cert
 
+    async def reissue_many(self, keys: Sequence[WorkloadKey], *, reason: str,
+                           signer: BatchSigner | None = None) -> list[WorkloadCert]:
+        """New keys and certificates for many workloads (a renewal tick, a forced rotation), pushed to listeners.
+
+        With ``signer`` (a signing pool) the keys are made and signed on every core while the event loop
+        stays free; without it they are signed here, one after the other.
+        """
+        now = self._clock.now()
+        if signer is None:
+            return [self.reissue(node_id, spiffe_id, reason=reason) for node_id, spiffe_id in keys]
+        signed = await signer.issue_many([spiffe_id for _, spiffe_id in keys], now=now)
+        out = []
+        for (node_id, spiffe_id), (key_pem, svid) in zip(keys, signed, strict=True):
+            current = self._certs.get((node_id, spiffe_id))
+            out.append(self._install(node_id, spiffe_id, key_pem, svid, now,
+                                     generation=current.generation + 1 if current else 1))
+        log.info("workload certificates re-issued", extra={"count": len(out), "reason": reason})
+        return out
+
     def _issue(self, node_id: str, spiffe_id: SpiffeId, now: dt.datetime, *, generation: int) -> WorkloadCert:
         key = generate_private_key(self._key_algorithm)
         svid = self._authority.issue_svid(spiffe_id, key.public_key(), now=now)
+        cert = self._install(node_id, spiffe_id, private_key_to_pem(key), svid, now, generation=generation)
+        cert.__dict__["key"] = key  # seed the cached property: no need to parse the PEM just made
+        return cert
+
+    def _install(self, node_id: str, spiffe_id: SpiffeId, key_pem: bytes, svid: IssuedSvid, now: dt.datetime, *,
+                 generation: int) -> WorkloadCert:
         renew_at = renewal_time(svid.not_before, svid.not_after, fraction=self._rotation.renew_fraction,
                                 jitter_fraction=self._rotation.jitter_fraction, draw=self._rng.random())
-        cert = WorkloadCert(node_id, spiffe_id, key, svid, max(renew_at, now), generation)
+        cert = WorkloadCert(node_id, spiffe_id, key_pem, svid, max(renew_at, now), generation)
         self._certs[(node_id, spiffe_id)] = cert
         self._schedule(cert.workload_key, cert.renew_at)
         for listener in list(self._listeners):

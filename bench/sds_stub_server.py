@@ -1,0 +1,145 @@
+"""STUB SDS server for dry-running the fan-out load generator.  NOT the daemon's SDS server.
+
+A trivial Envoy SDS v3 ``StreamSecrets`` server: one fixed ``default`` secret (a real SVID, for
+realistic message sizes) and one ``ROOTCA`` validation context; :func:`bump` re-pushes one of them to
+every open stream with a new version.  It exists only so that ``bench/sds_loadgen.py`` can be built and
+tested before the real server (issue 3) is merged; once it is, ``bench/sds_fanout.py`` targets the daemon.
+It runs in its own process so that its memory and CPU are measured apart from the load generator's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import multiprocessing
+import os
+from collections.abc import AsyncIterator
+from multiprocessing.connection import Connection
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from envoy.service.secret.v3 import sds_pb2_grpc
+
+SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+KINDS = ("default", "ROOTCA")
+
+
+def _materials() -> dict[str, bytes]:
+    from bench.common import fresh_authority
+    from ca_service.pki.identity import SpiffeId
+    from ca_service.pki.keys import generate_private_key, private_key_to_pem
+
+    authority = fresh_authority()
+    key = generate_private_key()
+    svid = authority.issue_svid(SpiffeId.parse("spiffe://cluster.local/ns/bench/sa/stub"), key.public_key())
+    roots = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in svid.roots)
+    return {"chain": svid.chain_pem(), "key": private_key_to_pem(key), "roots": roots}
+
+
+class StubSds(sds_pb2_grpc.SecretDiscoveryServiceServicer):
+    def __init__(self, materials: dict[str, bytes]) -> None:
+        self._materials = materials
+        self.versions = dict.fromkeys(KINDS, 1)
+        self.queues: dict[str, set[asyncio.Queue[int]]] = {kind: set() for kind in KINDS}
+        self._nonces = itertools.count(1)
+
+    def _secret(self, name: str) -> secret_pb2.Secret:
+        if name == "default":
+            return secret_pb2.Secret(name=name, tls_certificate=common_pb2.TlsCertificate(
+                certificate_chain=base_pb2.DataSource(inline_bytes=self._materials["chain"]),
+                private_key=base_pb2.DataSource(inline_bytes=self._materials["key"])))
+        return secret_pb2.Secret(name=name, validation_context=common_pb2.CertificateValidationContext(
+            trusted_ca=base_pb2.DataSource(inline_bytes=self._materials["roots"])))
+
+    def _response(self, name: str) -> discovery_pb2.DiscoveryResponse:
+        response = discovery_pb2.DiscoveryResponse(version_info=str(self.versions[name]), type_url=SECRET_TYPE,
+                                                   nonce=str(next(self._nonces)))
+        response.resources.add().Pack(self._secret(name))
+        return response
+
+    async def StreamSecrets(
+        self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest], context: Any
+    ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+        first = await request_iterator.__anext__()
+        name = first.resource_names[0] if first.resource_names[0] in KINDS else "default"
+        pushes: asyncio.Queue[int] = asyncio.Queue()
+        self.queues[name].add(pushes)
+
+        async def drain() -> None:  # ACKs and NACKs: a stub just reads them
+            async for _ in request_iterator:
+                pass
+
+        reader = asyncio.ensure_future(drain())
+        try:
+            yield self._response(name)
+            while True:
+                await pushes.get()
+                yield self._response(name)
+        finally:
+            reader.cancel()
+            self.queues[name].discard(pushes)
+
+    def bump(self, kind: str) -> int:
+        self.versions[kind] += 1
+        for pushes in self.queues[kind]:
+            pushes.put_nowait(self.versions[kind])
+        return len(self.queues[kind])
+
+
+async def _serve(conn: Connection) -> None:
+    service = StubSds(_materials())
+    server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 1 << 20)])
+    sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    loop = asyncio.get_running_loop()
+    conn.send(port)
+    try:
+        while True:
+            command = await loop.run_in_executor(None, conn.recv)
+            if command == "stop":
+                break
+            conn.send(service.bump(command))
+    finally:
+        # Cancelling thousands of open streams makes grpc print a CancelledError traceback for each.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        await server.stop(grace=None)
+        conn.close()
+
+
+def _main(conn: Connection) -> None:
+    asyncio.run(_serve(conn))
+
+
+class StubTarget:
+    """The stub server in a child process, driven over a pipe (implements ``sds_fanout.SdsTarget``)."""
+
+    def __init__(self) -> None:
+        self._conn, child = multiprocessing.get_context("spawn").Pipe()
+        self._process = multiprocessing.get_context("spawn").Process(target=_main, args=(child,), daemon=True)
+        self._process.start()
+        if not self._conn.poll(60):
+            raise RuntimeError("the stub SDS server did not start")
+        self.address = f"127.0.0.1:{self._conn.recv()}"
+        self.pid = int(self._process.pid or 0)
+
+    def _bump(self, kind: str) -> int:
+        self._conn.send(kind)
+        return int(self._conn.recv())
+
+    def change_bundle(self) -> None:
+        self._bump("ROOTCA")
+
+    def reissue_all(self) -> None:
+        self._bump("default")
+
+    def close(self) -> None:
+        self._conn.send("stop")
+        self._process.join(10)
+        if self._process.is_alive():
+            self._process.kill()

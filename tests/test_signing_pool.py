@@ -1,0 +1,71 @@
+"""The signing pool issues the same SVIDs as in-process signing, and the registry works with or without it."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pytest
+from cryptography import x509
+
+from ca_service.clock import FakeClock
+from ca_service.config import RotationSettings
+from ca_service.pki.certs import certs_to_pem, spiffe_id_of
+from ca_service.pki.identity import SpiffeId
+from ca_service.pki.keys import load_private_key, public_key_der
+from ca_service.pki.verify import verify_svid
+from ca_service.services.authority import Authority
+from ca_service.services.signing_pool import SigningPool
+from ca_service.services.workloads import WorkloadCert, WorkloadRegistry
+
+IDS = [SpiffeId.parse(f"spiffe://cluster.local/ns/pool/sa/sa-{i}") for i in range(5)]
+
+
+@pytest.fixture
+def pool(authority: Authority) -> Iterator[SigningPool]:
+    signing_pool = SigningPool(authority, workers=2)
+    yield signing_pool
+    signing_pool.close()
+
+
+async def test_pool_issued_svids_verify_against_the_roots_and_match_their_keys(
+    authority: Authority, pool: SigningPool, clock: FakeClock
+) -> None:
+    issued = await pool.issue_many(IDS, now=clock.now())
+    assert [svid.spiffe_id for _, svid in issued] == IDS
+    for (key_pem, svid), spiffe_id in zip(issued, IDS, strict=True):
+        verify_svid(svid.leaf, svid.chain[1:], svid.roots, now=clock.now())
+        assert spiffe_id_of(svid.leaf) == spiffe_id
+        assert public_key_der(load_private_key(key_pem).public_key()) == public_key_der(svid.leaf.public_key())
+        assert svid.chain_pem() == certs_to_pem(svid.chain)
+
+
+async def test_pool_issued_svid_has_the_same_profile_as_an_in_process_one(
+    authority: Authority, pool: SigningPool, clock: FakeClock
+) -> None:
+    [(_, pooled)] = await pool.issue_many(IDS[:1], now=clock.now())
+    registry = WorkloadRegistry(authority, RotationSettings(), clock)
+    local = registry.get_or_issue("node", IDS[0]).svid
+    assert pooled.leaf.not_valid_after_utc == local.leaf.not_valid_after_utc
+    assert [e.oid for e in pooled.leaf.extensions] == [e.oid for e in local.leaf.extensions]
+    assert [(e.critical, e.value) for e in pooled.leaf.extensions
+            if not isinstance(e.value, x509.SubjectKeyIdentifier)] == [
+        (e.critical, e.value) for e in local.leaf.extensions if not isinstance(e.value, x509.SubjectKeyIdentifier)]
+    assert pooled.chain[1:] == local.chain[1:]
+
+
+@pytest.mark.parametrize("use_pool", [False, True], ids=["in process", "on the pool"])
+async def test_reissue_many_gives_every_workload_a_new_certificate_and_tells_listeners(
+    authority: Authority, pool: SigningPool, clock: FakeClock, use_pool: bool
+) -> None:
+    registry = WorkloadRegistry(authority, RotationSettings(), clock, rng=random.Random(1))
+    before = [registry.get_or_issue(f"node-{i}", spiffe_id) for i, spiffe_id in enumerate(IDS)]
+    heard: list[WorkloadCert] = []
+    registry.subscribe(heard.append)
+    after = await registry.reissue_many([c.workload_key for c in before], reason="test",
+                                        signer=pool if use_pool else None)
+    assert [c.generation for c in after] == [2] * len(IDS)
+    assert all(a.svid.leaf.serial_number != b.svid.leaf.serial_number for a, b in zip(after, before, strict=True))
+    assert heard == after
+    assert [registry.get(c.node_id, c.spiffe_id) for c in after] == after
+    assert public_key_der(after[0].key.public_key()) == public_key_der(after[0].svid.leaf.public_key())
