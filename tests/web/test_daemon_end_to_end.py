@@ -252,7 +252,7 @@ async def test_forced_intermediate_rotation_activates_a_new_intermediate_that_si
     state = daemon.app.authority.state
     new_int = state.active(CAKind.INTERMEDIATE)
     assert new_int.serial != old_int.serial and doc["new_serials"] == [new_int.serial]
-    # Per docs/readme/rotation.md the old one is kept (state old) until its leaves expire.
+    # Per the README ("Rotation") the old one is kept (state old) until its leaves expire.
     assert [e.serial for e in state.of_kind(CAKind.INTERMEDIATE, SlotState.OLD)] == [old_int.serial]
 
     line = daemon.audit()[-1]
