@@ -103,10 +103,10 @@ def render_status(doc: dict[str, Any]) -> str:
     if doc.get("root_rotation"):
         rr = doc["root_rotation"]
         lines.append(f"root rotation {rr['phase']} since {rr['phase_since'][:19]} ({rr['reason']})")
-    lines += ["", f"{'KIND':<20} {'STATE':<9} {'SERIAL':<14} {'NOT AFTER':<20} SECONDS LEFT"]
+    lines += ["", f"{'KIND':<20} {'STATE':<9} {'SERIAL':<14} {'NOT AFTER':<20} LEFT"]
     for c in doc["certificates"]:
         lines.append(f"{c['kind']:<20} {c['state']:<9} {c['serial'][:12]:<14} {c['not_after'][:19]:<20} "
-                     f"{c['seconds_left']}")
+                     f"{c['time_left']}")
     lines.append("")
     for kind, at in sorted(doc["next_rotations"].items()):
         lines.append(f"next {kind:<19} {at[:19]}")

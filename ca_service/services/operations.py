@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ca_service.app import build_authority
-from ca_service.config import Settings, format_duration
+from ca_service.config import Settings
 from ca_service.errors import InvalidRequestError, NotReadyError
 from ca_service.pki.cacerts import build_cacerts, check_cacerts
 from ca_service.pki.certs import CertFacts, certs_to_pem, load_cert, load_certs
@@ -18,8 +18,9 @@ from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import generate_private_key, load_private_key, private_key_to_pem
 from ca_service.pki.templates import CAKind
 from ca_service.rotation.minting import bootstrap_state, import_root, intermediate_only_state
-from ca_service.rotation.state import AuthorityMode, AuthorityState, CAEntry
+from ca_service.rotation.state import AuthorityMode, AuthorityState
 from ca_service.services.authority import Authority
+from ca_service.services.reports import entry_report
 from ca_service.storage.projected import write_projected
 
 
@@ -98,18 +99,7 @@ def _state_report(state: AuthorityState, now: dt.datetime) -> dict[str, Any]:
         if state.mode is AuthorityMode.INTERMEDIATE_ONLY else "held by ca-service",
         "bundle_sequence": state.bundle_sequence,
         "root_rotation": state.root_rotation.phase.value if state.root_rotation else None,
-        "certificates": [_entry_report(e, now) for e in state.entries],
-    }
-
-
-def _entry_report(entry: CAEntry, now: dt.datetime) -> dict[str, Any]:
-    facts = CertFacts.of(entry.cert)
-    left = facts.time_left(now)
-    return {
-        "kind": entry.kind.value, "state": entry.state.value, "subject": facts.subject, "serial": facts.serial,
-        "key_id": facts.key_id, "not_before": facts.not_before.isoformat(), "not_after": facts.not_after.isoformat(),
-        "time_left": format_duration(left) if left.total_seconds() > 0 else "EXPIRED",
-        "time_left_seconds": int(left.total_seconds()), "key_held": entry.key is not None,
+        "certificates": [entry_report(e, now) for e in state.entries],
     }
 
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from cryptography import x509
 from prometheus_client.metrics import MetricWrapperBase
 
-from ca_service.pki.certs import CertFacts, fingerprint
 from ca_service.pki.templates import CAKind
-from ca_service.rotation.state import CAEntry
 from ca_service.services.authority import Authority
+from ca_service.services.reports import certificate_report, entry_report
 from ca_service.services.trust import TrustStore
 from ca_service.services.workloads import WorkloadRegistry
 from ca_service.telemetry import Telemetry
@@ -31,18 +29,6 @@ def _samples(metric: MetricWrapperBase, label: str) -> dict[str, float]:
     return out
 
 
-def _cert(cert: x509.Certificate, now: dt.datetime) -> dict[str, Any]:
-    facts = CertFacts.of(cert)
-    return {"subject": facts.subject, "serial": facts.serial, "key_id": facts.key_id,
-            "not_before": facts.not_before.isoformat(), "not_after": facts.not_after.isoformat(),
-            "seconds_left": int(facts.time_left(now).total_seconds()), "sha256": fingerprint(cert).hex()}
-
-
-def _entry(entry: CAEntry, now: dt.datetime) -> dict[str, Any]:
-    return {"kind": entry.kind.value, "state": entry.state.value, **_cert(entry.cert, now),
-            "key_held": entry.key is not None, "parent_key_id": entry.parent or None}
-
-
 def status_report(authority: Authority, telemetry: Telemetry, *, trust: TrustStore | None = None,
                   registry: WorkloadRegistry | None = None) -> dict[str, Any]:
     now = authority.clock.now()
@@ -59,8 +45,8 @@ def status_report(authority: Authority, telemetry: Telemetry, *, trust: TrustSto
         "mode": state.mode.value,
         "revision": state.revision,
         # What a leaf issued now chains through: signer first, root last.
-        "chain": [_cert(c, now) for c in (signer.cert, *state.chain_above(signer))],
-        "certificates": [_entry(e, now) for e in state.entries],
+        "chain": [certificate_report(c, now) for c in (signer.cert, *state.chain_above(signer))],
+        "certificates": [entry_report(e, now) for e in state.entries],
         "root_rotation": None if rotation is None else {
             "phase": rotation.phase.value, "started_at": rotation.started_at.isoformat(),
             "phase_since": rotation.phase_since.isoformat(), "reason": rotation.reason},
@@ -68,6 +54,6 @@ def status_report(authority: Authority, telemetry: Telemetry, *, trust: TrustSto
         "sds": {"streams": {api: int(v) for api, v in _samples(telemetry.sds_streams, "api").items()},
                 "live_svids": len(registry) if registry is not None else 0,
                 "identities": len({c.spiffe_id for c in registry}) if registry is not None else 0},
-        "bundles": {td.name: {"sequence": b.sequence, "roots": [_cert(c, now) for c in b.roots]}
+        "bundles": {td.name: {"sequence": b.sequence, "roots": [certificate_report(c, now) for c in b.roots]}
                     for td, b in bundles.items()},
     }
