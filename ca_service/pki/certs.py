@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -107,7 +107,3 @@ class CertFacts:
 
     def time_left(self, now: dt.datetime) -> dt.timedelta:
         return self.not_after - now
-
-
-def same_certs(a: Sequence[x509.Certificate], b: Sequence[x509.Certificate]) -> bool:
-    return [fingerprint(c) for c in a] == [fingerprint(c) for c in b]

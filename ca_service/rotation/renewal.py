@@ -20,8 +20,3 @@ def renewal_time(
     lifetime = not_after - not_before
     offset = fraction + jitter_fraction * (2.0 * draw - 1.0)
     return not_before + lifetime * offset
-
-
-def is_renewal_overdue(not_before: dt.datetime, not_after: dt.datetime, now: dt.datetime) -> bool:
-    """Past 75% of the lifetime: what the alert rules call overdue (a renewal that should have happened)."""
-    return now >= not_before + (not_after - not_before) * 0.75

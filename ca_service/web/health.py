@@ -54,9 +54,6 @@ class Readiness:
                 results[name] = False
         return results
 
-    def is_ready(self) -> bool:
-        return all(self.report().values())
-
 
 async def healthz(_request: web.Request) -> web.Response:
     # Liveness says only "the event loop answers": restarting a daemon because its CA is not ready
