@@ -62,7 +62,6 @@ class Reconciler:
         self.blocked: dict[str, str] = {}
         self.last_gate: GateStatus | None = None
         self._alerted_rotation: dt.datetime | None = None
-        self._expiry_labels: set[tuple[str, str, str]] = set()
 
     def behind(self, state: AuthorityState) -> int:
         return self.acks.streams_behind(state.bundle_sequence) if self.acks is not None else 0
@@ -196,14 +195,4 @@ class Reconciler:
         next_renewal = self.registry.next_renewal()
         if next_renewal is not None:
             self.telemetry.next_rotation.labels(kind="workload").set(next_renewal.timestamp())
-        labels = set()
-        td = str(state.trust_domain)
-        for entry in state.entries:
-            key = (str(entry.kind), td, entry.serial)
-            labels.add(key)
-            self.telemetry.ca_expiry.labels(*key).set(entry.not_after.timestamp())
-            self.telemetry.ca_not_before.labels(*key).set(entry.not_before.timestamp())
-        for gone in self._expiry_labels - labels:
-            self.telemetry.ca_expiry.remove(*gone)
-            self.telemetry.ca_not_before.remove(*gone)
-        self._expiry_labels = labels
+        # CA certificate expiry gauges belong to web.metrics.StateMetrics (set on every commit).
