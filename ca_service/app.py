@@ -26,6 +26,7 @@ from ca_service.services.ports import AckTracker
 from ca_service.services.reconciler import Reconciler
 from ca_service.services.rotator import RotationService
 from ca_service.services.scheduler import RotationScheduler
+from ca_service.services.signing_pool import SigningPool, SigningPoolComponent
 from ca_service.services.trust import TrustStore
 from ca_service.services.workloads import WorkloadRegistry
 from ca_service.storage.base import AuthorityStore
@@ -125,8 +126,9 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
     app = App(settings, clock=clock, store=store)
     sds = SdsComponent(settings.grpc, registry=app.registry, trust=app.trust, telemetry=app.telemetry)
     app.sds = sds
+    pool = build_signing_pool(settings, app)
     app.reconciler = Reconciler(app.authority, app.registry, RotationPolicy.from_settings(settings), app.telemetry,
-                                acks=acks or sds.hub, clock=app.clock)
+                                acks=acks or sds.hub, clock=app.clock, signer=pool.pool if pool else None)
     app.rotator = RotationService(app.reconciler)
     sideport = HttpSideport(settings, app.authority, app.telemetry, app.clock, registry=app.registry,
                             trust=app.trust, rotator=app.rotator,
@@ -141,8 +143,19 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
         app.components.append(CacertsPublisher(app.authority, settings.istiod.cacerts_dir, app.telemetry, app.clock))
     app.components.extend(build_federation(settings, app))
     app.components.append(sds)
+    if pool is not None:
+        app.components.append(pool)  # stops after the scheduler, so no renewal runs on a closed pool
     app.components.append(RotationScheduler(app.reconciler, settings.rotation, app.telemetry))
     return app
+
+
+def build_signing_pool(settings: Settings, app: App) -> SigningPoolComponent | None:
+    """The process pool for renewal storms, unless ``ca.signing_workers`` is 0 (sign in process)."""
+    if settings.ca.signing_workers == 0:
+        return None
+    pool = SigningPool(app.authority, workers=settings.ca.signing_workers,
+                       key_algorithm=settings.ca.workload_key_algorithm)
+    return SigningPoolComponent(pool, app.authority)
 
 
 def build_federation(settings: Settings, app: App) -> list[Component]:

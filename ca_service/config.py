@@ -56,6 +56,8 @@ __all__ = [
 ]
 
 ENV_PREFIX = "CA_SERVICE_"
+# Each worker holds a copy of the signing key and ~40 MB; past the core count more only add switching.
+MAX_SIGNING_WORKERS = 64
 
 # ---------------------------------------------------------------- loading
 
@@ -258,6 +260,9 @@ def validate(s: Settings) -> list[str]:
         problems.add("istiod.max_workload_ttl", "must be positive and shorter than ca.istiod_intermediate_ttl")
     if ca.backdate < dt.timedelta(0) or ca.backdate >= ca.workload_ttl:
         problems.add("ca.backdate", "must be >= 0 and shorter than ca.workload_ttl")
+    if ca.signing_workers is not None and not 0 <= ca.signing_workers <= MAX_SIGNING_WORKERS:
+        problems.add("ca.signing_workers", f"must be between 0 (sign in process) and {MAX_SIGNING_WORKERS}; "
+                     "leave it unset for one per core")
     r = s.rotation
     if not 0.1 <= r.renew_fraction <= 0.9:
         problems.add("rotation.renew_fraction", f"{r.renew_fraction} must be between 0.1 and 0.9")

@@ -58,6 +58,9 @@ class CASettings:
     # workload TTL must stay below istiod_intermediate_ttl.
     max_workload_ttl: dt.timedelta = dt.timedelta(hours=24)
     backdate: dt.timedelta = dt.timedelta(minutes=5)
+    # Processes that generate keys and sign in a renewal storm; None: one per core, 0: sign in the
+    # daemon's own process only (the signing intermediate's key then never reaches another process).
+    signing_workers: int | None = None
 
 
 @dataclass(frozen=True)

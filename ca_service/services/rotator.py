@@ -42,8 +42,8 @@ class RotationService:
         if request.scope in _CA_SCOPES:
             return self._intermediate(request, _CA_SCOPES[request.scope])
         if request.scope is RotationScope.ROOT:
-            return self._root(request)
-        return self._workloads(request)
+            return await self._root(request)
+        return await self._workloads(request)
 
     # ---------------------------------------------------------- workloads
 
@@ -60,7 +60,7 @@ class RotationService:
             return [c for c in certs if (c.spiffe_id.kubernetes or ("", ""))[0] == request.namespace]
         return certs
 
-    def _workloads(self, request: RotationRequest) -> RotationResult:
+    async def _workloads(self, request: RotationRequest) -> RotationResult:
         selected = self._select(request)
         affected = tuple(_serial(c) for c in selected)
         identities = tuple(sorted({str(c.spiffe_id) for c in selected}))
@@ -78,7 +78,7 @@ class RotationService:
         window = self._reconciler.policy.reissue_window
         for cert, at in zip(selected, planner.spread_times(len(selected), now, window), strict=True):
             registry.reschedule(cert, at)
-        self._reconciler.reconcile(now)  # the first of the spread is due now
+        await self._reconciler.reconcile(now)  # the first of the spread is due now
         return RotationResult(request.scope, False, affected, (), identities,
                               detail=f"{len(selected)} workload certificate(s) re-issued over {window}")
 
@@ -104,7 +104,7 @@ class RotationService:
         log.info("forced CA rotation done", extra={"kind": str(kind), "serial": new[0], "reason": request.reason})
         return RotationResult(request.scope, False, affected, new, detail=f"{kind} rotated")
 
-    def _root(self, request: RotationRequest) -> RotationResult:
+    async def _root(self, request: RotationRequest) -> RotationResult:
         state = self._reconciler.authority.state
         affected = _root_affected(state, self._reconciler)
         rotation = state.root_rotation
@@ -118,7 +118,7 @@ class RotationService:
                 force_root(state, now, policy, reason=request.reason)  # raises the same error the real run would
             return RotationResult(request.scope, True, affected, (), detail=what)
         new_state = self._reconciler.commit_change(lambda s: force_root(s, now, policy, reason=request.reason))
-        self._reconciler.reconcile(now)  # e.g. a gate override with ACKs complete proceeds at once
+        await self._reconciler.reconcile(now)  # e.g. a gate override with ACKs complete proceeds at once
         new = tuple(e.serial for e in new_state.of_kind(CAKind.ROOT, SlotState.PREPARED))
         current = self._reconciler.authority.state.root_rotation
         return RotationResult(request.scope, False, affected, new, detail=what,

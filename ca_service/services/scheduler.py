@@ -63,7 +63,7 @@ class RotationScheduler:
             self._scheduler = None
 
     async def tick(self) -> None:
-        self.last_report = self._reconciler.reconcile()
+        self.last_report = await self._reconciler.reconcile()
 
     def _on_event(self, event: Any) -> None:
         job = getattr(event, "job_id", "?")

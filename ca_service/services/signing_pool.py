@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import multiprocessing
 import os
-from collections.abc import Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -25,8 +27,11 @@ from cryptography.hazmat.primitives import serialization
 from ca_service.errors import NotReadyError
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import KeyAlgorithm, generate_private_key, load_private_key, private_key_to_pem
-from ca_service.pki.templates import IssuerProfile, build_svid_for
+from ca_service.pki.templates import CAKind, IssuerProfile, build_svid_for
+from ca_service.rotation.state import AuthorityState, SlotState
 from ca_service.services.authority import Authority, IssuedSvid, SigningContext
+
+log = logging.getLogger(__name__)
 
 # Requests go to workers in chunks: one round trip per chunk amortises the parent's per-task cost
 # (executor bookkeeping, a future, a wake-up: ~0.5 ms), which on two cores competes with the workers.
@@ -69,11 +74,22 @@ def _sign_chunk(
     return out
 
 
+class SigningPoolError(NotReadyError):
+    """The pool cannot sign now (closed, or a worker died); the caller signs in process instead."""
+
+
+def default_workers() -> int:
+    """One worker per core this process may run on (the affinity mask, which containers narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class SigningPool:
     """Key generation + signing for many identities at once, on ``workers`` processes.
 
-    Call :meth:`close` on shutdown.  The pool follows the authority: when the active intermediate
-    changes, the workers are replaced by ones holding the new signer before anything is signed.
+    The pool follows the authority: when the active intermediate changes, the workers are replaced by
+    ones holding the new signer before anything is signed (old workers exit in the background).  The
+    intermediate's key reaches the workers over the anonymous pipe ``spawn`` uses, never a file.
+    Call :meth:`close` on shutdown; a closed pool refuses work with :class:`SigningPoolError`.
     """
 
     def __init__(self, authority: Authority, *, workers: int | None = None, chunk: int = DEFAULT_CHUNK,
@@ -81,15 +97,32 @@ class SigningPool:
         if chunk < 1:
             raise ValueError(f"chunk must be at least 1, got {chunk}")
         self._authority = authority
-        self.workers = workers or os.cpu_count() or 1
+        self.workers = workers or default_workers()
         self._chunk = chunk
         self._algorithm = key_algorithm
-        self._executor: Executor | None = None
+        # The executor is swapped from the event loop (a storm) and from a warm-up thread (start-up,
+        # an intermediate rotation), so the swap is guarded.
+        self._lock = threading.Lock()
+        self._executor: ProcessPoolExecutor | None = None
         self._key_id: str | None = None
+        self._closed = False
 
-    def _executor_for(self, context: SigningContext) -> Executor:
-        if self._executor is None or self._key_id != context.key_id:
-            self.close()
+    @property
+    def signer_key_id(self) -> str | None:
+        """The intermediate the current workers hold (None before the first use and after close)."""
+        return self._key_id
+
+    def _executor_for(self, context: SigningContext) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._closed:
+                raise SigningPoolError("the signing pool is closed")
+            if self._executor is not None and self._key_id == context.key_id:
+                return self._executor
+            if self._executor is not None:
+                # Neither waiting nor cancelling: chunks already queued (a storm in flight while the
+                # intermediate rotates) are still signed under the old intermediate, which stays valid
+                # until its leaves expire; then the old workers exit.
+                self._executor.shutdown(wait=False)
             assert context.signer.key is not None  # SigningContext.of guarantees it
             key_pem = context.signer.key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
@@ -98,16 +131,30 @@ class SigningPool:
                 self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                 initargs=(context.key_id, context.signer.cert.public_bytes(serialization.Encoding.PEM), key_pem))
             self._key_id = context.key_id
-        return self._executor
+            return self._executor
 
-    def warm_up(self) -> None:
-        """Start every worker now (spawning costs a few hundred ms each), not on the first storm."""
-        context = self._authority.signing_context()
+    def _discard(self, executor: Executor) -> None:
+        """Forget a broken executor so the next call starts fresh workers."""
+        with self._lock:
+            if self._executor is executor:
+                self._executor = None
+                self._key_id = None
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    def prepare(self, context: SigningContext) -> None:
+        """Start every worker for ``context`` now (each spends a few hundred ms importing), not in a storm.
+
+        Blocking: call it from a thread (:class:`SigningPoolComponent` does).
+        """
         executor = self._executor_for(context)
         futures = [executor.submit(_sign_chunk, context.key_id, (), dt.datetime.now(dt.UTC), dt.timedelta(hours=1),
                                    dt.timedelta(0), self._algorithm) for _ in range(self.workers * 2)]
         for future in futures:
             future.result()
+
+    def warm_up(self) -> None:
+        """:meth:`prepare` for the authority's current signer."""
+        self.prepare(self._authority.signing_context())
 
     async def issue_many(
         self, spiffe_ids: Sequence[SpiffeId], *, now: dt.datetime, ttl: dt.timedelta | None = None
@@ -116,6 +163,7 @@ class SigningPool:
 
         Raises:
             NotReadyError: if the CA cannot sign (no active intermediate, an identity of another domain).
+            SigningPoolError: if the pool is closed or a worker died (the next call starts new workers).
         """
         for spiffe_id in spiffe_ids:
             self._authority.check_member(spiffe_id)
@@ -134,11 +182,80 @@ class SigningPool:
 
         size = max(1, min(self._chunk, -(-len(spiffe_ids) // (self.workers * CHUNKS_PER_WORKER))))
         chunks = [spiffe_ids[i:i + size] for i in range(0, len(spiffe_ids), size)]
-        results = await asyncio.gather(*[one_chunk(chunk) for chunk in chunks])
+        try:
+            results = await asyncio.gather(*[one_chunk(chunk) for chunk in chunks])
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # our caller is being cancelled: not a pool failure
+            # The executor cancelled our chunks: the pool was closed while we waited.
+            raise SigningPoolError("signing pool closed during a batch") from None
+        except (BrokenExecutor, RuntimeError) as exc:
+            # A worker died (OOM killer, a signal) or the executor was shut down before our submit.
+            self._discard(executor)
+            raise SigningPoolError(f"signing pool failed: {type(exc).__name__}: {exc}") from exc
         return [item for chunk_result in results for item in chunk_result]
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
-            self._key_id = None
+        """Stop the workers (waiting for them) and refuse further work."""
+        with self._lock:
+            self._closed = True
+            executor, self._executor, self._key_id = self._executor, None, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+
+class SigningPoolComponent:
+    """Lifecycle of the daemon's pool (``App.components``): workers ready before the first storm.
+
+    Warm-up runs in a thread after start (spawning must not delay readiness) and again whenever the
+    active intermediate changes, so a rotation storm finds workers that already hold the new signer.
+    """
+
+    name = "signing-pool"
+
+    def __init__(self, pool: SigningPool, authority: Authority) -> None:
+        self.pool = pool
+        self._authority = authority
+        self._unsubscribe: Callable[[], None] | None = None
+        self._warming: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._unsubscribe = self._authority.subscribe(self._on_state)
+        self._warm()
+
+    def _on_state(self, old: AuthorityState, new: AuthorityState) -> None:
+        if _active_signer(new) not in (None, self.pool.signer_key_id):
+            self._warm()
+
+    def _warm(self) -> None:
+        try:
+            context = self._authority.signing_context()
+        except NotReadyError:
+            return  # nothing to sign with (intermediate-only mode without a key): workers start on demand
+        task = asyncio.get_running_loop().create_task(self._prepare(context))
+        self._warming.add(task)
+        task.add_done_callback(self._warming.discard)
+
+    async def _prepare(self, context: SigningContext) -> None:
+        try:
+            await asyncio.to_thread(self.pool.prepare, context)
+            log.info("signing pool ready", extra={"workers": self.pool.workers, "key_id": context.key_id})
+        except SigningPoolError:
+            pass  # closed while warming: shutting down
+        except Exception:
+            # A storm would start workers on demand; warming is only an optimisation.
+            log.exception("signing pool warm-up failed")
+
+    async def stop(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        await asyncio.to_thread(self.pool.close)
+        if self._warming:
+            await asyncio.gather(*self._warming, return_exceptions=True)
+
+
+def _active_signer(state: AuthorityState) -> str | None:
+    active = state.of_kind(CAKind.INTERMEDIATE, SlotState.ACTIVE)
+    return active[0].key_id if active else None

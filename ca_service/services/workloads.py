@@ -119,7 +119,11 @@ class WorkloadRegistry:
         """New keys and certificates for many workloads (a renewal tick, a forced rotation), pushed to listeners.
 
         With ``signer`` (a signing pool) the keys are made and signed on every core while the event loop
-        stays free; without it they are signed here, one after the other.
+        stays free; without it they are signed here, one after the other.  A workload forgotten while the
+        pool signed (its node disconnected) is not brought back: its new certificate is dropped.
+
+        Raises:
+            CAServiceError: the signer failed; nothing was installed.
         """
         now = self._clock.now()
         if signer is None:
@@ -128,8 +132,9 @@ class WorkloadRegistry:
         out = []
         for (node_id, spiffe_id), (key_pem, svid) in zip(keys, signed, strict=True):
             current = self._certs.get((node_id, spiffe_id))
-            out.append(self._install(node_id, spiffe_id, key_pem, svid, now,
-                                     generation=current.generation + 1 if current else 1))
+            if current is None:
+                continue
+            out.append(self._install(node_id, spiffe_id, key_pem, svid, now, generation=current.generation + 1))
         log.info("workload certificates re-issued", extra={"count": len(out), "reason": reason})
         return out
 
