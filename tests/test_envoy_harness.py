@@ -1,4 +1,4 @@
-"""Tests of tests/envoy_harness.py against the real Envoy and a tiny test-only SDS server.
+"""Tests of tests/envoy_harness/ against the real Envoy and a tiny test-only SDS server.
 
 The SDS server here is deliberately minimal (state of the world only, each name answered once per
 stream, stream kept open); the project's real SDS server lives in ca_service.rpc.
