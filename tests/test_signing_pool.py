@@ -32,8 +32,9 @@ async def test_pool_issued_svids_verify_against_the_roots_and_match_their_keys(
     authority: Authority, pool: SigningPool, clock: FakeClock
 ) -> None:
     issued = await pool.issue_many(IDS, now=clock.now())
-    assert [svid.spiffe_id for _, svid in issued] == IDS
-    for (key_pem, svid), spiffe_id in zip(issued, IDS, strict=True):
+    assert [signed.svid.spiffe_id for signed in issued] == IDS
+    for (key_pem, svid, seconds), spiffe_id in zip(issued, IDS, strict=True):
+        assert seconds > 0
         verify_svid(svid.leaf, svid.chain[1:], svid.roots, now=clock.now())
         assert spiffe_id_of(svid.leaf) == spiffe_id
         assert public_key_der(load_private_key(key_pem).public_key()) == public_key_der(svid.leaf.public_key())
@@ -43,7 +44,7 @@ async def test_pool_issued_svids_verify_against_the_roots_and_match_their_keys(
 async def test_pool_issued_svid_has_the_same_profile_as_an_in_process_one(
     authority: Authority, pool: SigningPool, clock: FakeClock
 ) -> None:
-    [(_, pooled)] = await pool.issue_many(IDS[:1], now=clock.now())
+    [(_, pooled, _)] = await pool.issue_many(IDS[:1], now=clock.now())
     registry = WorkloadRegistry(authority, RotationSettings(), clock)
     local = registry.get_or_issue("node", IDS[0]).svid
     assert pooled.leaf.not_valid_after_utc == local.leaf.not_valid_after_utc

@@ -12,22 +12,24 @@ from ca_service.errors import InvalidRequestError, NotReadyError, PolicyViolatio
 from ca_service.pki.certs import is_ca
 from ca_service.pki.identity import TrustDomain
 from ca_service.pki.keys import KeyAlgorithm, PrivateKey, generate_private_key, same_public_key
-from ca_service.pki.templates import CAKind, build_intermediate, build_root
+from ca_service.pki.templates import DEFAULT_BACKDATE, CAKind, build_intermediate, build_root
 from ca_service.pki.verify import verify_ca_chain
 from ca_service.rotation.state import AuthorityMode, AuthorityState, CAEntry, SlotState
 
 
 def mint_root(
     trust_domain: TrustDomain, *, algorithm: KeyAlgorithm, ttl: dt.timedelta, now: dt.datetime,
-    state: SlotState = SlotState.ACTIVE,
+    state: SlotState = SlotState.ACTIVE, backdate: dt.timedelta = DEFAULT_BACKDATE,
 ) -> CAEntry:
+    """A new self-signed root.  ``backdate`` is ``ca.backdate``: a CA must start at least as early as
+    the leaves under it, or their backdating is clamped away (a leaf never starts before its issuer)."""
     key = generate_private_key(algorithm)
-    return CAEntry(CAKind.ROOT, build_root(key, trust_domain, now=now, ttl=ttl), key, state)
+    return CAEntry(CAKind.ROOT, build_root(key, trust_domain, now=now, ttl=ttl, backdate=backdate), key, state)
 
 
 def mint_intermediate(
     issuer: CAEntry, trust_domain: TrustDomain, *, kind: CAKind, algorithm: KeyAlgorithm, ttl: dt.timedelta,
-    now: dt.datetime, state: SlotState = SlotState.ACTIVE,
+    now: dt.datetime, state: SlotState = SlotState.ACTIVE, backdate: dt.timedelta = DEFAULT_BACKDATE,
 ) -> CAEntry:
     """A new intermediate of ``kind`` signed by ``issuer`` (a root whose key we hold).
 
@@ -43,7 +45,8 @@ def mint_intermediate(
                             f"no {kind} can be created under it")
     key = generate_private_key(algorithm)
     cert = build_intermediate(
-        key.public_key(), trust_domain, issuer=issuer.cert, issuer_key=issuer.key, now=now, ttl=ttl, kind=kind
+        key.public_key(), trust_domain, issuer=issuer.cert, issuer_key=issuer.key, now=now, ttl=ttl, kind=kind,
+        backdate=backdate,
     )
     return CAEntry(kind, cert, key, state, parent=issuer.key_id)
 
@@ -51,14 +54,15 @@ def mint_intermediate(
 def bootstrap_state(
     trust_domain: TrustDomain, *, algorithm: KeyAlgorithm, root_ttl: dt.timedelta, intermediate_ttl: dt.timedelta,
     istiod_ttl: dt.timedelta, now: dt.datetime, root: CAEntry | None = None,
+    backdate: dt.timedelta = DEFAULT_BACKDATE,
 ) -> AuthorityState:
     """First state: a root (new, or the imported ``root``), the SDS signing intermediate, istiod's intermediate."""
     mode = AuthorityMode.IMPORTED_ROOT if root is not None else AuthorityMode.SELF_SIGNED
-    root = root or mint_root(trust_domain, algorithm=algorithm, ttl=root_ttl, now=now)
+    root = root or mint_root(trust_domain, algorithm=algorithm, ttl=root_ttl, now=now, backdate=backdate)
     signing = mint_intermediate(root, trust_domain, kind=CAKind.INTERMEDIATE, algorithm=algorithm,
-                                ttl=intermediate_ttl, now=now)
+                                ttl=intermediate_ttl, now=now, backdate=backdate)
     istiod = mint_intermediate(root, trust_domain, kind=CAKind.ISTIOD_INTERMEDIATE, algorithm=algorithm,
-                               ttl=istiod_ttl, now=now)
+                               ttl=istiod_ttl, now=now, backdate=backdate)
     return AuthorityState(trust_domain, mode, (root, signing, istiod), created_at=now)
 
 

@@ -48,7 +48,7 @@ def apply_step(state: AuthorityState, step: Step, now: dt.datetime, policy: Rota
 
 def prepare(state: AuthorityState, kind: CAKind, now: dt.datetime, policy: RotationPolicy) -> AuthorityState:
     new = mint_intermediate(state.active(CAKind.ROOT), state.trust_domain, kind=kind, algorithm=policy.algorithm,
-                            ttl=policy.ttl(kind), now=now, state=SlotState.PREPARED)
+                            ttl=policy.ttl(kind), now=now, state=SlotState.PREPARED, backdate=policy.skew)
     return state.replace(entries=(*state.entries, new))
 
 
@@ -76,7 +76,7 @@ def publish_root(state: AuthorityState, now: dt.datetime, policy: RotationPolicy
     if not state.holds_root_key:
         raise NotReadyError("rotating the root needs the root key, which is held offline (intermediate-only mode)")
     new_root = mint_root(state.trust_domain, algorithm=policy.algorithm, ttl=policy.root_ttl, now=now,
-                         state=SlotState.PREPARED)
+                         state=SlotState.PREPARED, backdate=policy.skew)
     rotation = RootRotation(RootRotationPhase.PUBLISHED, started_at=now, phase_since=now, reason=reason)
     return state.replace(entries=(*state.entries, new_root), root_rotation=rotation)
 
@@ -102,7 +102,7 @@ def sign_with_new_root(state: AuthorityState, now: dt.datetime, policy: Rotation
     for kind in INTERMEDIATE_KINDS:
         if state.of_kind(kind, SlotState.ACTIVE):
             entries.append(mint_intermediate(active_root, state.trust_domain, kind=kind, algorithm=policy.algorithm,
-                                             ttl=policy.ttl(kind), now=now))
+                                             ttl=policy.ttl(kind), now=now, backdate=policy.skew))
     extra = extra_with_retired(state.extra, retiring, now)
     extra.pop(GATE_OVERRIDE_KEY, None)
     moved = _enter_phase(state, RootRotationPhase.SIGNING, now)

@@ -149,7 +149,7 @@ class Authority:
         state = initial or bootstrap_state(
             self.trust_domain, algorithm=self.settings.key_algorithm, root_ttl=self.settings.root_ttl,
             intermediate_ttl=self.settings.intermediate_ttl, istiod_ttl=self.settings.istiod_intermediate_ttl,
-            now=now,
+            now=now, backdate=self.settings.backdate,
         )
         record = self._store.write(AUTHORITY_RECORD, encode_state(state), expected_version=None)
         self._state, self._version = state, record.version

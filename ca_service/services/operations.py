@@ -70,7 +70,7 @@ def init(settings: Settings, *, root_cert: Path | None = None, root_key: Path | 
         ca = settings.ca
         initial = bootstrap_state(settings.domain, algorithm=ca.key_algorithm, root_ttl=ca.root_ttl,
                                   intermediate_ttl=ca.intermediate_ttl, istiod_ttl=ca.istiod_intermediate_ttl,
-                                  now=now, root=root)
+                                  now=now, root=root, backdate=ca.backdate)
     else:
         initial = None
     state, created = authority.load_or_bootstrap(initial)

@@ -22,7 +22,7 @@ from ca_service.rotation.planner import Action, GateStatus, RotationPolicy, Step
 from ca_service.rotation.state import AuthorityState, RootRotationPhase, SlotState
 from ca_service.rotation.transitions import apply_step
 from ca_service.services.authority import Authority
-from ca_service.services.ports import AckTracker
+from ca_service.services.ports import AckTracker, RotationReason
 from ca_service.services.workloads import BatchSigner, WorkloadCert, WorkloadRegistry
 from ca_service.telemetry import Telemetry
 
@@ -182,39 +182,46 @@ class Reconciler:
         signer = state.active(CAKind.INTERMEDIATE).key_id
         stale = [c for c in self.registry if c.svid.issuer_key_id != signer and c.renew_at > deadline]
         start = max(now, rotation.phase_since)
+        # An operator's root rotation makes these renewals forced ones; a scheduled one, scheduled.
+        forced = rotation.reason != RotationReason.SCHEDULED
         for cert, at in zip(stale, planner.spread_times(len(stale), start, deadline - start), strict=True):
-            self.registry.reschedule(cert, at)
+            self.registry.reschedule(cert, at, forced=forced)
         report.rescheduled += len(stale)
 
     async def _renew_due(self, now: dt.datetime, report: ReconcileReport) -> None:
         due = self.registry.due(now)
+        forced = [c for c in due if self.registry.is_forced(c)]
+        scheduled = [c for c in due if not self.registry.is_forced(c)]
+        for reason, group in ((RotationReason.SCHEDULED, scheduled), (RotationReason.FORCED, forced)):
+            if group:
+                renewed = await self._renew(group, now, reason)
+                report.renewed += renewed
+                if renewed:
+                    self.telemetry.rotations.labels(kind="workload", reason=str(reason)).inc(renewed)
+
+    async def _renew(self, due: list[WorkloadCert], now: dt.datetime, reason: RotationReason) -> int:
+        """Renew ``due``: on the signing pool when it is a storm, else (and on any pool failure) in process."""
+        log_reason = "renewal" if reason is RotationReason.SCHEDULED else "forced renewal"
         if self.signer is not None and len(due) >= POOL_MIN_BATCH:
-            due = await self._renew_on_pool(due, report)
+            try:
+                return len(await self.registry.reissue_many([c.workload_key for c in due], reason=log_reason,
+                                                            signer=self.signer))
+            except CAServiceError as exc:
+                # A dead worker or a closed pool must not stall renewals: sign this batch in process.
+                # (A CA that cannot sign at all fails again there, per certificate, with its retry.)
+                log.error("signing pool failed; renewing in process",
+                          extra={"count": len(due), "cause": str(exc)})
+        renewed = 0
         for cert in due:
             try:
-                self.registry.reissue(cert.node_id, cert.spiffe_id, reason="renewal")
+                self.registry.reissue(cert.node_id, cert.spiffe_id, reason=log_reason)
             except CAServiceError as exc:
                 self.telemetry.rotation_failures.labels(kind="workload").inc()
                 log.error("workload renewal failed", extra={"spiffe_id": str(cert.spiffe_id), "cause": str(exc)})
-                self.registry.reschedule(cert, now + RENEWAL_RETRY)
+                self.registry.reschedule(cert, now + RENEWAL_RETRY)  # keeps its forced mark
                 continue
-            report.renewed += 1
-        if report.renewed:
-            self.telemetry.rotations.labels(kind="workload", reason="scheduled").inc(report.renewed)
-
-    async def _renew_on_pool(self, due: list[WorkloadCert], report: ReconcileReport) -> list[WorkloadCert]:
-        """Renew ``due`` on the signing pool; returns what is left for in-process signing (all on failure)."""
-        assert self.signer is not None
-        try:
-            renewed = await self.registry.reissue_many([c.workload_key for c in due], reason="renewal",
-                                                       signer=self.signer)
-        except CAServiceError as exc:
-            # A dead worker or a closed pool must not stall renewals: sign this batch in process.
-            # (A CA that cannot sign at all fails again there, per certificate, with its retry.)
-            log.error("signing pool failed; renewing in process", extra={"count": len(due), "cause": str(exc)})
-            return due
-        report.renewed += len(renewed)
-        return []
+            renewed += 1
+        return renewed
 
     def _update_gauges(self) -> None:
         state = self.authority.state

@@ -77,7 +77,7 @@ class RotationService:
                                   detail=f"{len(new)} workload certificate(s) re-issued")
         window = self._reconciler.policy.reissue_window
         for cert, at in zip(selected, planner.spread_times(len(selected), now, window), strict=True):
-            registry.reschedule(cert, at)
+            registry.reschedule(cert, at, forced=True)
         await self._reconciler.reconcile(now)  # the first of the spread is due now
         return RotationResult(request.scope, False, affected, (), identities,
                               detail=f"{len(selected)} workload certificate(s) re-issued over {window}")

@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor
 
@@ -29,7 +30,8 @@ from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import KeyAlgorithm, generate_private_key, load_private_key, private_key_to_pem
 from ca_service.pki.templates import CAKind, IssuerProfile, build_svid_for
 from ca_service.rotation.state import AuthorityState, SlotState
-from ca_service.services.authority import Authority, IssuedSvid, SigningContext
+from ca_service.services.authority import Authority, SigningContext
+from ca_service.services.workloads import SignedSvid
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +58,23 @@ def _init_worker(key_id: str, cert_pem: bytes, key_pem: bytes) -> None:
 def _sign_chunk(
     key_id: str, spiffe_ids: Sequence[str], now: dt.datetime, ttl: dt.timedelta, backdate: dt.timedelta,
     algorithm: KeyAlgorithm,
-) -> list[tuple[bytes, bytes]]:
-    """In a worker: a fresh key and a signed leaf per identity, as (leaf DER, PKCS#8 PEM key).
+) -> list[tuple[bytes, bytes, float]]:
+    """In a worker: a fresh key and a signed leaf per identity, as (leaf DER, PKCS#8 PEM key, seconds).
 
     The key comes back as the PEM that SDS sends, so the parent never parses it (17 us a key, a third
-    of the parent's share of the work, which on two cores competes with the workers).
+    of the parent's share of the work, which on two cores competes with the workers).  ``seconds`` is
+    the key generation + signing time, for ``ca_signing_duration_seconds``.
     """
     if _worker_signer is None or _worker_signer[0] != key_id:
         raise StaleSignerError(f"worker holds signer {_worker_signer and _worker_signer[0]}, asked for {key_id}")
     profile = _worker_signer[1]
     out = []
     for raw in spiffe_ids:
+        started = time.perf_counter()
         key = generate_private_key(algorithm)
         leaf = build_svid_for(key.public_key(), SpiffeId.parse(raw), profile, now=now, ttl=ttl, backdate=backdate)
-        out.append((leaf.public_bytes(serialization.Encoding.DER),
-                    private_key_to_pem(key)))
+        out.append((leaf.public_bytes(serialization.Encoding.DER), private_key_to_pem(key),
+                    time.perf_counter() - started))
     return out
 
 
@@ -158,7 +162,7 @@ class SigningPool:
 
     async def issue_many(
         self, spiffe_ids: Sequence[SpiffeId], *, now: dt.datetime, ttl: dt.timedelta | None = None
-    ) -> list[tuple[bytes, IssuedSvid]]:
+    ) -> list[SignedSvid]:
         """A new key (PKCS#8 PEM) and SVID per identity, in order; the event loop stays free while workers sign.
 
         Raises:
@@ -172,13 +176,13 @@ class SigningPool:
         loop = asyncio.get_running_loop()
         leaf_ttl, backdate = self._authority.leaf_ttl(ttl), self._authority.settings.backdate
 
-        async def one_chunk(chunk: Sequence[SpiffeId]) -> list[tuple[bytes, IssuedSvid]]:
+        async def one_chunk(chunk: Sequence[SpiffeId]) -> list[SignedSvid]:
             # Each chunk is wrapped as soon as it returns, overlapping the parent's share with the workers.
             signed = await loop.run_in_executor(executor, _sign_chunk, context.key_id, [str(s) for s in chunk], now,
                                                 leaf_ttl, backdate, self._algorithm)
-            return [(key_pem, self._authority.assemble_svid(spiffe_id, x509.load_der_x509_certificate(leaf), context,
-                                                             now))
-                    for spiffe_id, (leaf, key_pem) in zip(chunk, signed, strict=True)]
+            return [SignedSvid(key_pem, self._authority.assemble_svid(
+                        spiffe_id, x509.load_der_x509_certificate(leaf), context, now), seconds)
+                    for spiffe_id, (leaf, key_pem, seconds) in zip(chunk, signed, strict=True)]
 
         size = max(1, min(self._chunk, -(-len(spiffe_ids) // (self.workers * CHUNKS_PER_WORKER))))
         chunks = [spiffe_ids[i:i + size] for i in range(0, len(spiffe_ids), size)]

@@ -16,9 +16,10 @@ import functools
 import heapq
 import logging
 import random
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ca_service.clock import Clock
 from ca_service.config import RotationSettings
@@ -26,6 +27,7 @@ from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import KeyAlgorithm, PrivateKey, generate_private_key, load_private_key, private_key_to_pem
 from ca_service.rotation.renewal import renewal_time
 from ca_service.services.authority import Authority, IssuedSvid
+from ca_service.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +35,16 @@ WorkloadKey = tuple[str, SpiffeId]  # (node id, SPIFFE ID)
 WorkloadListener = Callable[["WorkloadCert"], None]
 
 
+class SignedSvid(NamedTuple):
+    key_pem: bytes  # PKCS#8 PEM of the new private key
+    svid: IssuedSvid
+    seconds: float  # key generation + signing time, wherever it ran
+
+
 class BatchSigner(Protocol):
     """Signs many identities at once, e.g. on a process pool (``signing_pool.SigningPool``)."""
 
-    async def issue_many(self, spiffe_ids: Sequence[SpiffeId], *, now: dt.datetime) -> list[tuple[bytes, IssuedSvid]]:
+    async def issue_many(self, spiffe_ids: Sequence[SpiffeId], *, now: dt.datetime) -> list[SignedSvid]:
         ...
 
 
@@ -69,8 +77,10 @@ class WorkloadRegistry:
     """Issues, caches and renews workload SVIDs; tells listeners about every new one."""
 
     def __init__(self, authority: Authority, rotation: RotationSettings, clock: Clock, *,
-                 key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256, rng: random.Random | None = None) -> None:
+                 key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256, rng: random.Random | None = None,
+                 telemetry: Telemetry | None = None) -> None:
         self._authority = authority
+        self._telemetry = telemetry
         self._rotation = rotation
         self._clock = clock
         self._key_algorithm = key_algorithm
@@ -82,6 +92,9 @@ class WorkloadRegistry:
         self._tokens: dict[WorkloadKey, int] = {}
         self._next_token = 0
         self._listeners: list[WorkloadListener] = []
+        # Workloads whose pending renewal an operator forced (spread over a window): the renewal is
+        # then counted and logged as forced, not scheduled.  Cleared by the next certificate.
+        self._forced: set[WorkloadKey] = set()
 
     def __len__(self) -> int:
         return len(self._certs)
@@ -130,7 +143,8 @@ class WorkloadRegistry:
             return [self.reissue(node_id, spiffe_id, reason=reason) for node_id, spiffe_id in keys]
         signed = await signer.issue_many([spiffe_id for _, spiffe_id in keys], now=now)
         out = []
-        for (node_id, spiffe_id), (key_pem, svid) in zip(keys, signed, strict=True):
+        for (node_id, spiffe_id), (key_pem, svid, seconds) in zip(keys, signed, strict=True):
+            self._count(seconds)  # signed, whether or not it is installed
             current = self._certs.get((node_id, spiffe_id))
             if current is None:
                 continue
@@ -139,11 +153,18 @@ class WorkloadRegistry:
         return out
 
     def _issue(self, node_id: str, spiffe_id: SpiffeId, now: dt.datetime, *, generation: int) -> WorkloadCert:
+        started = time.perf_counter()
         key = generate_private_key(self._key_algorithm)
         svid = self._authority.issue_svid(spiffe_id, key.public_key(), now=now)
+        self._count(time.perf_counter() - started)
         cert = self._install(node_id, spiffe_id, private_key_to_pem(key), svid, now, generation=generation)
         cert.__dict__["key"] = key  # seed the cached property: no need to parse the PEM just made
         return cert
+
+    def _count(self, seconds: float) -> None:
+        if self._telemetry is not None:
+            self._telemetry.issued.labels(kind="workload", trust_domain=self._authority.trust_domain.name).inc()
+            self._telemetry.signing_seconds.observe(seconds)
 
     def _install(self, node_id: str, spiffe_id: SpiffeId, key_pem: bytes, svid: IssuedSvid, now: dt.datetime, *,
                  generation: int) -> WorkloadCert:
@@ -151,6 +172,7 @@ class WorkloadRegistry:
                                 jitter_fraction=self._rotation.jitter_fraction, draw=self._rng.random())
         cert = WorkloadCert(node_id, spiffe_id, key_pem, svid, max(renew_at, now), generation)
         self._certs[(node_id, spiffe_id)] = cert
+        self._forced.discard(cert.workload_key)
         self._schedule(cert.workload_key, cert.renew_at)
         for listener in list(self._listeners):
             try:
@@ -186,8 +208,21 @@ class WorkloadRegistry:
         """Drop a workload nobody streams any more (its heap entry goes stale and is skipped)."""
         self._certs.pop((node_id, spiffe_id), None)
         self._tokens.pop((node_id, spiffe_id), None)
+        self._forced.discard((node_id, spiffe_id))
 
-    def reschedule(self, cert: WorkloadCert, at: dt.datetime) -> None:
-        """Move a certificate's renewal (forced rotations spread over a window use this)."""
+    def reschedule(self, cert: WorkloadCert, at: dt.datetime, *, forced: bool | None = None) -> None:
+        """Move a certificate's renewal (forced rotations spread over a window use this).
+
+        ``forced`` marks (True) or unmarks (False) the renewal as an operator's; None keeps the mark
+        (a failed renewal retried later is still what it was).
+        """
         self._certs[cert.workload_key] = dataclasses.replace(cert, renew_at=at)
         self._schedule(cert.workload_key, at)
+        if forced is True:
+            self._forced.add(cert.workload_key)
+        elif forced is False:
+            self._forced.discard(cert.workload_key)
+
+    def is_forced(self, cert: WorkloadCert) -> bool:
+        """Whether ``cert``'s pending renewal was forced by an operator (see :meth:`reschedule`)."""
+        return cert.workload_key in self._forced

@@ -80,10 +80,21 @@ class StateMetrics:
 
     def attach(self) -> None:
         """Subscribe to the services and fill every gauge once."""
-        self._unsubscribe.append(self._authority.subscribe(lambda _old, new: self.refresh_authority(new)))
+        self._unsubscribe.append(self._authority.subscribe(self._on_commit))
         if self._trust is not None:
             self._unsubscribe.append(self._trust.subscribe(lambda _changed: self.refresh_trust()))
         self.refresh()
+
+    def _on_commit(self, old: AuthorityState, new: AuthorityState) -> None:
+        self.count_minted(old, new)
+        self.refresh_authority(new)
+
+    def count_minted(self, old: AuthorityState, new: AuthorityState) -> None:
+        """``ca_certificates_issued_total`` for every CA certificate a commit added (a rotation minted it)."""
+        before = {e.key_id for e in old.entries}
+        for entry in new.entries:
+            if entry.key_id not in before:
+                self.telemetry.issued.labels(kind=entry.kind.value, trust_domain=new.trust_domain.name).inc()
 
     def detach(self) -> None:
         while self._unsubscribe:

@@ -55,8 +55,8 @@ def make_env(settings: Settings, clock: FakeClock, acks: FakeAckTracker | None =
     authority.load_or_bootstrap()
     rng = random.Random()
     rng.random = lambda: draw  # type: ignore[method-assign]
-    registry = WorkloadRegistry(authority, settings.rotation, clock, rng=rng)
     telemetry = Telemetry()
+    registry = WorkloadRegistry(authority, settings.rotation, clock, rng=rng, telemetry=telemetry)
     reconciler = Reconciler(authority, registry, RotationPolicy.from_settings(settings), telemetry, acks=acks,
                             clock=clock)
     return Env(settings, clock, acks, authority, registry, reconciler, telemetry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 from rotation_kit import Env, make_env, metric
@@ -12,6 +13,8 @@ from ca_service.pki.identity import SpiffeId
 from ca_service.pki.templates import CAKind
 from ca_service.rotation.planner import activation_time, prune_time
 from ca_service.rotation.state import SlotState
+from ca_service.services.ports import RotationRequest, RotationScope
+from ca_service.services.rotator import RotationService
 
 WORKLOAD = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/web")
 DAY = dt.timedelta(days=1)
@@ -136,3 +139,17 @@ async def test_a_long_downtime_converges_in_one_pass(env: Env) -> None:
     active = state.active(CAKind.INTERMEDIATE)
     assert active.not_before <= env.clock.now() < active.not_after
     assert (await env.reconciler.reconcile()).steps == []  # idempotent
+
+
+async def test_every_ca_starts_ca_backdate_early_so_leaves_keep_their_full_backdate(settings: Settings,
+                                                                                  clock: FakeClock) -> None:
+    backdate = dt.timedelta(hours=2)  # relying parties up to two hours behind (the default is 5 min)
+    env = make_env(dataclasses.replace(settings, ca=dataclasses.replace(settings.ca, backdate=backdate)), clock)
+    assert {e.not_before for e in env.authority.state.entries} == {clock.now() - backdate}
+    clock.advance(DAY)
+    await RotationService(env.reconciler).rotate(RotationRequest(RotationScope.INTERMEDIATE, reason="drill"))
+    fresh = env.authority.state.active(CAKind.INTERMEDIATE)
+    assert fresh.not_before == clock.now() - backdate
+    leaf = env.registry.get_or_issue("node-1", WORKLOAD).svid
+    assert leaf.issuer_key_id == fresh.key_id
+    assert leaf.not_before == clock.now() - backdate  # not clamped to the new intermediate's start

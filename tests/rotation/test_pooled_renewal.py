@@ -27,12 +27,11 @@ from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import load_private_key, public_key_der
 from ca_service.pki.templates import CAKind
 from ca_service.pki.verify import verify_svid
-from ca_service.services.authority import IssuedSvid
 from ca_service.services.ports import RotationRequest, RotationScope
 from ca_service.services.reconciler import POOL_MIN_BATCH
 from ca_service.services.rotator import RotationService
 from ca_service.services.signing_pool import SigningPool, SigningPoolComponent, SigningPoolError
-from ca_service.services.workloads import WorkloadCert
+from ca_service.services.workloads import SignedSvid, WorkloadCert
 from tests.rpc.sds_fixtures import node, read, request, secrets_of
 
 
@@ -44,7 +43,7 @@ class RecordingSigner:
         self.batches: list[int] = []
         self._before = before
 
-    async def issue_many(self, spiffe_ids: Sequence[SpiffeId], *, now: dt.datetime) -> list[tuple[bytes, IssuedSvid]]:
+    async def issue_many(self, spiffe_ids: Sequence[SpiffeId], *, now: dt.datetime) -> list[SignedSvid]:
         self.batches.append(len(spiffe_ids))
         if self._before is not None:
             self._before()
@@ -85,6 +84,11 @@ async def test_a_renewal_storm_is_signed_on_the_pool_and_every_new_svid_verifies
     assert report.renewed == len(certs)
     assert_renewed(env, certs)
     assert metric(env.telemetry, "ca_rotations_total", kind="workload", reason="scheduled") == len(certs)
+    # Issued first in process, then on the pool: both are counted and timed.
+    assert metric(env.telemetry, "ca_certificates_issued_total", kind="workload",
+                  trust_domain="cluster.local") == 2 * len(certs)
+    assert metric(env.telemetry, "ca_signing_duration_seconds_count") == 2 * len(certs)
+    assert metric(env.telemetry, "ca_signing_duration_seconds_sum") > 0
 
 
 async def test_a_few_due_renewals_are_signed_in_process(env: Env, pool: SigningPool) -> None:

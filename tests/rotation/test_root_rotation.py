@@ -108,6 +108,10 @@ async def test_signing_switches_to_b_and_reissues_every_live_svid_within_the_win
     gated.clock.set(window_end)
     await gated.reconciler.reconcile()
     assert all(c.svid.issuer_key_id == signer for c in gated.registry)
+    # A scheduled root rotation's re-issues are scheduled renewals (a forced one's are forced: see
+    # test_forced_workloads.py).
+    assert metric(gated.telemetry, "ca_rotations_total", kind="workload", reason="scheduled") == len(WORKLOADS)
+    assert metric(gated.telemetry, "ca_rotations_total", kind="workload", reason="forced") == 0
     assert phase(gated) is RootRotationPhase.RETIRING
     assert len(gated.authority.state.roots) == 2  # A stays until nothing valid chains to it
 

@@ -121,6 +121,10 @@ def workload_expiry(samples: Samples, sa: str) -> float:
     return series(samples, "ca_workload_certificate_expiry_timestamp_seconds")[labels]
 
 
+def issued(samples: Samples, kind: str) -> float:
+    return samples.get(("ca_certificates_issued_total", (("kind", kind), ("trust_domain", TD))), 0.0)
+
+
 def forced(samples: Samples, kind: str) -> float:
     return samples.get(("ca_rotations_total", (("kind", kind), ("reason", "forced"))), 0.0)
 
@@ -264,6 +268,7 @@ async def test_forced_intermediate_rotation_activates_a_new_intermediate_that_si
     assert {labels[1][1] for labels in expected if labels[0][1] == "intermediate"} == {old_int.serial,
                                                                                        new_int.serial}
     assert forced(after, "intermediate") == 1
+    assert issued(after, "intermediate") == 1  # minted by the rotation (bootstrap is not a rotation)
     # The live SVID is not re-issued by an intermediate rotation: it stays valid under the old one.
     assert workload_expiry(after, "a") == old_leaf.not_valid_after_utc.timestamp()
     assert forced(after, "workload") == 0
@@ -280,4 +285,5 @@ async def test_forced_intermediate_rotation_activates_a_new_intermediate_that_si
     final = await daemon.scrape()
     assert workload_expiry(final, "a") == leaf.not_valid_after_utc.timestamp()
     assert final[("ca_sds_live_svids", ())] == len(daemon.app.registry) == 1
+    assert issued(final, "workload") == 2 == final[("ca_signing_duration_seconds_count", ())]
     a.call.cancel()
