@@ -1,13 +1,13 @@
-"""The real daemon as an SDS fan-out target — a DRAFT for after the SDS server (issue 3) is merged.
+"""The real daemon as the SDS fan-out target.
 
-Not exercised on the ``bench`` branch (there is no SDS server here); ``sds_fanout.start_daemon_target``
-uses it only when ``ca_service.rpc.sds_server`` exists.  It runs ``python -m ca_service serve`` on port-0
-listeners with JSON logs, reads the bound SDS address and side-port URL from the log, and triggers
-pushes through the admin API with the generated admin token:
+It runs ``python -m ca_service serve`` on port-0 listeners with JSON logs, reads the bound SDS address and
+side-port URL from the log, and triggers pushes through the admin API with the generated admin token:
 
 * ``change_bundle``: ``POST /admin/v1/rotate {"scope": "root"}`` (the first phase publishes A+B);
 * ``reissue_all``: ``POST /admin/v1/rotate {"scope": "all-workloads"}`` with ``reissue_window`` 0 so the
-  whole fleet is re-issued at once (the default 30 s window would spread it on purpose).
+  whole fleet is re-issued at once (the default 30 s window would spread it on purpose).  The daemon's
+  default signing pool signs it; :meth:`DaemonTarget.pool_signed` counts what the pool signed, from the
+  daemon's "workload certificates re-issued" log lines.
 """
 
 from __future__ import annotations
@@ -28,21 +28,24 @@ from bench.startup import _env
 
 SDS_LINE = "SDS listening"
 SIDE_PORT_LINE = "HTTP side-port listening"
+POOL_BATCH_LINE = "workload certificates re-issued"
 
 
 class DaemonTarget:
-    def __init__(self, timeout: float = 30.0) -> None:
+    def __init__(self, timeout: float = 30.0, *, signing_workers: int | None = None) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="ca-bench-sds-")
         data_dir = Path(self._tmp.name) / "data"
         env = {**_env(), "CA_SERVICE_ROTATION__REISSUE_WINDOW": "0s"}
+        if signing_workers is not None:
+            env["CA_SERVICE_CA__SIGNING_WORKERS"] = str(signing_workers)
         argv = [sys.executable, "-m", "ca_service", "--data-dir", str(data_dir), "serve", "--grpc-address",
                 "127.0.0.1:0", "--http-address", "127.0.0.1:0", "--bundle-address", "127.0.0.1:0"]
         self._proc = subprocess.Popen(argv, env=env, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                       text=True)
         self.pid = self._proc.pid
         lines: queue.Queue[dict[str, object]] = queue.Queue()
+        self.address, self._url, self._pool_signed = "", "", 0
         threading.Thread(target=self._read, args=(lines,), daemon=True).start()
-        self.address, self._url = "", ""
         deadline = time.monotonic() + timeout
         while not (self.address and self._url):
             doc = lines.get(timeout=max(0.01, deadline - time.monotonic()))
@@ -56,9 +59,18 @@ class DaemonTarget:
         assert self._proc.stderr is not None
         for raw in self._proc.stderr:  # keep draining, or the daemon blocks on a full pipe
             try:
-                lines.put(json.loads(raw))
+                doc = json.loads(raw)
             except ValueError:
                 continue
+            if doc.get("msg") == POOL_BATCH_LINE:
+                self._pool_signed += int(doc.get("count", 0))
+            elif not (self.address and self._url):
+                lines.put(doc)
+
+    def pool_signed(self) -> int:
+        """SVIDs the daemon's signing pool has signed so far (batches it logged)."""
+        time.sleep(0.2)  # the log line follows the batch; let the reader catch up
+        return self._pool_signed
 
     def _rotate(self, scope: str) -> None:
         body = json.dumps({"scope": scope, "reason": "bench: SDS fan-out"}).encode()

@@ -17,8 +17,10 @@ EXPECTED_METRICS = {
     "renewal": {"svids", "registry_bytes_per_svid", "total_bytes_per_svid", "idle_tick_pct_of_core",
                 "due_count", "due_tick_cpu_s"},
     "startup": {"start_to_ready_s", "python_bare_s"},
+    # The real daemon at 20 streams, and the stub beside it as the same-run floor.
     "sds_fanout": {"target_is_stub", "server_bytes_per_stream@20", "bundle_push_last_ack_s@20",
-                   "reissue_last_ack_s@20", "server_cpu_us_per_bundle_push@20"},
+                   "reissue_last_ack_s@20", "server_cpu_us_per_bundle_push@20", "reissue_pool_signed@20",
+                   "stub_server_bytes_per_stream@20"},
 }
 
 
