@@ -2,4 +2,7 @@
 
 from ca_service.cli import main
 
-raise SystemExit(main())
+# Guarded although multiprocessing's spawn skips a package's __main__ when it starts a signing-pool
+# worker: importing this module must never start a second daemon.
+if __name__ == "__main__":
+    raise SystemExit(main())
