@@ -11,6 +11,7 @@ exactly the streams that asked for what changed).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
@@ -22,9 +23,7 @@ from google.protobuf import any_pb2  # type: ignore[import-untyped]  # no types-
 
 from ca_service.errors import InvalidRequestError, NotFoundError, PolicyViolationError
 from ca_service.pki.bundle import TrustBundle
-from ca_service.pki.certs import certs_to_pem
 from ca_service.pki.identity import SCHEME, SpiffeId, TrustDomain
-from ca_service.pki.keys import private_key_to_pem
 from ca_service.rpc.authn import Caller
 from ca_service.services.trust import TrustStore
 from ca_service.services.workloads import WorkloadCert, WorkloadRegistry
@@ -38,6 +37,7 @@ ALL_NAME = "ALL"
 # Change keys: a workload SVID of one node, one trust domain's bundle, or the set of trust domains.
 ChangeKey = Hashable
 TRUST_SET: ChangeKey = ("trust-set",)
+_BundleItems = tuple[tuple[TrustDomain, TrustBundle], ...]
 
 
 def svid_key(node_id: str, spiffe_id: SpiffeId) -> ChangeKey:
@@ -60,6 +60,14 @@ class Resolved:
     own_bundle_sequence: int = 0
 
     def packed(self) -> any_pb2.Any:
+        """The secret as an ``Any``, packed once (a bundle's ``Resolved`` is shared by every stream).
+
+        Callers put it into a response, which copies it; it is never changed in place.
+        """
+        return self._packed
+
+    @functools.cached_property
+    def _packed(self) -> any_pb2.Any:
         message = any_pb2.Any()
         message.Pack(self.secret)
         return message
@@ -71,6 +79,10 @@ class SecretCatalog:
     def __init__(self, registry: WorkloadRegistry, trust: TrustStore) -> None:
         self._registry = registry
         self._trust = trust
+        # name -> (the bundles it was built from, the secret): a bundle change pushes the same validation
+        # context to every stream, so it is built once per change, not once per stream.  The trust store
+        # hands out the same bundle objects until something changes, so the comparison is mostly identity.
+        self._validations: dict[str, tuple[_BundleItems, Resolved]] = {}
 
     def keys_for(self, name: str) -> frozenset[ChangeKey]:
         """The change keys a name depends on even before it resolves (a peer not yet known waits on TRUST_SET)."""
@@ -116,17 +128,27 @@ class SecretCatalog:
                         frozenset({svid_key(caller.node_id, spiffe_id)}))
 
     def _validation(self, name: str, bundles: Mapping[TrustDomain, TrustBundle]) -> Resolved:
+        items = tuple(bundles.items())
+        cached = self._validations.get(name)
+        if cached is not None and cached[0] == items:
+            return cached[1]
         keys = {bundle_key(td) for td in bundles} | {TRUST_SET}
         own = bundles.get(self._trust.own)
-        return Resolved(name, _bundles_version(bundles), validation_secret(name, bundles), frozenset(keys),
-                        own.sequence if own is not None else 0)
+        resolved = Resolved(name, _bundles_version(bundles), validation_secret(name, bundles), frozenset(keys),
+                            own.sequence if own is not None else 0)
+        self._validations[name] = (items, resolved)
+        return resolved
 
 
 def tls_certificate_secret(name: str, cert: WorkloadCert) -> secret_pb2.Secret:
-    """``tls_certificate``: chain = leaf + intermediates (never the root), key as PKCS#8 PEM."""
+    """``tls_certificate``: chain = leaf + intermediates (never the root), key as PKCS#8 PEM.
+
+    Both as held: the registry keeps the key as the PKCS#8 PEM it was made as (parsing and re-encoding it
+    per push cost a fifth of a re-issue push), and the chain's tail PEM is shared by the signer's SVIDs.
+    """
     tls = common_pb2.TlsCertificate(
-        certificate_chain=base_pb2.DataSource(inline_bytes=certs_to_pem(cert.svid.chain)),
-        private_key=base_pb2.DataSource(inline_bytes=private_key_to_pem(cert.key)),
+        certificate_chain=base_pb2.DataSource(inline_bytes=cert.svid.chain_pem()),
+        private_key=base_pb2.DataSource(inline_bytes=cert.key_pem),
     )
     return secret_pb2.Secret(name=name, tls_certificate=tls)
 

@@ -11,6 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from envoy.service.discovery.v3 import discovery_pb2
 
@@ -19,6 +20,9 @@ from ca_service.rpc.authn import Caller
 from ca_service.rpc.sds_hub import StreamWatch, WatchHub
 from ca_service.rpc.sds_resources import SECRET_TYPE_URL, TRUST_SET, ChangeKey, Resolved, SecretCatalog
 from ca_service.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,8 @@ class _Session:
         self.name_keys: dict[str, frozenset[ChangeKey]] = {}
         self.last_nonce = ""
         self._pushed_at = 0.0
+        # The labelled child, looked up at the stream's first push rather than at every push.
+        self._pushes: Counter | None = None
 
     def _subscribe(self, names: Iterable[str]) -> None:
         for name in names:
@@ -72,7 +78,9 @@ class _Session:
         if own:
             self.watch.receives_own_bundle = True
             self.watch.pending[self.last_nonce] = own
-        self.telemetry.sds_pushes.labels(self.api).inc()
+        if self._pushes is None:
+            self._pushes = self.telemetry.sds_pushes.labels(self.api)
+        self._pushes.inc()
         return self.last_nonce
 
     def _ack_or_nack(self, nonce: str, error: str | None) -> None:

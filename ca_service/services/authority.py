@@ -104,6 +104,8 @@ class Authority:
         # by our template, the chain is what can go wrong (a rotation that published nothing).
         self._verified_signers: set[tuple[str, int]] = set()
         self._context: SigningContext | None = None
+        # The bundle of one state, built once: SDS resolves it for every stream a bundle change pushes to.
+        self._bundle: tuple[AuthorityState, TrustBundle] | None = None
 
     # ---------------------------------------------------------- state
 
@@ -186,7 +188,12 @@ class Authority:
     # ---------------------------------------------------------- signing
 
     def bundle(self) -> TrustBundle:
-        return self.state.bundle()
+        """The current state's trust bundle; the same object until the state changes."""
+        state = self.state
+        cached = self._bundle
+        if cached is None or cached[0] is not state:
+            cached = self._bundle = (state, state.bundle())
+        return cached[1]
 
     def signer(self, kind: CAKind = CAKind.INTERMEDIATE) -> CAEntry:
         return self.state.active(kind)

@@ -19,7 +19,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from ca_service.clock import Clock
 from ca_service.config import RotationSettings
@@ -28,6 +28,9 @@ from ca_service.pki.keys import KeyAlgorithm, PrivateKey, generate_private_key, 
 from ca_service.rotation.renewal import renewal_time
 from ca_service.services.authority import Authority, IssuedSvid
 from ca_service.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,7 @@ class WorkloadRegistry:
                  telemetry: Telemetry | None = None) -> None:
         self._authority = authority
         self._telemetry = telemetry
+        self._issued: Counter | None = None  # the labelled child of telemetry.issued, once looked up
         self._rotation = rotation
         self._clock = clock
         self._key_algorithm = key_algorithm
@@ -163,7 +167,10 @@ class WorkloadRegistry:
 
     def _count(self, seconds: float) -> None:
         if self._telemetry is not None:
-            self._telemetry.issued.labels(kind="workload", trust_domain=self._authority.trust_domain.name).inc()
+            if self._issued is None:  # looked up on first use (not at start: no zero series before any issue)
+                self._issued = self._telemetry.issued.labels(kind="workload",
+                                                             trust_domain=self._authority.trust_domain.name)
+            self._issued.inc()
             self._telemetry.signing_seconds.observe(seconds)
 
     def _install(self, node_id: str, spiffe_id: SpiffeId, key_pem: bytes, svid: IssuedSvid, now: dt.datetime, *,
