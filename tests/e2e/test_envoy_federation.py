@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from tests.envoy_harness import (
     free_port,
     http_get,
 )
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.envoy
 
@@ -109,13 +111,8 @@ def sds_of(app: App) -> SdsServer:
     return SdsServer.tcp(int(app.sds.bound_addresses[0].rsplit(":", 1)[1]))
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        await asyncio.sleep(0.05)
+# Real processes: a longer bound than the suite's default.
+wait_until = functools.partial(wait_for, timeout=20.0)
 
 
 async def wait_until_async(probe: Callable[[], Awaitable[Any]], check: Callable[[Any], bool], what: str,

@@ -19,10 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import itertools
 import os
 import signal
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +38,7 @@ from ca_service.pki.templates import CAKind
 from ca_service.rotation.planner import GateStatus
 from ca_service.rotation.state import RootRotationPhase
 from ca_service.services.ports import RotationRequest, RotationScope
+from tests import waiting
 from tests.envoy_harness import (
     PEER_SERIAL_HEADER,
     ClientListener,
@@ -180,13 +181,8 @@ async def recorder(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
         await app.stop()
 
 
-async def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    """Bounded wait (real processes): fails the test instead of hanging."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(REQUEST_INTERVAL)
+# Bounded waits on real processes, polling at the request interval.
+wait_for = functools.partial(waiting.wait_for, timeout=30.0, interval=REQUEST_INTERVAL)
 
 
 def served_peer_serial(result: HttpResult) -> int:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator, Callable
+import functools
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ from tests.envoy_harness import (
     ServerListener,
     http_get,
 )
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.envoy
 
@@ -186,8 +188,5 @@ async def test_a_forced_reissue_is_pushed_and_every_request_across_the_switch_su
         assert served_serials(await envoy_a.certs()) == {new["a"]}
 
 
-async def _wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    """Bounded wait on the polling task (real processes): fails the test instead of hanging."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(REQUEST_INTERVAL)
+# Bounded wait on the polling task (real processes): fails the test instead of hanging.
+_wait_for = functools.partial(wait_for, timeout=20.0, interval=REQUEST_INTERVAL)

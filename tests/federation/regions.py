@@ -3,10 +3,9 @@ peer pollers and bundle files, each on 127.0.0.1:0 and its own data directory.""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,15 +109,6 @@ async def start_region(name: str, base: Path, clock: FakeClock, *, reuse: Path |
     await endpoint.start()
     await files.start()
     return Region(name, data_dir, clock, authority, trust, Telemetry(), endpoint, files)
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not met within {timeout:.1f}s")
-        await asyncio.sleep(0.02)
 
 
 class RogueEndpoint:

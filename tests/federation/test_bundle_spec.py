@@ -21,7 +21,8 @@ from ca_service.federation import policy
 from ca_service.federation.peers import backoff_delay
 from ca_service.pki.certs import cert_to_pem, certs_to_pem, fingerprint
 from tests.conftest import START
-from tests.federation.regions import Region, start_region, wait_for
+from tests.federation.regions import Region, start_region
+from tests.waiting import wait_for
 
 
 def check_spiffe_bundle(doc: Any) -> list[x509.Certificate]:

@@ -12,7 +12,8 @@ from ca_service.clock import FakeClock
 from ca_service.federation.policy import UNREACHABLE
 from ca_service.pki.certs import cert_to_pem, fingerprint
 from tests.conftest import START
-from tests.federation.regions import Region, start_region, wait_for
+from tests.federation.regions import Region, start_region
+from tests.waiting import wait_for
 
 
 @pytest.fixture

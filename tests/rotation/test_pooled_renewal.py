@@ -34,6 +34,7 @@ from ca_service.services.rotator import RotationService
 from ca_service.services.signing_pool import SigningPool, SigningPoolComponent, SigningPoolError
 from ca_service.services.workloads import SignedSvid, WorkloadCert
 from tests.rpc.sds_fixtures import node, read, request, secrets_of
+from tests.waiting import wait_for
 
 
 class RecordingSigner:
@@ -175,22 +176,16 @@ async def test_two_passes_at_once_renew_each_certificate_once(env: Env, pool: Si
     assert_renewed(env, certs)
 
 
-async def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-
-
 async def test_the_component_warms_workers_rewarms_them_after_a_rotation_and_closes_on_stop(
         env: Env, pool: SigningPool) -> None:
     component = SigningPoolComponent(pool, env.authority)
     await component.start()
     try:
-        await wait_for(lambda: pool.signer_key_id == env.authority.state.active(CAKind.INTERMEDIATE).key_id)
+        await wait_for(lambda: pool.signer_key_id == env.authority.state.active(CAKind.INTERMEDIATE).key_id,
+                       "workers holding the active intermediate", timeout=30)
         await RotationService(env.reconciler).rotate(RotationRequest(RotationScope.INTERMEDIATE, reason="test"))
         new = env.authority.state.active(CAKind.INTERMEDIATE).key_id
-        await wait_for(lambda: pool.signer_key_id == new)
+        await wait_for(lambda: pool.signer_key_id == new, "workers holding the new intermediate", timeout=30)
     finally:
         await component.stop()
     with pytest.raises(SigningPoolError):
@@ -215,7 +210,7 @@ async def test_the_daemon_reissues_all_workloads_on_its_pool_and_pushes_the_new_
     await app.start()
     try:
         assert app.sds is not None and app.rotator is not None
-        await wait_for(lambda: component.pool.signer_key_id is not None)
+        await wait_for(lambda: component.pool.signer_key_id is not None, "a warm pool", timeout=30)
         for i in range(POOL_MIN_BATCH):
             app.registry.get_or_issue(f"other-{i}", SpiffeId.parse(f"spiffe://cluster.local/ns/default/sa/o{i}"))
         async with grpc.aio.insecure_channel(app.sds.bound_addresses[0]) as channel:
