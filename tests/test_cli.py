@@ -25,6 +25,7 @@ from ca_service.pki.bundle import parse_jwks
 from ca_service.pki.cacerts import CACERTS_FILES, check_cacerts
 from ca_service.pki.certs import load_certs
 from ca_service.pki.identity import TrustDomain
+from ca_service.pki.keys import load_private_key, private_key_to_pem
 
 REPO = Path(__file__).resolve().parents[1]
 ID = "spiffe://cluster.local/ns/default/sa/web"
@@ -171,7 +172,7 @@ def test_export_cacerts_writes_a_set_istiod_accepts(ca: Path, tmp_path: Path) ->
     run(ca, "export-cacerts", "--dir", str(out))
     files = {name: (out / name).read_bytes() for name in CACERTS_FILES}
     check_cacerts(files, now=dt.datetime.now(dt.UTC))
-    assert files["ca-key.pem"].lstrip().startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert private_key_to_pem(load_private_key(files["ca-key.pem"])) == files["ca-key.pem"]  # unencrypted PKCS#8
     ca_cert = x509.load_pem_x509_certificate(files["ca-cert.pem"])
     (root,) = load_certs(files["root-cert.pem"])
     p.assert_is_ca(ca_cert, root, path_length=0)

@@ -71,14 +71,14 @@ def signature_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
 
 
 def private_key_to_pem(key: PrivateKey) -> bytes:
-    """PKCS#8 PEM (``-----BEGIN PRIVATE KEY-----``), the form Envoy and istiod both read."""
+    """Unencrypted PKCS#8 PEM, the form Envoy and istiod both read."""
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
 
 
 def load_private_key(pem: bytes) -> PrivateKey:
-    """Load an unencrypted PEM private key (PKCS#8, SEC1 ``EC PRIVATE KEY`` or PKCS#1 ``RSA PRIVATE KEY``).
+    """Load an unencrypted PEM private key (PKCS#8, SEC1 for EC or PKCS#1 for RSA).
 
     Raises:
         InvalidRequestError: if the data is not a PEM private key, is encrypted, or is not EC/RSA.

@@ -22,7 +22,7 @@ from ca_service.pki.cacerts import (
     check_cacerts,
 )
 from ca_service.pki.certs import certs_to_pem, load_certs
-from ca_service.pki.keys import KeyAlgorithm, private_key_to_pem
+from ca_service.pki.keys import KeyAlgorithm, load_private_key, private_key_to_pem
 
 from .conftest import NOW, TD, Hierarchy, build_hierarchy, cached_hierarchy
 
@@ -124,7 +124,7 @@ def test_built_cacerts_pass_istiods_checks(ec_hierarchy: Hierarchy) -> None:
     files = _files(ec_hierarchy)
     assert sorted(files) == sorted(CACERTS_FILES)
     check_cacerts(files, now=NOW)
-    assert files[CA_KEY].startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert private_key_to_pem(load_private_key(files[CA_KEY])) == files[CA_KEY]  # unencrypted PKCS#8
     assert load_certs(files[CERT_CHAIN]) == [ec_hierarchy.istiod, ec_hierarchy.root]
 
 

@@ -8,6 +8,7 @@ from ca_service.clock import FakeClock
 from ca_service.config import RotationSettings, Settings
 from ca_service.pki.certs import certs_to_pem, fingerprint
 from ca_service.pki.identity import SpiffeId
+from ca_service.pki.keys import load_private_key, private_key_to_pem
 from ca_service.rotation.planner import RotationPolicy
 from ca_service.rotation.transitions import force_root
 from ca_service.rpc.authn import Caller
@@ -77,5 +78,5 @@ def test_the_svid_secret_carries_the_key_as_held_and_the_chain_leaf_first(author
     assert resolved is not None and cert is not None
     tls = resolved.secret.tls_certificate
     assert tls.private_key.inline_bytes == cert.key_pem
-    assert tls.private_key.inline_bytes.startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert private_key_to_pem(load_private_key(cert.key_pem)) == cert.key_pem  # unencrypted PKCS#8
     assert tls.certificate_chain.inline_bytes == certs_to_pem(cert.svid.chain)

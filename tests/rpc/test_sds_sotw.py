@@ -14,6 +14,7 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 from ca_service.clock import FakeClock
 from ca_service.pki.certs import spiffe_id_of
 from ca_service.pki.identity import SpiffeId
+from ca_service.pki.keys import load_private_key, private_key_to_pem
 from tests.rpc.sds_fixtures import SdsStack, node, peer_bundle, read, request, secrets_of
 
 A_ID = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/a")
@@ -31,7 +32,8 @@ async def test_default_is_the_callers_svid_with_chain_and_pkcs8_key(stub: sds_pb
     secret = secrets_of(response)["default"]
     chain = x509.load_pem_x509_certificates(secret.tls_certificate.certificate_chain.inline_bytes)
     assert len(chain) == 2 and spiffe_id_of(chain[0]) == A_ID
-    assert secret.tls_certificate.private_key.inline_bytes.startswith(b"-----BEGIN PRIVATE KEY-----")
+    key_pem = secret.tls_certificate.private_key.inline_bytes
+    assert private_key_to_pem(load_private_key(key_pem)) == key_pem  # unencrypted PKCS#8
     call.cancel()
 
 
