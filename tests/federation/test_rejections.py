@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from ca_service.clock import FakeClock
@@ -20,6 +21,7 @@ from ca_service.federation.sources import EndpointSource
 from ca_service.pki.bundle import TrustBundle
 from ca_service.pki.certs import cert_to_pem
 from ca_service.pki.identity import SpiffeId, TrustDomain
+from ca_service.pki.keys import PrivateKey
 from ca_service.services.authority import Authority
 from ca_service.storage.directory import DirectoryStore
 from tests.conftest import START
@@ -82,6 +84,19 @@ async def assert_rejected(s: Setup, reason: str) -> None:
     assert saved is not None and saved.bundle.fingerprints() == s.good.fingerprints()
 
 
+async def assert_rejected_from(s: Setup, chain: tuple[x509.Certificate, ...], key: PrivateKey, served: Authority,
+                               reason: str) -> None:
+    """One refresh from another (hostile) endpoint presenting ``chain``/``key`` and serving ``served``'s
+    bundle with a higher sequence, so only the endpoint's identity can make the poller refuse it."""
+    endpoint = RogueEndpoint(chain, key, replace_sequence(served.bundle().to_json(), 50))
+    await endpoint.start()
+    try:
+        s.poller.source.url = endpoint.url  # type: ignore[attr-defined]
+        await assert_rejected(s, reason)
+    finally:
+        await endpoint.stop()
+
+
 async def test_if_the_body_is_not_json_it_is_rejected_and_the_old_bundle_kept(setup: Setup):
     setup.rogue.body = b"{not json"
     await assert_rejected(setup, policy.UNPARSABLE)
@@ -119,24 +134,12 @@ async def test_if_the_endpoint_presents_an_svid_of_another_trust_domain_it_is_re
                       CASettings(), setup.us.clock)
     other.load_or_bootstrap()
     chain, key = svid_of(other, "/ca-service/bundle-endpoint")
-    evil = RogueEndpoint(chain, key, replace_sequence(other.bundle().to_json(), 50))
-    await evil.start()
-    try:
-        setup.poller.source.url = evil.url  # type: ignore[attr-defined]
-        await assert_rejected(setup, policy.WRONG_DOMAIN)
-    finally:
-        await evil.stop()
+    await assert_rejected_from(setup, chain, key, other, policy.WRONG_DOMAIN)
 
 
 async def test_if_the_endpoint_presents_another_spiffe_id_of_the_peer_it_is_rejected(setup: Setup):
     chain, key = svid_of(setup.eu.authority, "/ns/default/sa/impostor")
-    impostor = RogueEndpoint(chain, key, replace_sequence(setup.eu.authority.bundle().to_json(), 50))
-    await impostor.start()
-    try:
-        setup.poller.source.url = impostor.url  # type: ignore[attr-defined]
-        await assert_rejected(setup, policy.ENDPOINT_ID)
-    finally:
-        await impostor.stop()
+    await assert_rejected_from(setup, chain, key, setup.eu.authority, policy.ENDPOINT_ID)
 
 
 async def test_if_the_endpoint_svid_is_signed_by_an_unknown_ca_with_the_right_id_it_is_rejected(setup: Setup,
@@ -145,13 +148,7 @@ async def test_if_the_endpoint_svid_is_signed_by_an_unknown_ca_with_the_right_id
     forged = Authority(DirectoryStore(tmp_path / "forged" / "state"), setup.eu.td, CASettings(), setup.us.clock)
     forged.load_or_bootstrap()
     chain, key = svid_of(forged, "/ca-service/bundle-endpoint")
-    fake = RogueEndpoint(chain, key, replace_sequence(forged.bundle().to_json(), 50))
-    await fake.start()
-    try:
-        setup.poller.source.url = fake.url  # type: ignore[attr-defined]
-        await assert_rejected(setup, policy.TLS)
-    finally:
-        await fake.stop()
+    await assert_rejected_from(setup, chain, key, forged, policy.TLS)
 
 
 async def test_if_the_endpoint_answers_an_http_error_it_is_rejected(setup: Setup):
