@@ -30,3 +30,7 @@ def authority(settings: Settings, clock: FakeClock) -> Authority:
     auth = Authority(DirectoryStore(settings.data_dir / "state"), settings.domain, settings.ca, clock)
     auth.load_or_bootstrap()
     return auth
+
+
+# The real Kubernetes API server (tests/kube.py): `k8s` is shared by the session, `private_k8s` is a test's own.
+from tests.kube import k8s, private_k8s  # noqa: E402, F401
