@@ -112,10 +112,56 @@ class AdminSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    # Per-identity expiry series (the soonest-expiring identities only): each is two series, and at
+    # 100k identities a full set made every scrape O(n).  Aggregates cover the rest.
+    max_identity_series: int = 100
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """One HTTP listener's protection against idle and slow clients (file descriptors are finite)."""
+
+    # Far above what Prometheus, kubelet probes and operators open; far below the fd limit, so one
+    # flooded listener cannot take the descriptors another needs.
+    max_connections: int = 256
+    # A request's headers (and a TLS handshake) must arrive within this; an idle keep-alive
+    # connection is closed after it.  A 1-byte-per-second client is cut here.
+    header_timeout: dt.timedelta = dt.timedelta(seconds=10)
+
+
+@dataclass(frozen=True)
 class HttpSettings:
     address: str = "127.0.0.1:15014"
     admin: AdminSettings = field(default_factory=AdminSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+
+
+@dataclass(frozen=True)
+class SdsLimits:
+    """Bounds on what SDS clients may cost the daemon (issue 15: storms, floods, oversize requests)."""
+
+    # Per gRPC listener.  Each Envoy holds one connection; beyond this new connections are refused.
+    max_connections: int = 20000
+    # TLS/HTTP2 handshake and connection preface must complete within this.
+    handshake_timeout: dt.timedelta = dt.timedelta(seconds=10)
+    # A connection with no open stream (Envoy always keeps one) is closed after this.
+    idle_timeout: dt.timedelta = dt.timedelta(minutes=5)
+    # Largest request message; an Envoy DiscoveryRequest with Istio metadata is a few KiB.
+    max_request_bytes: int = 256 * 1024
+    max_node_id_bytes: int = 1024
+    max_node_metadata_bytes: int = 64 * 1024
+    max_resource_name_bytes: int = 1024
+    max_resource_names: int = 256
+    # A node with no open stream for this long is forgotten: SVIDs dropped, no more renewals.  Long
+    # enough for an Envoy restart or a reconnect to another replica and back.
+    node_grace: dt.timedelta = dt.timedelta(minutes=5)
+    # New streams admitted per second (token bucket) and the burst above it.  A storm beyond this is
+    # told RESOURCE_EXHAUSTED and retries with backoff instead of all failing at once.
+    admission_rate: float = 500.0
+    admission_burst: int = 1000
 
 
 class BundleProfile(enum.StrEnum):
@@ -132,6 +178,8 @@ class BundleEndpointSettings:
     cert_file: Path | None = None  # https_web only
     key_file: Path | None = None
     refresh_hint: dt.timedelta = dt.timedelta(minutes=5)
+    # Peers poll every few minutes: a small cap leaves the fds for SDS and the side-port.
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
 @dataclass(frozen=True)
@@ -202,6 +250,7 @@ class Settings:
     rotation: RotationSettings = field(default_factory=RotationSettings)
     grpc: tuple[GrpcListener, ...] = field(default_factory=_default_grpc)
     http: HttpSettings = field(default_factory=HttpSettings)
+    sds: SdsLimits = field(default_factory=SdsLimits)
     bundle_endpoint: BundleEndpointSettings = field(default_factory=BundleEndpointSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
     istiod: IstiodSettings = field(default_factory=IstiodSettings)

@@ -27,6 +27,7 @@ from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import KeyAlgorithm, PrivateKey, generate_private_key, load_private_key, private_key_to_pem
 from ca_service.rotation.renewal import renewal_time
 from ca_service.services.authority import Authority, IssuedSvid
+from ca_service.services.workload_expiry import ExpiryIndex, entry_for
 from ca_service.telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -90,6 +91,8 @@ class WorkloadRegistry:
         self._key_algorithm = key_algorithm
         self._rng = rng or random.SystemRandom()
         self._certs: dict[WorkloadKey, WorkloadCert] = {}
+        # Kept in step with _certs so /metrics reads aggregates without walking every SVID.
+        self.expiry = ExpiryIndex()
         # (renew_at, token, key): a heap entry is live only while its token is the key's current one,
         # so re-issuing or rescheduling just pushes a new entry and the old one is skipped when popped.
         self._heap: list[tuple[dt.datetime, int, WorkloadKey]] = []
@@ -178,7 +181,11 @@ class WorkloadRegistry:
         renew_at = renewal_time(svid.not_before, svid.not_after, fraction=self._rotation.renew_fraction,
                                 jitter_fraction=self._rotation.jitter_fraction, draw=self._rng.random())
         cert = WorkloadCert(node_id, spiffe_id, key_pem, svid, max(renew_at, now), generation)
+        previous = self._certs.get((node_id, spiffe_id))
+        if previous is not None:
+            self.expiry.remove(entry_for(previous))
         self._certs[(node_id, spiffe_id)] = cert
+        self.expiry.add(entry_for(cert))
         self._forced.discard(cert.workload_key)
         self._schedule(cert.workload_key, cert.renew_at)
         for listener in list(self._listeners):
@@ -213,7 +220,9 @@ class WorkloadRegistry:
 
     def forget(self, node_id: str, spiffe_id: SpiffeId) -> None:
         """Drop a workload nobody streams any more (its heap entry goes stale and is skipped)."""
-        self._certs.pop((node_id, spiffe_id), None)
+        gone = self._certs.pop((node_id, spiffe_id), None)
+        if gone is not None:
+            self.expiry.remove(entry_for(gone))
         self._tokens.pop((node_id, spiffe_id), None)
         self._forced.discard((node_id, spiffe_id))
 

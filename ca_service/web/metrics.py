@@ -8,8 +8,9 @@ recomputed from the services by :class:`StateMetrics`:
   rotation lands, also for anything that reads the registry without scraping;
 - and again at scrape time, because two facts have no event: a workload SVID dropped by
   ``WorkloadRegistry.forget`` and a peer bundle refresh that changed nothing.  The workload part is
-  recomputed *only* at scrape time: it is O(live SVIDs), and doing it per issued SVID would make a
-  start with N sidecars O(N²).
+  read at scrape time from the registry's :class:`~ca_service.services.workload_expiry.ExpiryIndex`,
+  which the registry keeps sorted as SVIDs come and go, so a scrape costs O(log n + namespaces +
+  ``max_identity_series``) at any fleet size and never walks the live SVIDs on the event loop.
 
 Each recompute clears the gauge and sets it again, so the series of a pruned CA certificate or a
 departed identity disappear instead of lingering with a stale value.  Nothing awaits between clear
@@ -18,6 +19,7 @@ and set, so a scrape never sees a half-filled gauge.
 
 from __future__ import annotations
 
+import datetime as dt
 import platform
 from collections.abc import Callable
 from importlib import metadata
@@ -27,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_late
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
+from ca_service.clock import Clock, SystemClock
 from ca_service.rotation.state import AuthorityState
 from ca_service.services.authority import Authority
 from ca_service.services.trust import TrustStore
@@ -41,17 +44,19 @@ def _version() -> str:
         return "unknown"
 
 
-def identity_labels(spiffe_id_path: str, kubernetes: tuple[str, str] | None) -> tuple[str, str]:
-    """(namespace, service_account); a non-Kubernetes ID keeps its path as service_account so it stays distinct."""
-    return kubernetes if kubernetes is not None else ("", spiffe_id_path)
+# The windows of ca_workload_svids_expiring: 6 h is the critical alert's horizon (a renewal at half a 24 h
+# lifetime has failed for 6 h by then), 1 h the "act now" one.
+EXPIRY_WINDOWS = ((dt.timedelta(hours=1), "1h"), (dt.timedelta(hours=6), "6h"))
 
 
 class StateMetrics:
     """Fills the state-derived gauges of :class:`Telemetry` and owns the side-port's own metrics."""
 
     def __init__(self, telemetry: Telemetry, authority: Authority, *, registry: WorkloadRegistry | None = None,
-                 trust: TrustStore | None = None) -> None:
+                 trust: TrustStore | None = None, clock: Clock | None = None, max_identity_series: int = 100) -> None:
         self.telemetry = telemetry
+        self._clock = clock or SystemClock()
+        self._max_identity_series = max_identity_series
         self._authority = authority
         self._registry = registry
         self._trust = trust
@@ -141,27 +146,24 @@ class StateMetrics:
             self.bundle_earliest_expiry.labels(td).set(earliest)
 
     def refresh_workloads(self) -> None:
+        """Workload gauges from the registry's expiry index: O(log n + namespaces + cap), never O(live SVIDs)."""
         if self._registry is None:
             return
-        earliest: dict[tuple[str, str, str], tuple[float, float]] = {}
-        count = 0
-        for cert in self._registry:
-            count += 1
-            sid = cert.spiffe_id
-            ns, sa = identity_labels(sid.path, sid.kubernetes)
-            key = (sid.trust_domain.name, ns, sa)
-            value = (cert.svid.not_after.timestamp(), cert.svid.not_before.timestamp())
-            # Earliest expiry per identity: the pod closest to losing its certificate is the one to alert on.
-            if key not in earliest or value[0] < earliest[key][0]:
-                earliest[key] = value
+        index = self._registry.expiry
+        now = self._clock.now()
         t = self.telemetry
+        for window, label in EXPIRY_WINDOWS:
+            t.workload_expiring.labels(label).set(index.expiring_before(now + window))
+        t.workload_namespace_expiry.clear()
+        for (td, ns), not_after in index.earliest_per_namespace().items():
+            t.workload_namespace_expiry.labels(td, ns).set(not_after)
         t.workload_expiry.clear()
         t.workload_issued.clear()
-        for key, (not_after, not_before) in earliest.items():
-            t.workload_expiry.labels(*key).set(not_after)
-            t.workload_issued.labels(*key).set(not_before)
-        t.sds_live_svids.set(count)
-        self.workload_identities.set(len(earliest))
+        for entry in index.soonest_identities(self._max_identity_series):
+            t.workload_expiry.labels(*entry.identity).set(entry.not_after)
+            t.workload_issued.labels(*entry.identity).set(entry.not_before)
+        t.sds_live_svids.set(len(index))
+        self.workload_identities.set(index.identities)
         nxt = self._registry.next_renewal()
         self.workload_next_renewal.set(nxt.timestamp() if nxt is not None else 0)
 

@@ -82,7 +82,8 @@ class HttpSideport:
         self._settings = settings
         self._authority = authority
         self.readiness = Readiness(authority, readiness_checks)
-        self.metrics = StateMetrics(telemetry, authority, registry=registry, trust=trust)
+        self.metrics = StateMetrics(telemetry, authority, registry=registry, trust=trust, clock=clock,
+                                    max_identity_series=settings.http.metrics.max_identity_series)
         self.audit = AuditLog(settings.audit_log_file, clock)
         self._telemetry = telemetry
         self._registry, self._trust, self._rotator = registry, trust, rotator
