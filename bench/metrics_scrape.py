@@ -24,15 +24,15 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ca_service.clock import SystemClock  # noqa: E402
-from ca_service.config import load_settings  # noqa: E402
-from ca_service.pki.identity import SpiffeId  # noqa: E402
-from ca_service.services.authority import Authority  # noqa: E402
-from ca_service.services.trust import TrustStore  # noqa: E402
-from ca_service.services.workloads import WorkloadRegistry  # noqa: E402
-from ca_service.storage.directory import DirectoryStore  # noqa: E402
-from ca_service.telemetry import Telemetry  # noqa: E402
-from ca_service.web.server import HttpSideport  # noqa: E402
+from ca_service.clock import SystemClock
+from ca_service.config import load_settings
+from ca_service.pki.identity import SpiffeId
+from ca_service.services.authority import Authority
+from ca_service.services.trust import TrustStore
+from ca_service.services.workloads import WorkloadRegistry
+from ca_service.storage.directory import DirectoryStore
+from ca_service.telemetry import Telemetry
+from ca_service.web.server import HttpSideport
 
 
 def _populate(registry: WorkloadRegistry, count: int) -> None:

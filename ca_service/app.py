@@ -18,6 +18,7 @@ from ca_service.federation.endpoint import BundleEndpoint
 from ca_service.federation.files import BundleFilePublisher
 from ca_service.federation.lastgood import LastGoodStore
 from ca_service.federation.peers import Federation
+from ca_service.process_limits import install_accept_error_handler, raise_open_file_limit
 from ca_service.rotation.planner import RotationPolicy
 from ca_service.rpc.sds_listeners import SdsComponent
 from ca_service.services.authority import Authority
@@ -80,6 +81,8 @@ class App:
         self.shutdown_hooks: list[Callable[[], None]] = []
 
     async def start(self) -> None:
+        raise_open_file_limit()
+        install_accept_error_handler(self.telemetry.connections_refused)
         state, created = self.authority.load_or_bootstrap()
         log.info(
             "CA %s", "bootstrapped" if created else "loaded",
@@ -124,7 +127,8 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
     ``acks`` overrides the SDS server's ACK tracker as the root rotation gate (tests use a fake).
     """
     app = App(settings, clock=clock, store=store)
-    sds = SdsComponent(settings.grpc, registry=app.registry, trust=app.trust, telemetry=app.telemetry)
+    sds = SdsComponent(settings.grpc, registry=app.registry, trust=app.trust, telemetry=app.telemetry,
+                       limits=settings.sds)
     app.sds = sds
     pool = build_signing_pool(settings, app)
     app.reconciler = Reconciler(app.authority, app.registry, RotationPolicy.from_settings(settings), app.telemetry,
@@ -167,5 +171,6 @@ def build_federation(settings: Settings, app: App) -> list[Component]:
                    app.telemetry, app.clock),
     ]
     if settings.bundle_endpoint.enabled:
-        components.append(BundleEndpoint(settings.bundle_endpoint, app.trust, app.authority, app.clock))
+        components.append(BundleEndpoint(settings.bundle_endpoint, app.trust, app.authority, app.clock,
+                                         refused=app.telemetry.connections_refused))
     return components

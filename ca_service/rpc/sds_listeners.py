@@ -36,6 +36,7 @@ from ca_service.rpc.sds_resources import SecretCatalog
 from ca_service.rpc.sds_server import SdsServicer
 from ca_service.services.trust import TrustStore
 from ca_service.services.workloads import WorkloadCert, WorkloadRegistry
+from ca_service.settings import SdsLimits
 from ca_service.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -47,14 +48,27 @@ SERVING_PATH = "/ca-service/sds"
 DEFAULT_GRACE = dt.timedelta(seconds=5)
 
 
+def server_options(limits: SdsLimits) -> list[tuple[str, int]]:
+    """gRPC core options that bound what one client can hold: connections, handshakes, idle sockets, message size."""
+    def ms(delta: dt.timedelta) -> int:
+        return int(delta.total_seconds() * 1000)
+    return [
+        ("grpc.max_receive_message_length", limits.max_request_bytes),
+        ("grpc.max_allowed_incoming_connections", limits.max_connections),
+        ("grpc.server_handshake_timeout_ms", ms(limits.handshake_timeout)),
+        ("grpc.max_connection_idle_ms", ms(limits.idle_timeout)),
+    ]
+
+
 class SdsComponent:
     """Serves SDS on every configured listener; push on change through :attr:`hub`."""
 
     name = "sds"
 
     def __init__(self, listeners: Sequence[GrpcListener], *, registry: WorkloadRegistry, trust: TrustStore,
-                 telemetry: Telemetry, grace: dt.timedelta = DEFAULT_GRACE) -> None:
+                 telemetry: Telemetry, grace: dt.timedelta = DEFAULT_GRACE, limits: SdsLimits | None = None) -> None:
         self._listeners = tuple(listeners)
+        self._limits = limits or SdsLimits()
         self._registry = registry
         self._trust = trust
         self._telemetry = telemetry
@@ -73,7 +87,7 @@ class SdsComponent:
     async def start(self) -> None:
         self._unsubscribe = [self._registry.subscribe(self.hub.on_workload), self._trust.subscribe(self.hub.on_trust)]
         for listener in self._listeners:
-            server = grpc.aio.server()
+            server = grpc.aio.server(options=server_options(self._limits))
             sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(self._servicer(listener), server)
             address = self._bind(server, listener)
             await server.start()

@@ -23,6 +23,7 @@ from ca_service.telemetry import Telemetry
 from ca_service.web.admin import AdminApi
 from ca_service.web.audit import AuditLog
 from ca_service.web.auth import AdminAuth, ensure_admin_token
+from ca_service.web.connections import CappedTCPSite, runner_kwargs
 from ca_service.web.health import Readiness, ReadinessCheck, healthz, readyz_handler
 from ca_service.web.metrics import StateMetrics
 from ca_service.web.tls import SideportTls
@@ -108,11 +109,13 @@ class HttpSideport:
                          trust=self._trust, registry=self._registry)
         app = build_web_app(self.metrics, self.readiness, self.audit, admin)
         # access_log=None: the access log would print every scrape; admin calls have the audit log.
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        limits = self._settings.http.connections
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, **runner_kwargs(limits))
         await runner.setup()
         host, port = _split_address(self._settings.http.address)
         ssl_context = self._tls.context() if self._tls is not None else None
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+        site = CappedTCPSite(runner, host, port, ssl_context=ssl_context, limits=limits, name="http",
+                             refused=self._telemetry.connections_refused)
         await site.start()
         self._runner = runner
         if self._tls is not None:
