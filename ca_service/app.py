@@ -71,7 +71,8 @@ class App:
         # Every bundle we deliver (own + federated peers); SDS, bundle files and the endpoint read it.
         self.trust = TrustStore(self.authority)
         self.registry = WorkloadRegistry(self.authority, settings.rotation, self.clock,
-                                         key_algorithm=settings.ca.workload_key_algorithm, telemetry=self.telemetry)
+                                         key_algorithm=settings.ca.workload_key_algorithm, telemetry=self.telemetry,
+                                         node_grace=settings.sds.node_grace)
         # Set by build_app; tests that build an App by hand may leave them unset.
         self.reconciler: Reconciler | None = None
         self.rotator: RotationService | None = None

@@ -25,6 +25,7 @@ from ca_service.config import GrpcListener, TLSSettings
 from ca_service.pki.certs import certs_to_pem
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import private_key_to_pem
+from ca_service.rpc.admission import StreamAdmission
 from ca_service.rpc.authn import (
     Authenticator,
     AuthenticatorChain,
@@ -74,7 +75,9 @@ class SdsComponent:
         self._telemetry = telemetry
         self._grace = grace
         self.catalog = SecretCatalog(registry, trust)
-        self.hub = WatchHub()
+        self.hub = WatchHub(nodes=registry)
+        # One admission bucket for the daemon: a storm spread over listeners is still one storm.
+        self.admission = StreamAdmission(self._limits, shed=telemetry.sds_shed)
         self.bound_addresses: list[str] = []  # "host:port" or "unix:///path", in listener order
         self._servers: list[grpc.aio.Server] = []
         self._unsubscribe: list[Callable[[], None]] = []
@@ -120,7 +123,8 @@ class SdsComponent:
         if listener.trust_node_metadata:
             authenticators.append(NodeMetadataAuthenticator(self._trust.own))
         return SdsServicer(self.catalog, self.hub, AuthenticatorChain(authenticators), policy=listener.policy,
-                           telemetry=self._telemetry, peer_certificate_verified=verified)
+                           telemetry=self._telemetry, peer_certificate_verified=verified, limits=self._limits,
+                           admission=self.admission)
 
     def _bind(self, server: grpc.aio.Server, listener: GrpcListener) -> str:
         address = listener.address

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WorkloadKey = tuple[str, SpiffeId]  # (node id, SPIFFE ID)
+# Mirrors settings.SdsLimits.node_grace: an Envoy restart or a reconnect to another replica and back.
+DEFAULT_NODE_GRACE = dt.timedelta(minutes=5)
 WorkloadListener = Callable[["WorkloadCert"], None]
 
 
@@ -82,8 +84,12 @@ class WorkloadRegistry:
 
     def __init__(self, authority: Authority, rotation: RotationSettings, clock: Clock, *,
                  key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256, rng: random.Random | None = None,
-                 telemetry: Telemetry | None = None) -> None:
+                 telemetry: Telemetry | None = None, node_grace: dt.timedelta = DEFAULT_NODE_GRACE) -> None:
         self._authority = authority
+        self._node_grace = node_grace
+        # Nodes with SVIDs and no open stream, since when (the SDS hub reports it); forgotten after grace.
+        self._idle_since: dict[str, dt.datetime] = {}
+        self._by_node: dict[str, set[SpiffeId]] = {}
         self._telemetry = telemetry
         self._issued: Counter | None = None  # the labelled child of telemetry.issued, once looked up
         self._rotation = rotation
@@ -185,6 +191,7 @@ class WorkloadRegistry:
         if previous is not None:
             self.expiry.remove(entry_for(previous))
         self._certs[(node_id, spiffe_id)] = cert
+        self._by_node.setdefault(node_id, set()).add(spiffe_id)
         self.expiry.add(entry_for(cert))
         self._forced.discard(cert.workload_key)
         self._schedule(cert.workload_key, cert.renew_at)
@@ -195,8 +202,34 @@ class WorkloadRegistry:
                 log.exception("workload listener %r failed", listener)
         return cert
 
+    # ------------------------------------------------------------ node liveness (NodeTracker)
+
+    def node_connected(self, node_id: str) -> None:
+        self._idle_since.pop(node_id, None)
+
+    def node_disconnected(self, node_id: str) -> None:
+        self._idle_since[node_id] = self._clock.now()
+
+    def forget_idle_nodes(self, now: dt.datetime) -> list[str]:
+        """Drop every SVID of nodes without a stream for longer than the grace period; returns their ids."""
+        gone = [n for n, since in self._idle_since.items() if now - since >= self._node_grace]
+        for node_id in gone:
+            for spiffe_id in list(self._by_node.get(node_id, ())):
+                self.forget(node_id, spiffe_id)
+            self._idle_since.pop(node_id, None)
+        if gone:
+            if self._telemetry is not None:
+                self._telemetry.nodes_forgotten.inc(len(gone))
+            log.info("forgot disconnected nodes", extra={"count": len(gone),
+                                                         "grace_s": self._node_grace.total_seconds()})
+        return gone
+
     def due(self, now: dt.datetime) -> list[WorkloadCert]:
-        """Certificates whose renewal time has come (stale heap entries of re-issued ones are dropped)."""
+        """Certificates whose renewal time has come (stale heap entries of re-issued ones are dropped).
+
+        Nodes idle past their grace period are forgotten first, so they are never renewed again.
+        """
+        self.forget_idle_nodes(now)
         out = []
         while self._heap and self._heap[0][0] <= now:
             _, token, key = heapq.heappop(self._heap)
@@ -223,6 +256,12 @@ class WorkloadRegistry:
         gone = self._certs.pop((node_id, spiffe_id), None)
         if gone is not None:
             self.expiry.remove(entry_for(gone))
+        ids = self._by_node.get(node_id)
+        if ids is not None:
+            ids.discard(spiffe_id)
+            if not ids:
+                del self._by_node[node_id]
+                self._idle_since.pop(node_id, None)
         self._tokens.pop((node_id, spiffe_id), None)
         self._forced.discard((node_id, spiffe_id))
 
