@@ -292,7 +292,25 @@ def validate(s: Settings) -> list[str]:
         _check_bundle_endpoint(s.bundle_endpoint, problems)
         _claim(addresses, s.bundle_endpoint.address, "bundle_endpoint.address", problems)
     _check_peers(s, problems)
+    _check_limits(s, problems)
     return problems
+
+
+def _check_limits(s: Settings, problems: _Problems) -> None:
+    """Every connection and SDS bound must be positive (0 would refuse everything; negative is a typo)."""
+    m = s.http.metrics.max_identity_series
+    if m < 0:
+        problems.add("http.metrics.max_identity_series", "must be >= 0 (0: aggregates only)")
+    values: dict[str, float] = {}
+    for prefix, limits in (("http.connections", s.http.connections),
+                           ("bundle_endpoint.connections", s.bundle_endpoint.connections)):
+        values[f"{prefix}.max_connections"] = limits.max_connections
+        values[f"{prefix}.header_timeout"] = limits.header_timeout.total_seconds()
+    for name, value in vars(s.sds).items():
+        values[f"sds.{name}"] = value.total_seconds() if isinstance(value, dt.timedelta) else value
+    for key, value in values.items():
+        if value <= 0:
+            problems.add(key, "must be positive")
 
 
 def _claim(seen: dict[str, str], address: str, key: str, problems: _Problems) -> None:
