@@ -23,20 +23,9 @@ class Telemetry:
                                ["kind", "trust_domain", "serial"], registry=r)
         self.ca_not_before = Gauge("ca_certificate_not_before_timestamp_seconds", "notBefore of a CA certificate",
                                    ["kind", "trust_domain", "serial"], registry=r)
-        # Workloads: aggregates (bounded whatever the fleet size) plus per-identity series for only the
-        # http.metrics.max_identity_series soonest-expiring identities.
-        labels = ["trust_domain", "namespace", "service_account"]
-        self.workload_expiry = Gauge("ca_workload_certificate_expiry_timestamp_seconds",
-                                     "Earliest notAfter among live SVIDs of an identity (soonest-expiring "
-                                     "identities only, up to http.metrics.max_identity_series)", labels, registry=r)
-        self.workload_issued = Gauge("ca_workload_certificate_issued_timestamp_seconds",
-                                     "notBefore of the earliest-expiring live SVID of an identity (same identities)",
-                                     labels, registry=r)
-        self.workload_expiring = Gauge("ca_workload_svids_expiring", "Live workload SVIDs whose notAfter is within "
-                                       "the window from now", ["within"], registry=r)
-        self.workload_namespace_expiry = Gauge("ca_workload_namespace_earliest_expiry_timestamp_seconds",
-                                               "Earliest notAfter among live SVIDs of a namespace",
-                                               ["trust_domain", "namespace"], registry=r)
+        # Workload expiry (ca_workload_svids_expiring, ca_workload_namespace_earliest_expiry_timestamp_seconds,
+        # ca_workload_certificate_{expiry,issued}_timestamp_seconds) is collected straight from the
+        # registry's expiry index at scrape time by web.metrics.WorkloadExpiryCollector.
         self.next_rotation = Gauge("ca_next_rotation_timestamp_seconds", "When the next rotation of a kind is due",
                                    ["kind"], registry=r)
         self.rotations = Counter("ca_rotations", "Rotations performed", ["kind", "reason"], registry=r)
