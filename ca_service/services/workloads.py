@@ -208,7 +208,8 @@ class WorkloadRegistry:
         self._idle_since.pop(node_id, None)
 
     def node_disconnected(self, node_id: str) -> None:
-        self._idle_since[node_id] = self._clock.now()
+        if node_id in self._by_node:  # a node that holds nothing has nothing to forget
+            self._idle_since[node_id] = self._clock.now()
 
     def forget_idle_nodes(self, now: dt.datetime) -> list[str]:
         """Drop every SVID of nodes without a stream for longer than the grace period; returns their ids."""

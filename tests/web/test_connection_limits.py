@@ -171,3 +171,25 @@ async def test_accept_running_out_of_descriptors_is_counted_and_logged_once_not_
     records = [r for r in caplog.records if "out of file descriptors" in r.getMessage()]
     assert len(records) == 1 and records[0].exc_info is None
     assert handler.suppressed == 499
+
+
+async def test_idle_sockets_on_the_sds_port_are_closed_at_the_handshake_deadline_while_sds_answers(
+        tmp_path: Path) -> None:
+    settings = load_settings(environ={}, overrides={
+        "data_dir": str(tmp_path / "data"), "http": {"address": "127.0.0.1:0"},
+        "bundle_endpoint": {"enabled": False}, "sds": {"max_connections": CAP, "handshake_timeout": "1s"},
+        "grpc": [{"address": "127.0.0.1:0", "trust_node_metadata": True}]})
+    daemon = build_app(settings)
+    await daemon.start()
+    try:
+        assert daemon.sds is not None
+        host, _, port = daemon.sds.bound_addresses[0].rpartition(":")
+        streams = [await asyncio.open_connection(host, int(port)) for _ in range(FLOOD)]
+        try:
+            assert all(await asyncio.gather(*(_closed_by_server(r) for r, _ in streams)))
+        finally:
+            for _, writer in streams:
+                writer.close()
+        assert await _probe(daemon) == (200, 1)
+    finally:
+        await daemon.stop()
