@@ -70,15 +70,17 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[
         try:
             check_request(request, self._limits)
             caller = await self._caller(request.node, context)
-            self._hub.touch_node(caller.node_id)  # no stream: the node's SVIDs age out after node_grace
             if not request.resource_names:
                 raise NotFoundError("FetchSecrets needs explicit resource names")
             resolved = []
-            for name in request.resource_names:
-                item = self._catalog.resolve(caller, name)
-                if item is None:
-                    raise NotFoundError(f"secret {name!r} does not exist (yet)")
-                resolved.append(item)
+            try:
+                for name in request.resource_names:
+                    item = self._catalog.resolve(caller, name)
+                    if item is None:
+                        raise NotFoundError(f"secret {name!r} does not exist (yet)")
+                    resolved.append(item)
+            finally:
+                self._hub.touch_node(caller.node_id)  # no stream: what it was issued ages out after node_grace
         except CAServiceError as exc:
             await self._refuse(context, exc, rpc="FetchSecrets")
         self._telemetry.sds_pushes.labels("fetch").inc()
