@@ -16,6 +16,7 @@ import asyncio
 import datetime as dt
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import threading
 import time
@@ -49,8 +50,29 @@ class StaleSignerError(NotReadyError):
     """A worker was asked to sign with an intermediate other than the one it loaded."""
 
 
+def _exit_with_parent() -> None:
+    """End this worker the moment the daemon ends, however it ends (SIGKILL included).
+
+    A worker holds the signing intermediate's key; an orphan would keep it in memory indefinitely.
+    ``spawn`` gives each child a pipe whose other end only the parent holds (``parent_process().sentinel``):
+    the kernel closes it when the parent dies, so the wait below returns at once.  (PR_SET_PDEATHSIG
+    would fire when the *thread* that spawned us exits, which for a pool started from a warm-up thread
+    is long before the daemon does.)
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)  # no cleanup to run: nothing here is durable, and the key must go now
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def _init_worker(key_id: str, cert_pem: bytes, key_pem: bytes) -> None:
     global _worker_signer
+    _exit_with_parent()
     cert = x509.load_pem_x509_certificate(cert_pem)
     _worker_signer = (key_id, IssuerProfile.of(cert, load_private_key(key_pem)))
 
