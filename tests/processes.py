@@ -45,3 +45,11 @@ def kill_all(pids: set[int]) -> None:
     for pid in alive(pids):
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
+
+
+def is_spawned_worker(pid: int) -> bool:
+    """A ``multiprocessing`` spawn child (a pool worker), not its resource tracker or anything else."""
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.processes import alive, children_of, kill_all, wait_gone
+from tests.processes import alive, children_of, is_spawned_worker, kill_all, wait_gone
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,3 +56,53 @@ def test_signing_workers_exit_when_the_daemon_is_killed_with_sigkill(tmp_path: P
             proc.kill()
             proc.wait()
         kill_all(workers)
+
+
+async def test_a_burst_of_forced_intermediate_rotations_does_not_spawn_workers_per_rotation(tmp_path: Path) -> None:
+    import asyncio
+    import threading
+
+    from ca_service.app import build_app
+    from ca_service.config import load_settings
+    from ca_service.pki.templates import CAKind
+    from ca_service.services.ports import RotationRequest, RotationScope
+    from ca_service.services.signing_pool import SigningPoolComponent
+    from tests.waiting import wait_for
+
+    settings = load_settings(environ={}, overrides={
+        "data_dir": str(tmp_path / "data"), "http": {"address": "127.0.0.1:0"}, "ca": {"signing_workers": 2},
+        "bundle_endpoint": {"enabled": False}, "grpc": [{"address": "127.0.0.1:0"}]})
+    app = build_app(settings)
+    [component] = [c for c in app.components if isinstance(c, SigningPoolComponent)]
+    before = children_of(os.getpid())
+    seen: set[int] = set()
+    watching = threading.Event()
+
+    def watch() -> None:  # every worker ever spawned during the burst, however briefly it lived
+        while not watching.is_set():
+            seen.update(pid for pid in children_of(os.getpid()) - before if is_spawned_worker(pid))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    await app.start()
+    try:
+        assert app.rotator is not None
+        await wait_for(lambda: component.pool.signer_key_id is not None, "a warm pool", timeout=60)
+        for i in range(20):
+            await app.rotator.rotate(RotationRequest(RotationScope.INTERMEDIATE, reason=f"burst {i}", caller="test"))
+            await asyncio.sleep(0.02)
+        final = app.authority.state.active(CAKind.INTERMEDIATE).key_id
+        await wait_for(lambda: component.pool.signer_key_id == final, "workers holding the last intermediate",
+                       timeout=60)
+    finally:
+        await app.stop()
+        watching.set()
+        watcher.join()
+    try:
+        # Old code: a set of workers per rotation (40 for 20). Coalesced: the first warm-up, at most one
+        # in flight during the burst, and the last one.
+        assert len(seen) <= 3 * component.pool.workers, f"{len(seen)} workers spawned for 20 rotations"
+        assert not alive(seen), "stop() left signing workers running"
+    finally:
+        kill_all(seen)
