@@ -80,7 +80,8 @@ class Daemon:
 
     def admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
         token = (self.data / "admin-token").read_text().strip()
-        request = urllib.request.Request(self.url + path, method=method, data=json.dumps(body).encode() if body else None,
+        payload = json.dumps(body).encode() if body else None
+        request = urllib.request.Request(self.url + path, method=method, data=payload,
                                          headers={"Authorization": f"Bearer {token}",
                                                   "Content-Type": "application/json"})
         try:
