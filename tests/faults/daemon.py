@@ -88,7 +88,11 @@ class Daemon:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return response.status, json.loads(response.read() or b"{}")
         except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"{}")
+            raw = exc.read()
+            try:
+                return exc.code, json.loads(raw or b"{}")
+            except ValueError:
+                return exc.code, {"raw": raw.decode(errors="replace")}
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError):
             return 0, {}  # the daemon died mid-request: what an injected crash inside the commit does
 
