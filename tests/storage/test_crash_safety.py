@@ -16,8 +16,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
-
 from ca_service.clock import SystemClock
 from ca_service.config import load_settings
 from ca_service.pki.keys import same_public_key
