@@ -53,6 +53,25 @@ def as_daemon(cluster: Cluster, admin: Apis) -> Iterator[Apis]:
     cfg.ssl_ca_cert = admin_cfg.ssl_ca_cert
     with client.ApiClient(cfg) as api:
         yield Apis(api)
+    _remove_dummies(admin)
+
+
+def _remove_dummies(admin: Apis) -> None:
+    """The placeholder objects this module wrote go again: a later test of the session (the real
+    daemon under this RBAC) must find no fake CA state, no fake cacerts."""
+    deletions: list[Callable[[], Any]] = [
+        lambda: admin.core.delete_namespaced_secret(STATE, NS),
+        lambda: admin.core.delete_namespaced_secret("not-the-state", NS),
+        lambda: admin.core.delete_namespaced_secret("cacerts", "istio-system"),
+        lambda: admin.core.delete_namespaced_config_map("trust-bundle", "istio-system"),
+        lambda: admin.core.delete_namespaced_secret("istio-ca-secret", "istio-system"),
+        lambda: admin.core.delete_namespaced_config_map("istio", "istio-system"),
+        lambda: admin.core.delete_namespaced_secret("kube-secret", "kube-system"),
+        lambda: admin.core.delete_namespaced_config_map("app-config", "kube-system"),
+        lambda: admin.leases.delete_collection_namespaced_lease(NS),
+    ]
+    for delete in deletions:
+        _status(delete)  # 404: that test did not run
 
 
 def _created(call: Callable[[], Any]) -> None:
