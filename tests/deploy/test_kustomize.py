@@ -15,7 +15,18 @@ import yaml
 from ca_service.config import ConfigError, load_settings
 from ca_service.rpc.sds_listeners import DEFAULT_GRACE
 from tests.deploy.daemon_config import PENDING_KEYS, PENDING_PROBLEMS, key_exists, strip_pending
-from tests.deploy.manifests import OVERLAYS, ROOT, Doc, container, daemon_config, find, kubectl, one, render
+from tests.deploy.manifests import (
+    KUSTOMIZE_DIR,
+    OVERLAYS,
+    ROOT,
+    Doc,
+    container,
+    daemon_config,
+    find,
+    kubectl,
+    one,
+    render,
+)
 from tests.kube import Cluster
 
 GEN_SCRIPT = ROOT / "scripts" / "gen-prometheusrule"
@@ -44,13 +55,40 @@ def test_every_overlay_passes_a_server_side_dry_run_with_zero_errors(cluster: Cl
     assert proc.stdout.count("(server dry run)") == len(docs), proc.stdout
 
 
-def test_the_dry_run_rejects_a_manifest_the_server_would_refuse(cluster: Cluster) -> None:
-    docs = render("base")
-    deployment = one(docs, "Deployment", "ca-service")
-    deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] = "not-a-number"
+def _wrong_type(pod: Doc) -> None:
+    pod["securityContext"]["runAsUser"] = "not-a-number"
+
+
+def _misspelt_field(pod: Doc) -> None:
+    pod["containers"][0]["readinesProbe"] = pod["containers"][0].pop("readinessProbe")
+
+
+@pytest.mark.parametrize("mistake", [_wrong_type, _misspelt_field], ids=["a wrong type", "a misspelt field"])
+def test_the_dry_run_rejects_a_manifest_with(cluster: Cluster, mistake: Any) -> None:
+    deployment = one(render("base"), "Deployment", "ca-service")
+    mistake(deployment["spec"]["template"]["spec"])
     proc = kubectl("apply", "--dry-run=server", "-f", "-", kubeconfig=cluster.kubeconfig,
                    stdin=yaml.safe_dump(deployment), check=False)
     assert proc.returncode != 0
+
+
+def test_the_istio_snippets_point_at_the_service_and_its_certificate() -> None:
+    docs = render("overlays/istio-external-ca")
+    service = one(docs, "Service", "ca-service")
+    host = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
+    (grpc,) = (p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc-ca")
+    values = yaml.safe_load((KUSTOMIZE_DIR / "overlays/istio-external-ca/istio-values.yaml").read_text())
+    assert values["kind"] == "IstioOperator"
+    assert values["spec"]["values"]["global"]["caAddress"] == f"{host}:{grpc}"
+    assert values["spec"]["values"]["ztunnel"]["caAddress"] == f"{host}:{grpc}"
+    assert values["spec"]["values"]["pilot"]["env"]["ENABLE_CA_SERVER"] == "false"
+    config = daemon_config(docs)
+    assert host in config["grpc"][0]["tls"]["dns_names"]
+    assert values["spec"]["meshConfig"]["trustDomain"] == config["trust_domain"]
+    plugin = yaml.safe_load((KUSTOMIZE_DIR / "overlays/istio-plugin-ca/istio-values.yaml").read_text())
+    plugin_config = daemon_config(render("overlays/istio-plugin-ca"))
+    assert plugin["spec"]["meshConfig"]["trustDomain"] == plugin_config["trust_domain"]
+    assert "caAddress" not in plugin["spec"]["values"].get("global", {})  # istiod stays the CA
 
 
 # ---------------------------------------------------------------- the daemon config
