@@ -197,6 +197,7 @@ def test_probes_resources_and_the_replica_id(base: list[Doc]) -> None:
     main = container(base)
     assert main["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert main["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert main["startupProbe"]["httpGet"]["path"] == "/healthz"
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= main["resources"][kind].keys()
     (pod_name,) = (e for e in main["env"] if e["name"] == "POD_NAME")
