@@ -14,6 +14,7 @@ import yaml
 
 from ca_service.config import ConfigError, load_settings
 from ca_service.rpc.sds_listeners import DEFAULT_GRACE
+from ca_service.services.signing_pool import CLOSE_GRACE
 from tests.deploy.daemon_config import PENDING_KEYS, PENDING_PROBLEMS, key_exists, strip_pending
 from tests.deploy.manifests import (
     KUSTOMIZE_DIR,
@@ -186,11 +187,12 @@ def test_the_pod_is_hardened(base: list[Doc]) -> None:
     assert main["capabilities"] == {"drop": ["ALL"]}
 
 
-def test_termination_outlasts_the_prestop_pause_and_the_sds_drain(base: list[Doc]) -> None:
+def test_termination_outlasts_the_prestop_pause_the_sds_drain_and_the_pool_close(base: list[Doc]) -> None:
     pod = one(base, "Deployment", "ca-service")["spec"]["template"]["spec"]
     pre_stop = container(base)["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    assert pod["terminationGracePeriodSeconds"] > int(pre_stop[1]) + DEFAULT_GRACE.total_seconds()
+    stop = int(pre_stop[1]) + DEFAULT_GRACE.total_seconds() + CLOSE_GRACE.total_seconds()
+    assert pod["terminationGracePeriodSeconds"] > stop
 
 
 def test_probes_resources_and_the_replica_id(base: list[Doc]) -> None:
