@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,20 +39,31 @@ def admin(cluster: Cluster) -> Iterator[Apis]:
         yield Apis(api)
 
 
-@pytest.fixture(scope="module")
-def as_daemon(cluster: Cluster, admin: Apis) -> Iterator[Apis]:
-    """An API client holding only a token of the base's ServiceAccount, after applying its RBAC."""
+def service_account_kubeconfig(cluster: Cluster, path: Path) -> Path:
+    """Apply the base's ServiceAccount and RBAC for real and write a kubeconfig at ``path`` that holds
+    only a freshly minted token of that ServiceAccount (TokenRequest): the credentials the daemon runs
+    with in the cluster. The daemon test the integrator adds points ``storage.kubernetes.kubeconfig``
+    (and ``istio_ca.clusters[].kubeconfig``) at it."""
     docs = [d for d in render("base") if d["kind"] in RBAC_KINDS]
     kubectl("apply", "-f", "-", kubeconfig=cluster.kubeconfig, stdin="---\n".join(yaml.safe_dump(d) for d in docs))
     request = client.AuthenticationV1TokenRequest(
         spec=client.V1TokenRequestSpec(audiences=[API_AUDIENCE], expiration_seconds=3600))
-    token = admin.core.create_namespaced_service_account_token("ca-service", NS, request).status.token
-    admin_cfg = client.Configuration()
-    config.load_kube_config(config_file=str(cluster.kubeconfig), client_configuration=admin_cfg)
-    # A fresh Configuration: the kubeconfig loader installs a hook that would put the admin token back.
-    cfg = client.Configuration(host=admin_cfg.host, api_key={"authorization": f"Bearer {token}"})
-    cfg.ssl_ca_cert = admin_cfg.ssl_ca_cert
-    with client.ApiClient(cfg) as api:
+    with cluster.api_client() as api:
+        token = client.CoreV1Api(api).create_namespaced_service_account_token("ca-service", NS, request).status.token
+    admin_config = yaml.safe_load(cluster.kubeconfig.read_text())
+    admin_config["users"] = [{"name": "ca-service", "user": {"token": token}}]
+    for context in admin_config["contexts"]:
+        context["context"]["user"] = "ca-service"
+    path.write_text(yaml.safe_dump(admin_config))
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(scope="module")
+def as_daemon(cluster: Cluster, admin: Apis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Apis]:
+    """An API client holding only the base ServiceAccount's token."""
+    kubeconfig = service_account_kubeconfig(cluster, tmp_path_factory.mktemp("sa") / "kubeconfig")
+    with config.new_client_from_config(config_file=str(kubeconfig)) as api:
         yield Apis(api)
     _remove_dummies(admin)
 
