@@ -289,3 +289,19 @@ def test_the_service_monitor_scrapes_the_side_port_as_job_ca_service(base: list[
     # The alert rules select job="ca-service": the job label is the value of this Service label.
     assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "ca-service"
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+
+
+# ---------------------------------------------------------------- multi-region
+
+
+def test_the_two_regions_federate_with_each_other_as_in_config_regions() -> None:
+    regions = {r: daemon_config(render(f"overlays/multi-region/{r}")) for r in ("us", "eu")}
+    for region, peer in (("us", "eu"), ("eu", "us")):
+        config = regions[region]
+        local = yaml.safe_load((ROOT / "config" / "regions" / f"{region}.yaml").read_text())
+        assert config["trust_domain"] == local["trust_domain"] == f"{region}.cluster.local"
+        (remote,) = config["federation"]["peers"]
+        (local_peer,) = local["federation"]["peers"]
+        assert remote["trust_domain"] == regions[peer]["trust_domain"] == local_peer["trust_domain"]
+        assert remote["endpoint_spiffe_id"] == local_peer["endpoint_spiffe_id"]
+        assert remote["profile"] == regions[peer]["bundle_endpoint"]["profile"] == "https_spiffe"
