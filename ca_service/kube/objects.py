@@ -102,7 +102,7 @@ def ensure_object(api: client.ApiClient, kind: Kind, namespace: str, name: str, 
         if outcome is Outcome.FOREIGN:
             metrics.foreign_refusals.labels(kind.resource).inc()
             log.error("refusing to overwrite an object ca-service did not create (no managed-by label)",
-                      extra={"resource": kind.resource, "namespace": namespace, "name": name})
+                      extra={"resource": kind.resource, "namespace": namespace, "object": name})
         elif outcome is not Outcome.UNCHANGED:
             metrics.writes.labels(kind.resource, str(outcome)).inc()
             log.info("%s %s/%s", outcome, kind.resource, name, extra={"namespace": namespace})
