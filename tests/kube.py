@@ -106,7 +106,7 @@ class Cluster:
         context = ssl.create_default_context(cafile=str(self.directory / "pki" / "serving.crt"))
         request = urllib.request.Request(f"{host}/readyz", headers={"Authorization": f"Bearer {token}"})
         try:
-            with urllib.request.urlopen(request, context=context, timeout=2) as response:  # noqa: S310
+            with urllib.request.urlopen(request, context=context, timeout=2) as response:
                 return bool(response.read() == b"ok")
         except OSError:
             return False

@@ -64,7 +64,7 @@ def test_a_cacerts_set_istiod_would_refuse_is_never_written(k8s: Cluster, author
     files = cacerts_files(authority.state)
     assert files is not None
     broken = {**files, CA_KEY: b""}
-    with pytest.raises(CacertsError, match="missing ca-key.pem"):
+    with pytest.raises(CacertsError, match=r"missing ca-key\.pem"):
         CacertsSecretWriter(api, ns, "cacerts", _metrics(), clock).write(broken)
     assert client.CoreV1Api(api).list_namespaced_secret(ns, field_selector="metadata.name=cacerts").items == []
 

@@ -135,7 +135,7 @@ def test_a_token_allowed_only_to_get_is_told_it_cannot_update_or_create(k8s: Clu
 def test_an_unreachable_api_server_is_a_storage_error() -> None:
     configuration = client.Configuration()
     configuration.host = "https://127.0.0.1:1"  # nothing listens on port 1
-    with pytest.raises(StorageError, match="^cannot reach the Kubernetes API server to get secrets/s in namespace ns"):
+    with pytest.raises(StorageError, match=r"^cannot reach the Kubernetes API server to get secrets/s in namespace ns"):
         KubernetesStore(client.ApiClient(configuration), "ns", "s").read(AUTHORITY_RECORD)
 
 
