@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from ca_service.errors import StorageError
@@ -103,7 +104,10 @@ class ResourceWatch:
 
     def _list(self) -> None:
         response = self._list_fn(**self._kwargs, _preload_content=False, _request_timeout=REQUEST_TIMEOUT)
-        doc = json.loads(response.data)
+        try:
+            doc = json.loads(response.data)
+        finally:
+            response.release_conn()
         self.lists += 1
         self._deliver(self._on_list, list(doc.get("items") or []))
         self.resource_version = doc["metadata"]["resourceVersion"]
@@ -158,8 +162,6 @@ class SecretWatch:
 
     def __init__(self, api: Any, namespace: str, secret_name: str, callback: Callable[[Record], None], *,
                  known_version: str | None = None, record_name: str = AUTHORITY_RECORD) -> None:
-        from kubernetes import client
-
         self.namespace = namespace
         self.secret_name = secret_name
         self.last_version = known_version
