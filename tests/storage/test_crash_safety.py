@@ -76,7 +76,6 @@ def _check_consistent(data: Path, last_revision: int) -> int:
     return state.revision
 
 
-@pytest.mark.slow
 def test_kill_9_at_many_instants_always_leaves_a_loadable_consistent_state(tmp_path: Path) -> None:
     data = tmp_path / "data"
     script = tmp_path / "writer.py"
