@@ -113,3 +113,19 @@ async def test_a_leader_whose_lease_was_taken_by_another_holder_steps_down(k8s: 
 def test_lease_timings_must_let_a_leader_give_up_before_others_take_over() -> None:
     with pytest.raises(ValueError, match="retry_period < renew_deadline < lease_duration"):
         LeaseTimings(dt.timedelta(seconds=10), dt.timedelta(seconds=15), dt.timedelta(seconds=2))
+
+
+async def test_a_leader_that_cannot_reach_the_api_server_steps_down_and_leads_again_after(
+        private_k8s: Cluster) -> None:
+    [elector] = _electors(private_k8s, private_k8s.fresh_namespace(), 1)
+    await elector.start()
+    try:
+        await wait_for(lambda: elector.is_leader, "leadership")
+        argv = await asyncio.to_thread(private_k8s.stop_apiserver)
+        # Renewals fail; past renew_deadline the leader must stop mutating, before its lease could expire.
+        await wait_for(lambda: elector.lost_leadership.is_set(), "stepping down", timeout=30)
+        assert not elector.is_leader
+        await asyncio.to_thread(private_k8s.start_apiserver, argv)
+        await wait_for(lambda: elector.is_leader, "leadership again", timeout=30)
+    finally:
+        await elector.stop()
