@@ -142,3 +142,15 @@ def test_an_unreachable_api_server_is_a_storage_error() -> None:
 def test_a_missing_kubeconfig_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(StorageError, match="cannot load the Kubernetes kubeconfig"):
         build_api_client(tmp_path / "nope")
+
+
+def test_a_deposed_writers_commit_is_refused_and_it_recovers_by_reloading(k8s: Cluster, settings, clock) -> None:  # type: ignore[no-untyped-def]
+    ns = k8s.fresh_namespace()
+    leader, stale = (Authority(_store(k8s, ns), settings.domain, settings.ca, clock) for _ in range(2))
+    leader.load_or_bootstrap()
+    stale.load()
+    leader.commit(leader.state.replace(extra={"by": "leader"}))
+    with pytest.raises(ConflictError):  # fencing: its resourceVersion is from before the leader's commit
+        stale.commit(stale.state.replace(extra={"by": "stale"}))
+    assert stale.load() is not None and stale.state.extra == {"by": "leader"}
+    assert stale.state.revision == leader.state.revision == 1
