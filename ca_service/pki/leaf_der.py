@@ -137,14 +137,15 @@ class LeafTemplate:
         """The TBSCertificate DER of one leaf.
 
         Raises:
-            TemplateNotApplicable: for a serial outside 1..2**159-1, a time before 1950 or after 9999,
-                a key that is neither EC nor RSA, or a URI that is not ASCII.
+            TemplateNotApplicable: for a serial outside 1..2**159-1, a time before 1950, notAfter
+                before notBefore, a key that is neither EC nor RSA, or a URI that is not ASCII (the
+                builder then decides; it refuses all but the last two).
         """
         if not 0 < serial < 1 << _MAX_SERIAL_BITS:
             raise TemplateNotApplicable("serial out of range")
         start, end = _naive_utc(not_before), _naive_utc(not_after)
-        if not (1950 <= start.year and end.year <= 9999 and start <= end):
-            raise TemplateNotApplicable("validity outside 1950-9999 or inverted")
+        if start.year < _UTC_TIME_YEARS.start or start > end:
+            raise TemplateNotApplicable("validity before 1950 or inverted")
         if not isinstance(public_key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey) or not uri.isascii():
             raise TemplateNotApplicable("key type or URI not covered by the template")
         spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -160,11 +161,13 @@ class LeafTemplate:
         )))
 
     def sign(self, tbs: bytes) -> bytes:
-        """The Certificate DER: ``tbs``, the algorithm, and the signature as a BIT STRING."""
+        """The Certificate DER of ``tbs`` signed with the signer's key (PKCS#1 v1.5 for RSA)."""
         if isinstance(self.key, ec.EllipticCurvePrivateKey):
-            signature = self.key.sign(tbs, ec.ECDSA(self.digest))
-        else:
-            signature = self.key.sign(tbs, padding.PKCS1v15(), self.digest)
+            return self.assemble(tbs, self.key.sign(tbs, ec.ECDSA(self.digest)))
+        return self.assemble(tbs, self.key.sign(tbs, padding.PKCS1v15(), self.digest))
+
+    def assemble(self, tbs: bytes, signature: bytes) -> bytes:
+        """The Certificate DER: ``tbs``, the algorithm, and ``signature`` as a BIT STRING (no unused bits)."""
         return _tlv(_SEQUENCE, tbs + self.signature_algorithm + _tlv(_BIT_STRING, b"\x00" + signature))
 
     def build(self, public_key: PublicKey, uri: str, *, serial: int, not_before: dt.datetime,
