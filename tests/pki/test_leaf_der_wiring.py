@@ -10,12 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import profiles as p
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from spiffe.svid.x509_svid import X509Svid
 
-import profiles as p
 from ca_service.config import load_settings
 from ca_service.errors import ConfigError
 from ca_service.pki.keys import KeyAlgorithm, generate_private_key, private_key_to_pem
