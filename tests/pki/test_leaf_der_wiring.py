@@ -16,11 +16,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from spiffe.svid.x509_svid import X509Svid
 
-from ca_service.config import load_settings
+from ca_service.clock import FakeClock
+from ca_service.config import Settings, load_settings
 from ca_service.errors import ConfigError
 from ca_service.pki.keys import KeyAlgorithm, generate_private_key, private_key_to_pem
 from ca_service.pki.leaf_der import LeafTemplate
 from ca_service.pki.templates import IssuerProfile, LeafEncoder, build_svid_for
+from ca_service.services.authority import Authority
+from ca_service.storage.directory import DirectoryStore
 
 from .conftest import NOW, WORKLOAD, cached_hierarchy
 from .test_leaf_der import NOT_AFTER, NOT_BEFORE, SERIAL, profile
@@ -108,16 +111,18 @@ def _issue(issuer: IssuerProfile, **kwargs: object) -> x509.Certificate:
 
 
 def test_the_template_is_the_default_leaf_encoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    issuer = profile(KeyAlgorithm.EC_P256)  # building the cached hierarchy issues a leaf too
     calls = _count_template_builds(monkeypatch)
-    leaf = _issue(profile(KeyAlgorithm.EC_P256))
+    leaf = _issue(issuer)
     assert calls == [1]
     p.assert_is_svid(leaf, cached_hierarchy(KeyAlgorithm.EC_P256).signing, str(WORKLOAD))
     assert load_settings(environ={}).ca.leaf_encoder is LeafEncoder.TEMPLATE
 
 
 def test_the_builder_encoder_never_uses_the_template(monkeypatch: pytest.MonkeyPatch) -> None:
+    issuer = profile(KeyAlgorithm.EC_P256)
     calls = _count_template_builds(monkeypatch)
-    leaf = _issue(profile(KeyAlgorithm.EC_P256), encoder=LeafEncoder.BUILDER)
+    leaf = _issue(issuer, encoder=LeafEncoder.BUILDER)
     assert calls == []
     p.assert_is_svid(leaf, cached_hierarchy(KeyAlgorithm.EC_P256).signing, str(WORKLOAD))
 
@@ -142,3 +147,16 @@ def test_the_leaf_encoder_is_read_from_the_config_and_checked(tmp_path: Path) ->
     config.write_text("ca: {leaf_encoder: fast}\n")
     with pytest.raises(ConfigError, match="leaf_encoder"):
         load_settings(config, environ={})
+
+
+@pytest.mark.parametrize(("encoder", "template_calls"), [(LeafEncoder.TEMPLATE, 1), (LeafEncoder.BUILDER, 0)])
+def test_the_authority_issues_through_the_configured_encoder(
+    encoder: LeafEncoder, template_calls: int, settings: Settings, clock: FakeClock, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ca = dataclasses.replace(settings.ca, leaf_encoder=encoder)
+    authority = Authority(DirectoryStore(settings.data_dir / "state"), settings.domain, ca, clock)
+    authority.load_or_bootstrap()
+    calls = _count_template_builds(monkeypatch)
+    svid = authority.issue_svid(WORKLOAD, generate_private_key().public_key())
+    assert len(calls) == template_calls
+    p.assert_is_svid(svid.chain[0], svid.chain[1], str(WORKLOAD))
