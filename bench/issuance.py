@@ -158,6 +158,7 @@ def run(quick: bool) -> Result:
 def _result(best: dict[str, float], cpu: dict[str, float], skipped: str | None) -> Result:
     result = Result("issuance")
     result.metrics.update({f"{name}_ops_s": value for name, value in best.items()})
+    result.metrics.update({f"{name}_ops_per_cpu_s": value for name, value in cpu.items()})
     result.metrics.update({"ours_over_baseline": best["ours"] / best["baseline"],
                            "ours_over_raw_sign": best["ours"] / best["raw_sign"],
                            "template_over_builder": best["ours"] / best["ours_builder"]})
