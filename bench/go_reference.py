@@ -52,10 +52,12 @@ def find_go() -> Path:
     return Path(found)
 
 
-def _env(go: Path) -> dict[str, str]:
+def _env() -> dict[str, str]:
     # GOTOOLCHAIN=local and GOPROXY=off: the reference is stdlib only and must never fetch anything.
-    return {**os.environ, "GOCACHE": str(CACHE / "gocache"), "GOTOOLCHAIN": "local", "GOPROXY": "off",
-            "GOFLAGS": "-mod=mod", "GOROOT": str(go.parent.parent) if go.parent.name == "bin" else ""}
+    # The toolchain finds its GOROOT from its own path; an inherited GOROOT could point elsewhere.
+    env = {k: v for k, v in os.environ.items() if k != "GOROOT"}
+    return {**env, "GOCACHE": str(CACHE / "gocache"), "GOTOOLCHAIN": "local", "GOPROXY": "off",
+            "GOFLAGS": "-mod=mod"}
 
 
 def build() -> Path:
@@ -65,7 +67,7 @@ def build() -> Path:
         GoUnavailable: if Go is missing or the build fails.
     """
     go = find_go()
-    env = {k: v for k, v in _env(go).items() if v}
+    env = _env()
     version = subprocess.run([str(go), "version"], capture_output=True, text=True, env=env, timeout=60, check=False)
     if version.returncode != 0:
         raise GoUnavailable(f"`go version` failed: {version.stderr.strip()}")
