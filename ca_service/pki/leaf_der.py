@@ -49,11 +49,12 @@ _SIGNATURE_ALGORITHMS = {
     ("rsa", "sha384"): bytes.fromhex("300d06092a864886f70d01010c0500"),
 }
 
-# Extension OIDs as DER (tag 06 + length + content): id-ce 29.x.
-# The SKI extension up to its 20-octet key identifier: SEQUENCE(29) { OID, OCTET STRING(22) { OCTET STRING(20) } }.
-_SKI_PREFIX = bytes.fromhex("301d0603551d0e0416" "0414")
+# Extension OIDs as DER (tag 06 + length + content): id-ce 35 (AKI) and 17 (SAN).
 _OID_AKI = bytes.fromhex("0603551d23")
 _OID_SAN = bytes.fromhex("0603551d11")
+# The SKI extension (id-ce 14) up to its 20-octet key identifier, all lengths fixed by SHA-1's size:
+# SEQUENCE(29) { OID, OCTET STRING(22) { OCTET STRING(20) } }.
+_SKI_PREFIX = bytes.fromhex("301d0603551d0e0416" "0414")
 
 # UTCTime covers 1950-2049; from 2050 on RFC 5280 4.1.2.5 requires GeneralizedTime, and the builder
 # refuses anything before 1950.
@@ -115,12 +116,12 @@ class LeafTemplate:
     @classmethod
     def for_signer(
         cls, name: x509.Name, aki: x509.AuthorityKeyIdentifier, key: PrivateKey, digest: hashes.HashAlgorithm,
-        leaf_extensions: dict[bool, tuple[x509.ExtensionType, ...]],
+        leaf_extensions: dict[bool, tuple[tuple[x509.ExtensionType, bool], ...]],
     ) -> LeafTemplate:
         """Pre-encode a signer's part of every leaf.
 
-        ``leaf_extensions`` maps "leaf key is RSA" to the constant extensions in builder order
-        (basicConstraints, keyUsage, extKeyUsage); each is encoded by ``cryptography`` itself.
+        ``leaf_extensions`` maps "leaf key is RSA" to the (extension, critical) pairs that precede the
+        SKI, in builder order; each value is encoded by ``cryptography`` itself.
 
         Raises:
             TemplateNotApplicable: for a signing key or digest the template has no encoding for.
@@ -130,10 +131,7 @@ class LeafTemplate:
         algorithm = _SIGNATURE_ALGORITHMS.get((kind or "", digest.name))
         if algorithm is None or not isinstance(digest, hashes.SHA256 | hashes.SHA384):
             raise TemplateNotApplicable(f"no template for a {type(key).__name__} signing with {digest.name}")
-        # The builder marks basicConstraints and keyUsage critical, extKeyUsage not (templates.py).
-        critical = (True, True, False)
-        heads = {is_rsa: b"".join(_extension(_oid_der(ext.oid), crit, ext.public_bytes())
-                                  for ext, crit in zip(exts, critical, strict=True))
+        heads = {is_rsa: b"".join(_extension(_oid_der(ext.oid), critical, ext.public_bytes()) for ext, critical in exts)
                  for is_rsa, exts in leaf_extensions.items()}
         return cls(algorithm, name.public_bytes(), heads, _extension(_OID_AKI, False, aki.public_bytes()),
                    key, digest)

@@ -173,9 +173,10 @@ _LEAF_USAGE = {False: _leaf_usage(False), True: _leaf_usage(True)}
 _LEAF_EKU = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
 _LEAF_BASIC = x509.BasicConstraints(ca=False, path_length=None)
 _EMPTY_NAME = x509.Name([])
-# The constant leaf extensions in builder order, per "leaf key is RSA", for the DER template.
-_LEAF_EXTENSIONS: dict[bool, tuple[x509.ExtensionType, ...]] = {
-    is_rsa: (_LEAF_BASIC, _LEAF_USAGE[is_rsa], _LEAF_EKU) for is_rsa in (False, True)}
+# The constant leaf extensions (value, critical) in order, per "leaf key is RSA": the builder adds
+# them and the DER template pre-encodes them from this one table.
+_LEAF_EXTENSIONS: dict[bool, tuple[tuple[x509.ExtensionType, bool], ...]] = {
+    is_rsa: ((_LEAF_BASIC, True), (_LEAF_USAGE[is_rsa], True), (_LEAF_EKU, False)) for is_rsa in (False, True)}
 
 
 def build_svid(
@@ -226,9 +227,11 @@ def build_leaf_with_builder(
         .subject_name(_EMPTY_NAME).issuer_name(issuer.name)
         .serial_number(serial).public_key(public_key)
         .not_valid_before(not_before).not_valid_after(not_after)
-        .add_extension(_LEAF_BASIC, critical=True)
-        .add_extension(_LEAF_USAGE[is_rsa], critical=True)
-        .add_extension(_LEAF_EKU, critical=False)
+    )
+    for extension, critical in _LEAF_EXTENSIONS[is_rsa]:
+        builder = builder.add_extension(extension, critical=critical)
+    builder = (
+        builder
         .add_extension(x509.SubjectKeyIdentifier(key_id(public_key)), critical=False)
         .add_extension(issuer.aki, critical=False)
         .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True)
