@@ -8,7 +8,6 @@ from collections.abc import Iterator
 import pytest
 from cryptography import x509
 
-from ca_service.clock import FakeClock
 from ca_service.config import RotationSettings
 from ca_service.pki.certs import certs_to_pem, spiffe_id_of
 from ca_service.pki.identity import SpiffeId
@@ -17,6 +16,7 @@ from ca_service.pki.verify import verify_svid
 from ca_service.services.authority import Authority
 from ca_service.services.signing_pool import SigningPool
 from ca_service.services.workloads import WorkloadCert, WorkloadRegistry
+from tests.clock import FakeClock
 
 IDS = [SpiffeId.parse(f"spiffe://cluster.local/ns/pool/sa/sa-{i}") for i in range(5)]
 

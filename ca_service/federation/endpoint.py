@@ -40,6 +40,8 @@ ENDPOINT_PATH = "/ca-service/bundle-endpoint"
 RENEW_FRACTION = 0.5
 # Upper bound on how long the renewal task sleeps, so a clock jump is noticed within the hour.
 MAX_RENEW_CHECK = dt.timedelta(hours=1)
+# A failed re-issue is retried after a minute: the current SVID still has half its life left.
+RETRY_DELAY = dt.timedelta(minutes=1)
 
 
 def endpoint_spiffe_id(authority: Authority) -> SpiffeId:
@@ -144,6 +146,6 @@ class BundleEndpoint:
                     self._issue()
                 except Exception:
                     log.exception("re-issuing the bundle endpoint SVID failed; retrying in a minute")
-                    await asyncio.sleep(60)
+                    await self._clock.sleep(RETRY_DELAY)
                 continue
-            await asyncio.sleep(wait.total_seconds())
+            await self._clock.sleep(wait)

@@ -28,6 +28,8 @@ from ca_service.services.authority import Authority
 log = logging.getLogger(__name__)
 
 SIDEPORT_PATH = "/ca-service/sideport"
+# Never spin: even an already-due renewal waits a second after the last attempt.
+MIN_RENEW_DELAY = dt.timedelta(seconds=1)
 
 
 class SideportTls:
@@ -87,8 +89,8 @@ class SideportTls:
     async def _renew_loop(self) -> None:
         renew_at = self._renew_at
         while renew_at is not None:
-            delay = (renew_at - self._authority.clock.now()).total_seconds()
-            await asyncio.sleep(max(delay, 1.0))
+            delay = renew_at - self._authority.clock.now()
+            await self._authority.clock.sleep(max(delay, MIN_RENEW_DELAY))
             try:
                 renew_at = self._load_serving_cert()
             except Exception:

@@ -12,7 +12,6 @@ from pathlib import Path
 from aiohttp import web
 from cryptography import x509
 
-from ca_service.clock import FakeClock
 from ca_service.config import BundleEndpointSettings, BundleProfile, CASettings, PeerSettings
 from ca_service.federation.endpoint import BundleEndpoint
 from ca_service.federation.files import BundleFilePublisher
@@ -28,6 +27,7 @@ from ca_service.services.authority import Authority
 from ca_service.services.trust import TrustStore
 from ca_service.storage.directory import DirectoryStore
 from ca_service.telemetry import Telemetry
+from tests.clock import FakeClock
 
 # Short enough for the test to wait for one poll, long enough that polls do not pile up.
 TEST_REFRESH = dt.timedelta(milliseconds=200)

@@ -7,7 +7,6 @@ import datetime as dt
 
 from rotation_kit import Env, make_env, metric
 
-from ca_service.clock import FakeClock
 from ca_service.config import Settings
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.templates import CAKind
@@ -15,6 +14,7 @@ from ca_service.rotation.planner import activation_time, prune_time
 from ca_service.rotation.state import SlotState
 from ca_service.services.ports import RotationRequest, RotationScope
 from ca_service.services.rotator import RotationService
+from tests.clock import FakeClock
 
 WORKLOAD = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/web")
 DAY = dt.timedelta(days=1)

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from rotation_kit import Env, FakeAckTracker, make_env, metric, with_rotation
 
-from ca_service.clock import FakeClock
 from ca_service.config import Settings
 from ca_service.errors import NotReadyError
 from ca_service.pki.cacerts import ROOT_CERT, check_cacerts
@@ -22,6 +21,7 @@ from ca_service.services.cacerts_publisher import CacertsPublisher
 from ca_service.services.ports import RotationRequest, RotationScope
 from ca_service.services.rotator import RotationService
 from ca_service.storage.projected import read_projected
+from tests.clock import FakeClock
 
 WORKLOADS = [SpiffeId.parse(f"spiffe://cluster.local/ns/default/sa/w{i}") for i in range(5)]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from cryptography import x509
 
-from ca_service.clock import FakeClock
 from ca_service.config import RotationSettings, Settings
 from ca_service.pki.certs import certs_to_pem, fingerprint
 from ca_service.pki.identity import SpiffeId
@@ -16,6 +15,7 @@ from ca_service.rpc.sds_resources import SecretCatalog
 from ca_service.services.authority import Authority
 from ca_service.services.trust import TrustStore
 from ca_service.services.workloads import WorkloadRegistry
+from tests.clock import FakeClock
 from tests.rpc.sds_fixtures import peer_bundle
 
 A = Caller(SpiffeId.parse("spiffe://cluster.local/ns/default/sa/a"), "node-a", "node-metadata", "default", "a")
