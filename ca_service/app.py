@@ -27,6 +27,7 @@ from ca_service.services.reconciler import Reconciler
 from ca_service.services.rotator import RotationService
 from ca_service.services.scheduler import RotationScheduler
 from ca_service.services.signing_pool import SigningPool, SigningPoolComponent
+from ca_service.services.state_changes import StateReactions
 from ca_service.services.trust import TrustStore
 from ca_service.services.workloads import WorkloadRegistry
 from ca_service.storage.base import AuthorityStore
@@ -51,8 +52,38 @@ def build_store(settings: Settings) -> AuthorityStore:
     return DirectoryStore(settings.data_dir / "state")
 
 
-def build_authority(settings: Settings, clock: Clock | None = None, store: AuthorityStore | None = None) -> Authority:
-    return Authority(store or build_store(settings), settings.domain, settings.ca, clock or SystemClock())
+def build_authority(settings: Settings, clock: Clock | None = None, store: AuthorityStore | None = None,
+                    reactions: StateReactions | None = None) -> Authority:
+    return Authority(store or build_store(settings), settings.domain, settings.ca, clock or SystemClock(),
+                     reactions=reactions)
+
+
+def register_reactions(reactions: StateReactions, *, trust: TrustStore | None = None,
+                       cacerts: CacertsPublisher | None = None, sideport: HttpSideport | None = None,
+                       endpoint: BundleEndpoint | None = None, pool: SigningPoolComponent | None = None) -> None:
+    """THE list of what a CA state change sets off (commit here, load, or a replica's write), in order.
+
+    1. trust store: our bundle changed -> its listeners run: SDS pushes (the watch hub), the bundle
+       files, the trust gauges.  First, because a root rotation waits on SDS ACKs of the new bundle;
+    2. istiod cacerts: the files follow the active istiod intermediate and the root set;
+    3. side-port TLS: new roots are trusted for admin client certificates;
+    4. bundle endpoint: its serving SVID is re-issued under a new signing intermediate;
+    5. signing pool: workers are warmed up for a new signing intermediate (background thread);
+    6. state metrics last: CA gauges and counts of minted CA certificates (they read, never feed back).
+    A reaction that raises is logged and counted; the ones after it still run.
+    """
+    if trust is not None:
+        reactions.add("trust-store", trust.on_state_change)
+    if cacerts is not None:
+        reactions.add("istiod-cacerts", cacerts.on_state_change)
+    if sideport is not None:
+        reactions.add("sideport-tls", sideport.on_state_change)
+    if endpoint is not None:
+        reactions.add("bundle-endpoint", endpoint.on_state_change)
+    if pool is not None:
+        reactions.add("signing-pool", pool.on_state_change)
+    if sideport is not None:
+        reactions.add("state-metrics", sideport.metrics.on_state_change)
 
 
 class App:
@@ -61,12 +92,13 @@ class App:
     def __init__(self, settings: Settings, *, clock: Clock | None = None, store: AuthorityStore | None = None) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
-        self.authority = build_authority(settings, self.clock, store)
+        # One instance of each shared service per daemon; build_app wires the rest around them.
+        self.telemetry = Telemetry()
+        self.reactions = StateReactions(self.telemetry.state_reaction_failures)
+        self.authority = build_authority(settings, self.clock, store, self.reactions)
         self.components: list[Component] = []
         self._started: list[Component] = []
         self.stopping = asyncio.Event()
-        # One instance of each shared service per daemon; build_app wires the rest around them.
-        self.telemetry = Telemetry()
         # Every bundle we deliver (own + federated peers); SDS, bundle files and the endpoint read it.
         self.trust = TrustStore(self.authority)
         self.registry = WorkloadRegistry(self.authority, settings.rotation, self.clock,
@@ -139,13 +171,19 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
     # bundles before SDS hands out a validation context), SDS, and the scheduler last (nothing
     # rotates before every consumer of a rotation is listening).
     app.components.append(sideport)
+    cacerts = None
     if settings.istiod.cacerts_dir is not None:
-        app.components.append(CacertsPublisher(app.authority, settings.istiod.cacerts_dir, app.telemetry, app.clock))
-    app.components.extend(build_federation(settings, app))
+        cacerts = CacertsPublisher(app.authority, settings.istiod.cacerts_dir, app.telemetry, app.clock)
+        app.components.append(cacerts)
+    federation = build_federation(settings, app)
+    app.components.extend(federation)
     app.components.append(sds)
     if pool is not None:
         app.components.append(pool)  # stops after the scheduler, so no renewal runs on a closed pool
     app.components.append(RotationScheduler(app.reconciler, settings.rotation, app.telemetry))
+    endpoint = next((c for c in federation if isinstance(c, BundleEndpoint)), None)
+    register_reactions(app.reactions, trust=app.trust, cacerts=cacerts, sideport=sideport, endpoint=endpoint,
+                       pool=pool)
     return app
 
 

@@ -30,6 +30,7 @@ from ca_service.pki.keys import generate_private_key
 from ca_service.pki.templates import CAKind
 from ca_service.rotation.state import AuthorityState
 from ca_service.services.authority import Authority, IssuedSvid
+from ca_service.services.state_changes import StateChange
 from ca_service.services.trust import TrustStore
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,6 @@ class BundleEndpoint:
         self.svid: IssuedSvid | None = None
         self._ssl: ssl.SSLContext | None = None
         self._runner: web.AppRunner | None = None
-        self._unsubscribe: list[object] = []
         self._renewal: asyncio.Task[None] | None = None
         self.port = 0
 
@@ -88,7 +88,6 @@ class BundleEndpoint:
             self._ssl.load_cert_chain(self.settings.cert_file, self.settings.key_file)
         else:
             self._issue()
-            self._unsubscribe.append(self._authority.subscribe(self._on_authority_change))
             self._renewal = asyncio.create_task(self._renew_loop(), name="bundle-endpoint-renewal")
         app = web.Application()
         app.router.add_get(BUNDLE_PATH, self._serve_bundle)
@@ -104,9 +103,6 @@ class BundleEndpoint:
                                                      "spiffe_id": str(self.spiffe_id)})
 
     async def stop(self) -> None:
-        for unsubscribe in self._unsubscribe:
-            unsubscribe()  # type: ignore[operator]
-        self._unsubscribe.clear()
         if self._renewal is not None:
             self._renewal.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -124,7 +120,11 @@ class BundleEndpoint:
                                                        "serial": format(svid.leaf.serial_number, "x"),
                                                        "not_after": svid.not_after.isoformat()})
 
-    def _on_authority_change(self, old: AuthorityState, new: AuthorityState) -> None:
+    def on_state_change(self, change: StateChange) -> None:
+        """State reaction (registered by the assembly)."""
+        self._on_authority_change(change.new)
+
+    def _on_authority_change(self, new: AuthorityState) -> None:
         # A new signing intermediate (intermediate or root rotation): re-issue so our chain leads to
         # the root peers are about to trust exclusively, before the old one is retired.
         try:

@@ -1,8 +1,13 @@
 """The authority: the loaded CA state of one trust domain, the only writer of it, and the signer of SVIDs.
 
-Every state change goes through :meth:`Authority.commit`: a compare-and-swap write to the store
-first, then the in-memory swap, then the listeners (SDS pushes, bundle files, metrics).  Persist
-before publish, so nothing is ever handed out that a restart would forget.
+The state changes in three ways, and each ends in the same :class:`StateChange` event published to
+:attr:`Authority.reactions` (SDS pushes, bundle files, cacerts, metrics... wired in ``app.py``):
+
+* :meth:`Authority.commit`: a compare-and-swap write to the store first, then the in-memory swap
+  (cause COMMITTED).  Persist before publish, so nothing is handed out that a restart would forget;
+* :meth:`Authority.load`: re-read from the store (cause LOADED);
+* :meth:`Authority.receive`: a newer record another replica wrote, delivered by a watch (cause
+  REPLICATED by default).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from ca_service.pki.templates import CAKind, IssuerProfile, build_svid_for
 from ca_service.pki.verify import verify_svid
 from ca_service.rotation.minting import bootstrap_state
 from ca_service.rotation.state import AuthorityState, CAEntry
-from ca_service.storage.base import AUTHORITY_RECORD, AuthorityStore
+from ca_service.services.state_changes import ChangeCause, StateChange, StateReactions
+from ca_service.storage.base import AUTHORITY_RECORD, AuthorityStore, Record
 from ca_service.storage.codec import decode_state, encode_state
 
 log = logging.getLogger(__name__)
@@ -92,14 +98,16 @@ class SigningContext:
 class Authority:
     """Holds and changes the CA state of ``trust_domain``; signs workload certificates."""
 
-    def __init__(self, store: AuthorityStore, trust_domain: TrustDomain, settings: CASettings, clock: Clock) -> None:
+    def __init__(self, store: AuthorityStore, trust_domain: TrustDomain, settings: CASettings, clock: Clock, *,
+                 reactions: StateReactions | None = None) -> None:
         self._store = store
         self.trust_domain = trust_domain
         self.settings = settings
         self.clock = clock
         self._state: AuthorityState | None = None
         self._version: str | None = None
-        self._listeners: list[StateListener] = []
+        # Where every StateChange goes; app.register_reactions fills it, in order.
+        self.reactions = reactions or StateReactions()
         # A signer's chain is verified once against the roots (not per leaf): the leaf profile is fixed
         # by our template, the chain is what can go wrong (a rotation that published nothing).
         self._verified_signers: set[tuple[str, int]] = set()
@@ -124,19 +132,45 @@ class Authority:
         return self._state is not None
 
     def load(self) -> AuthorityState | None:
-        """Load the persisted state if there is one; never creates anything."""
+        """Load the persisted state if there is one; never creates anything.
+
+        Raises:
+            StorageError: if the stored CA belongs to another trust domain.
+        """
         record = self._store.read(AUTHORITY_RECORD)
         if record is None:
             return None
+        state = self._decode(record)
+        old, self._state, self._version = self._state, state, record.version
+        if old is not None and old.revision != state.revision:
+            self._publish(old, state, ChangeCause.LOADED)
+        return state
+
+    def receive(self, record: Record, *, cause: ChangeCause = ChangeCause.REPLICATED) -> bool:
+        """Take a record of the state that someone else wrote (a watch event from another replica).
+
+        Decodes it, checks the trust domain, ignores it unless its revision is newer than ours, then
+        swaps it in and publishes the change.  Returns whether it was taken.
+
+        Raises:
+            StorageError: if the record does not decode or belongs to another trust domain.
+        """
+        state = self._decode(record)
+        old = self._state
+        if old is not None and state.revision <= old.revision:
+            return False
+        self._state, self._version = state, record.version
+        if old is not None:
+            self._publish(old, state, cause)
+        return True
+
+    def _decode(self, record: Record) -> AuthorityState:
         state = decode_state(dict(record.data))
         if state.trust_domain != self.trust_domain:
             raise StorageError(
                 f"the stored CA belongs to trust domain {state.trust_domain}, but this daemon is configured "
                 f"for {self.trust_domain}; point data_dir elsewhere or fix trust_domain"
             )
-        old, self._state, self._version = self._state, state, record.version
-        if old is not None and old.revision != state.revision:
-            self._notify(old, state)
         return state
 
     def load_or_bootstrap(self, initial: AuthorityState | None = None) -> tuple[AuthorityState, bool]:
@@ -170,20 +204,17 @@ class Authority:
         new = dataclasses.replace(new, revision=old.revision + 1)
         record = self._store.write(AUTHORITY_RECORD, encode_state(new), expected_version=self._version)
         self._state, self._version = new, record.version
-        self._notify(old, new)
+        self._publish(old, new, ChangeCause.COMMITTED)
         return new
 
     def subscribe(self, listener: StateListener) -> Callable[[], None]:
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener)
+        """Add an (old, new) listener at the end of :attr:`reactions` (for tests and tools; the daemon
+        registers its reactions in ``app.register_reactions``)."""
+        return self.reactions.add(getattr(listener, "__qualname__", repr(listener)),
+                                  lambda change: listener(change.old, change.new))
 
-    def _notify(self, old: AuthorityState, new: AuthorityState) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(old, new)
-            except Exception:
-                # One broken consumer (a metrics hook, a file writer) must not stop SDS pushes.
-                log.exception("state listener %r failed", listener)
+    def _publish(self, old: AuthorityState, new: AuthorityState, cause: ChangeCause) -> None:
+        self.reactions.publish(StateChange(old, new, cause))
 
     # ---------------------------------------------------------- signing
 

@@ -10,7 +10,6 @@ state, ``root-cert.pem`` goes A -> A+B -> B across a root rotation: the only ord
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 from ca_service.clock import Clock
@@ -20,6 +19,7 @@ from ca_service.pki.certs import fingerprint
 from ca_service.pki.templates import CAKind
 from ca_service.rotation.state import AuthorityState, SlotState
 from ca_service.services.authority import Authority
+from ca_service.services.state_changes import StateChange
 from ca_service.storage.projected import write_projected
 from ca_service.telemetry import Telemetry
 
@@ -35,7 +35,7 @@ def cacerts_signature(state: AuthorityState) -> tuple[str, tuple[bytes, ...]] | 
 
 
 class CacertsPublisher:
-    """Lifecycle component; writes on start and on every relevant authority change."""
+    """Lifecycle component; writes on start and, while running, on every relevant state change."""
 
     name = "istiod-cacerts"
 
@@ -46,20 +46,20 @@ class CacertsPublisher:
         self._telemetry = telemetry
         self._clock = clock or authority.clock
         self._written: tuple[str, tuple[bytes, ...]] | None = None
-        self._unsubscribe: Callable[[], None] | None = None
+        self._running = False
         self.writes = 0
 
     async def start(self) -> None:
         self.publish(self._authority.state)
-        self._unsubscribe = self._authority.subscribe(self._on_change)
+        self._running = True
 
     async def stop(self) -> None:
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
+        self._running = False
 
-    def _on_change(self, _old: AuthorityState, new: AuthorityState) -> None:
-        self.publish(new)
+    def on_state_change(self, change: StateChange) -> None:
+        """State reaction (registered by the assembly): rewrite the set if what it depends on changed."""
+        if self._running:
+            self.publish(change.new)
 
     def publish(self, state: AuthorityState) -> bool:
         """Write the set if it changed; returns whether it wrote.  Never raises: istiod keeps the last good set."""

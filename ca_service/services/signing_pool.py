@@ -19,7 +19,7 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor
 
 from cryptography import x509
@@ -31,6 +31,7 @@ from ca_service.pki.keys import KeyAlgorithm, generate_private_key, load_private
 from ca_service.pki.templates import CAKind, IssuerProfile, build_svid_for
 from ca_service.rotation.state import AuthorityState, SlotState
 from ca_service.services.authority import Authority, SigningContext
+from ca_service.services.state_changes import StateChange
 from ca_service.services.workloads import SignedSvid
 
 log = logging.getLogger(__name__)
@@ -221,15 +222,16 @@ class SigningPoolComponent:
     def __init__(self, pool: SigningPool, authority: Authority) -> None:
         self.pool = pool
         self._authority = authority
-        self._unsubscribe: Callable[[], None] | None = None
+        self._running = False
         self._warming: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self._unsubscribe = self._authority.subscribe(self._on_state)
+        self._running = True
         self._warm()
 
-    def _on_state(self, old: AuthorityState, new: AuthorityState) -> None:
-        if _active_signer(new) not in (None, self.pool.signer_key_id):
+    def on_state_change(self, change: StateChange) -> None:
+        """State reaction (registered by the assembly): a new active intermediate gets warm workers."""
+        if self._running and _active_signer(change.new) not in (None, self.pool.signer_key_id):
             self._warm()
 
     def _warm(self) -> None:
@@ -252,9 +254,7 @@ class SigningPoolComponent:
             log.exception("signing pool warm-up failed")
 
     async def stop(self) -> None:
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
+        self._running = False
         await asyncio.to_thread(self.pool.close)
         if self._warming:
             await asyncio.gather(*self._warming, return_exceptions=True)

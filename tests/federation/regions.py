@@ -12,6 +12,7 @@ from pathlib import Path
 from aiohttp import web
 from cryptography import x509
 
+from ca_service.app import register_reactions
 from ca_service.config import BundleEndpointSettings, BundleProfile, CASettings, PeerSettings
 from ca_service.federation.endpoint import BundleEndpoint
 from ca_service.federation.files import BundleFilePublisher
@@ -106,6 +107,7 @@ async def start_region(name: str, base: Path, clock: FakeClock, *, reuse: Path |
     endpoint = BundleEndpoint(BundleEndpointSettings(address="127.0.0.1:0", refresh_hint=dt.timedelta(seconds=1)),
                               trust, authority, clock)
     files = BundleFilePublisher(trust, data_dir / "bundles")
+    register_reactions(authority.reactions, trust=trust, endpoint=endpoint)
     await endpoint.start()
     await files.start()
     return Region(name, data_dir, clock, authority, trust, Telemetry(), endpoint, files)

@@ -22,7 +22,7 @@ from cryptography import x509
 from envoy.service.secret.v3 import sds_pb2_grpc
 from rotation_kit import Env, metric
 
-from ca_service.app import build_app
+from ca_service.app import build_app, register_reactions
 from ca_service.config import load_settings
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import load_private_key, public_key_der
@@ -179,6 +179,7 @@ async def test_two_passes_at_once_renew_each_certificate_once(env: Env, pool: Si
 async def test_the_component_warms_workers_rewarms_them_after_a_rotation_and_closes_on_stop(
         env: Env, pool: SigningPool) -> None:
     component = SigningPoolComponent(pool, env.authority)
+    register_reactions(env.authority.reactions, pool=component)
     await component.start()
     try:
         await wait_for(lambda: pool.signer_key_id == env.authority.state.active(CAKind.INTERMEDIATE).key_id,

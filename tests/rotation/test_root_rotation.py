@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from rotation_kit import Env, FakeAckTracker, make_env, metric, with_rotation
 
+from ca_service.app import register_reactions
 from ca_service.config import Settings
 from ca_service.errors import NotReadyError
 from ca_service.pki.cacerts import ROOT_CERT, check_cacerts
@@ -163,6 +164,7 @@ async def test_istiod_cacerts_pass_istios_checks_at_every_step_and_consecutive_r
     gated: Env, tmp_path: Path,
 ) -> None:
     publisher = CacertsPublisher(gated.authority, tmp_path / "cacerts", gated.telemetry)
+    register_reactions(gated.authority.reactions, cacerts=publisher)
     await publisher.start()
     sets: list[set[bytes]] = []
 
