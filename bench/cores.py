@@ -55,7 +55,7 @@ def _storm_rate(pool: SigningPool, ids: list[SpiffeId], rounds: int) -> float:
 
 
 def _pool_rate(authority: Authority, workers: int, ids: list[SpiffeId], rounds: int) -> float:
-    pool = SigningPool(authority, workers=workers)
+    pool = SigningPool(authority.issuer, workers=workers)
     try:
         pool.warm_up()  # spawning workers is start-up cost, not storm cost
         return _storm_rate(pool, ids, rounds)

@@ -81,7 +81,7 @@ def _due_tick_on_pool(
 ) -> tuple[float, float, int]:
     """The next 1% through ``reissue_many`` on a signing pool: event-loop-process CPU and wall seconds."""
     clock.set(times[2 * len(times) // 100])
-    pool = SigningPool(registry._authority, workers=len(os.sched_getaffinity(0)))
+    pool = SigningPool(registry._authority.issuer, workers=len(os.sched_getaffinity(0)))
     try:
         pool.warm_up()
         started_wall, started_cpu = time.perf_counter(), time.process_time()

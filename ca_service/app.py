@@ -60,14 +60,16 @@ def build_authority(settings: Settings, clock: Clock | None = None, store: Autho
 
 def register_reactions(reactions: StateReactions, *, trust: TrustStore | None = None,
                        cacerts: CacertsPublisher | None = None, sideport: HttpSideport | None = None,
-                       endpoint: BundleEndpoint | None = None, pool: SigningPoolComponent | None = None) -> None:
+                       endpoint: BundleEndpoint | None = None, pool: SigningPoolComponent | None = None,
+                       sds: SdsComponent | None = None) -> None:
     """THE list of what a CA state change sets off (commit here, load, or a replica's write), in order.
 
     1. trust store: our bundle changed -> its listeners run: SDS pushes (the watch hub), the bundle
        files, the trust gauges.  First, because a root rotation waits on SDS ACKs of the new bundle;
     2. istiod cacerts: the files follow the active istiod intermediate and the root set;
     3. side-port TLS: new roots are trusted for admin client certificates;
-    4. bundle endpoint: its serving SVID is re-issued under a new signing intermediate;
+    4. serving certificates (bundle endpoint, SDS TLS listeners) are re-issued under a new signing
+       intermediate (the side-port's is re-issued by 3);
     5. signing pool: workers are warmed up for a new signing intermediate (background thread);
     6. state metrics last: CA gauges and counts of minted CA certificates (they read, never feed back).
     A reaction that raises is logged and counted; the ones after it still run.
@@ -80,6 +82,8 @@ def register_reactions(reactions: StateReactions, *, trust: TrustStore | None = 
         reactions.add("sideport-tls", sideport.on_state_change)
     if endpoint is not None:
         reactions.add("bundle-endpoint", endpoint.on_state_change)
+    if sds is not None:
+        reactions.add("sds-serving", sds.on_state_change)
     if pool is not None:
         reactions.add("signing-pool", pool.on_state_change)
     if sideport is not None:
@@ -183,7 +187,7 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
     app.components.append(RotationScheduler(app.reconciler, settings.rotation, app.telemetry))
     endpoint = next((c for c in federation if isinstance(c, BundleEndpoint)), None)
     register_reactions(app.reactions, trust=app.trust, cacerts=cacerts, sideport=sideport, endpoint=endpoint,
-                       pool=pool)
+                       sds=sds, pool=pool)
     return app
 
 
@@ -191,9 +195,7 @@ def build_signing_pool(settings: Settings, app: App) -> SigningPoolComponent | N
     """The process pool for renewal storms, unless ``ca.signing_workers`` is 0 (sign in process)."""
     if settings.ca.signing_workers == 0:
         return None
-    pool = SigningPool(app.authority, workers=settings.ca.signing_workers,
-                       key_algorithm=settings.ca.workload_key_algorithm)
-    return SigningPoolComponent(pool, app.authority)
+    return SigningPoolComponent(SigningPool(app.authority.issuer, workers=settings.ca.signing_workers))
 
 
 def build_federation(settings: Settings, app: App) -> list[Component]:

@@ -23,7 +23,7 @@ IDS = [SpiffeId.parse(f"spiffe://cluster.local/ns/pool/sa/sa-{i}") for i in rang
 
 @pytest.fixture
 def pool(authority: Authority) -> Iterator[SigningPool]:
-    signing_pool = SigningPool(authority, workers=2)
+    signing_pool = SigningPool(authority.issuer, workers=2)
     yield signing_pool
     signing_pool.close()
 

@@ -107,5 +107,5 @@ def test_the_assembly_registers_the_reactions_in_the_stated_order(settings: Sett
                                                                         cacerts_dir=settings.data_dir / "cacerts"))
     app = build_app(settings, clock=clock)
     assert app.reactions.names == ["trust-store", "istiod-cacerts", "sideport-tls", "bundle-endpoint",
-                                   "signing-pool", "state-metrics"]
+                                   "sds-serving", "signing-pool", "state-metrics"]
     assert app.authority.reactions is app.reactions

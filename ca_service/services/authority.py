@@ -16,10 +16,6 @@ import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from ca_service.clock import Clock
 from ca_service.config import CASettings
@@ -27,10 +23,10 @@ from ca_service.errors import NotReadyError, StorageError
 from ca_service.pki.bundle import TrustBundle
 from ca_service.pki.identity import SpiffeId, TrustDomain
 from ca_service.pki.keys import PublicKey
-from ca_service.pki.templates import CAKind, IssuerProfile, build_svid_for
-from ca_service.pki.verify import verify_svid
+from ca_service.pki.templates import CAKind
 from ca_service.rotation.minting import bootstrap_state
 from ca_service.rotation.state import AuthorityState, CAEntry
+from ca_service.services.issuer import IssuancePolicy, IssuedSvid, Issuer, SigningContext
 from ca_service.services.state_changes import ChangeCause, StateChange, StateReactions
 from ca_service.storage.base import AUTHORITY_RECORD, AuthorityStore, Record
 from ca_service.storage.codec import decode_state, encode_state
@@ -38,61 +34,6 @@ from ca_service.storage.codec import decode_state, encode_state
 log = logging.getLogger(__name__)
 
 StateListener = Callable[[AuthorityState, AuthorityState], None]
-
-
-@dataclass(frozen=True)
-class IssuedSvid:
-    """A signed X509-SVID with the chain to present (leaf first, root excluded) and the roots it verifies against."""
-
-    spiffe_id: SpiffeId
-    chain: tuple[x509.Certificate, ...]
-    roots: tuple[x509.Certificate, ...]
-    issuer_key_id: str
-    # PEM of chain[1:], shared by every SVID of one signer so that encoding a chain costs one leaf.
-    tail_pem: bytes | None = None
-
-    @property
-    def leaf(self) -> x509.Certificate:
-        return self.chain[0]
-
-    @property
-    def not_after(self) -> dt.datetime:
-        return self.leaf.not_valid_after_utc
-
-    @property
-    def not_before(self) -> dt.datetime:
-        return self.leaf.not_valid_before_utc
-
-    def chain_pem(self) -> bytes:
-        """The chain as concatenated PEM, leaf first (what SDS ``tls_certificate.certificate_chain`` carries)."""
-        tail = self.tail_pem
-        if tail is None:
-            tail = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.chain[1:])
-        return self.leaf.public_bytes(serialization.Encoding.PEM) + tail
-
-
-@dataclass(frozen=True)
-class SigningContext:
-    """Everything signing with the active intermediate of one state repeats, computed once per state."""
-
-    state: AuthorityState
-    signer: CAEntry
-    profile: IssuerProfile
-    key_id: str
-    tail: tuple[x509.Certificate, ...]  # chain after the leaf: the signer, then any non-root CAs above it
-    tail_pem: bytes
-    roots: tuple[x509.Certificate, ...]
-
-    @classmethod
-    def of(cls, state: AuthorityState) -> SigningContext:
-        """Raises: NotReadyError: if no signing intermediate is active or its key is not available."""
-        signer = state.active(CAKind.INTERMEDIATE)
-        if signer.key is None:
-            raise NotReadyError("the signing intermediate's key is not available")
-        roots = state.roots
-        tail = (signer.cert, *[c for c in state.chain_above(signer) if c not in roots])
-        return cls(state, signer, IssuerProfile.of(signer.cert, signer.key), signer.key_id, tail,
-                   b"".join(c.public_bytes(serialization.Encoding.PEM) for c in tail), roots)
 
 
 class Authority:
@@ -108,9 +49,8 @@ class Authority:
         self._version: str | None = None
         # Where every StateChange goes; app.register_reactions fills it, in order.
         self.reactions = reactions or StateReactions()
-        # A signer's chain is verified once against the roots (not per leaf): the leaf profile is fixed
-        # by our template, the chain is what can go wrong (a rotation that published nothing).
-        self._verified_signers: set[tuple[str, int]] = set()
+        # The one issuer of leaves signed with this state's active intermediate.
+        self.issuer = Issuer(self, IssuancePolicy.of(settings))
         self._context: SigningContext | None = None
         # The bundle of one state, built once: SDS resolves it for every stream a bundle change pushes to.
         self._bundle: tuple[AuthorityState, TrustBundle] | None = None
@@ -245,42 +185,8 @@ class Authority:
         self, spiffe_id: SpiffeId, public_key: PublicKey, *, ttl: dt.timedelta | None = None,
         now: dt.datetime | None = None,
     ) -> IssuedSvid:
-        """Sign an X509-SVID for ``spiffe_id`` over ``public_key`` with the active signing intermediate.
-
-        The caller must already have established that the requester is entitled to ``spiffe_id``.
-
-        Raises:
-            NotReadyError: if no signing intermediate is active or the identity is of another trust domain.
-        """
-        self.check_member(spiffe_id)
-        now = now or self.clock.now()
-        context = self.signing_context()
-        leaf = build_svid_for(public_key, spiffe_id, context.profile, now=now, ttl=self.leaf_ttl(ttl),
-                              backdate=self.settings.backdate)
-        return self.assemble_svid(spiffe_id, leaf, context, now)
-
-    def check_member(self, spiffe_id: SpiffeId) -> None:
-        if not spiffe_id.is_member_of(self.trust_domain):
-            raise NotReadyError(f"this CA signs only for {self.trust_domain}, not for {spiffe_id}")
-
-    def leaf_ttl(self, requested: dt.timedelta | None = None) -> dt.timedelta:
-        return min(requested or self.settings.workload_ttl, self.settings.max_workload_ttl)
-
-    def assemble_svid(
-        self, spiffe_id: SpiffeId, leaf: x509.Certificate, context: SigningContext, now: dt.datetime
-    ) -> IssuedSvid:
-        """Wrap a leaf signed under ``context`` (here or in a signing-pool worker) into an :class:`IssuedSvid`."""
-        chain = (leaf, *context.tail)
-        self._check_signer_chain(context, chain, now)
-        return IssuedSvid(spiffe_id, chain, context.roots, context.key_id, context.tail_pem)
-
-    def _check_signer_chain(self, context: SigningContext, chain: tuple[x509.Certificate, ...],
-                            now: dt.datetime) -> None:
-        marker = (context.key_id, context.state.bundle_sequence)
-        if marker in self._verified_signers:
-            return
-        verify_svid(chain[0], chain[1:], context.roots, now=now)
-        self._verified_signers.add(marker)
+        """:meth:`Issuer.issue` of :attr:`issuer` at the authority clock's ``now`` (a shortcut for tools and tests)."""
+        return self.issuer.issue(spiffe_id, public_key, ttl=ttl, now=now or self.clock.now())
 
 
 def _entry_fields(entry: CAEntry) -> dict[str, object]:

@@ -14,24 +14,16 @@ from pathlib import Path
 
 from ca_service.clock import Clock
 from ca_service.errors import CAServiceError
-from ca_service.pki.cacerts import CA_KEY, build_cacerts, check_cacerts
-from ca_service.pki.certs import fingerprint
+from ca_service.pki.cacerts import CA_KEY
 from ca_service.pki.templates import CAKind
-from ca_service.rotation.state import AuthorityState, SlotState
+from ca_service.rotation.state import AuthorityState
 from ca_service.services.authority import Authority
+from ca_service.services.cacerts import cacerts_files, cacerts_signature
 from ca_service.services.state_changes import StateChange
 from ca_service.storage.projected import write_projected
 from ca_service.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
-
-
-def cacerts_signature(state: AuthorityState) -> tuple[str, tuple[bytes, ...]] | None:
-    """What the files depend on: the active istiod intermediate and the root set (None: nothing to write)."""
-    active = state.of_kind(CAKind.ISTIOD_INTERMEDIATE, SlotState.ACTIVE)
-    if not active or active[0].key is None:
-        return None
-    return active[0].key_id, tuple(fingerprint(c) for c in state.roots)
 
 
 class CacertsPublisher:
@@ -71,10 +63,8 @@ class CacertsPublisher:
         if signature == self._written:
             return False
         entry = state.active(CAKind.ISTIOD_INTERMEDIATE)
-        assert entry.key is not None  # checked by cacerts_signature
         try:
-            files = build_cacerts(entry.cert, entry.key, state.chain_above(entry), state.roots)
-            check_cacerts(files, now=self._clock.now())
+            files = cacerts_files(state, self._clock.now())
             write_projected(self.directory, files, modes={CA_KEY: 0o600}, now=self._clock.now())
         except CAServiceError as exc:
             self._telemetry.rotation_failures.labels(kind=str(CAKind.ISTIOD_INTERMEDIATE)).inc()

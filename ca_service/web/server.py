@@ -98,7 +98,7 @@ class HttpSideport:
     def on_state_change(self, change: StateChange) -> None:
         """State reaction (registered by the assembly): new roots are trusted for client certificates."""
         if self._tls is not None:
-            self._tls.on_authority_change(change.old, change.new)
+            self._tls.on_state_change(change)
 
     def begin_shutdown(self) -> None:
         self.readiness.begin_shutdown()

@@ -12,13 +12,14 @@ from pathlib import Path
 from aiohttp import web
 from cryptography import x509
 
+from ca_service.adapters.tls_keys import load_chain_into
 from ca_service.app import register_reactions
 from ca_service.config import BundleEndpointSettings, BundleProfile, CASettings, PeerSettings
 from ca_service.federation.endpoint import BundleEndpoint
 from ca_service.federation.files import BundleFilePublisher
 from ca_service.federation.lastgood import LastGoodStore
 from ca_service.federation.peers import Federation
-from ca_service.federation.tls import load_chain_into, server_context
+from ca_service.federation.tls import server_context
 from ca_service.pki.identity import SpiffeId, TrustDomain
 from ca_service.pki.keys import PrivateKey, generate_private_key
 from ca_service.pki.templates import CAKind

@@ -54,7 +54,7 @@ class RecordingSigner:
 
 @pytest.fixture
 def pool(env: Env) -> Iterator[SigningPool]:
-    signing_pool = SigningPool(env.authority, workers=2)
+    signing_pool = SigningPool(env.authority.issuer, workers=2)
     yield signing_pool
     signing_pool.close()
 
@@ -178,7 +178,7 @@ async def test_two_passes_at_once_renew_each_certificate_once(env: Env, pool: Si
 
 async def test_the_component_warms_workers_rewarms_them_after_a_rotation_and_closes_on_stop(
         env: Env, pool: SigningPool) -> None:
-    component = SigningPoolComponent(pool, env.authority)
+    component = SigningPoolComponent(pool)
     register_reactions(env.authority.reactions, pool=component)
     await component.start()
     try:
