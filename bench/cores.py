@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench.common import START, Result, fresh_authority
+from ca_service.adapters.signing_pool import SigningPool
 from ca_service.pki.identity import SpiffeId
 from ca_service.services.authority import Authority
-from ca_service.services.signing_pool import SigningPool
 
 
 def _raw_sign(seconds: float) -> float:

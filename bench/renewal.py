@@ -18,10 +18,10 @@ import time
 import tracemalloc
 
 from bench.common import START, Result, fresh_authority, rss_bytes
+from ca_service.adapters.signing_pool import SigningPool
 from ca_service.config import RotationSettings
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import generate_private_key, private_key_to_pem
-from ca_service.services.signing_pool import SigningPool
 from ca_service.services.workloads import WorkloadRegistry
 from tests.clock import FakeClock
 

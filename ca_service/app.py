@@ -12,6 +12,9 @@ import signal
 from collections.abc import Callable
 from typing import Protocol
 
+from ca_service.adapters.cacerts_publisher import CacertsPublisher
+from ca_service.adapters.scheduler import RotationScheduler
+from ca_service.adapters.signing_pool import SigningPool, SigningPoolComponent
 from ca_service.clock import Clock, SystemClock
 from ca_service.config import Settings
 from ca_service.federation.endpoint import BundleEndpoint
@@ -21,12 +24,9 @@ from ca_service.federation.peers import Federation
 from ca_service.rotation.planner import RotationPolicy
 from ca_service.rpc.sds_listeners import SdsComponent
 from ca_service.services.authority import Authority
-from ca_service.services.cacerts_publisher import CacertsPublisher
 from ca_service.services.ports import AckTracker
 from ca_service.services.reconciler import Reconciler
 from ca_service.services.rotator import RotationService
-from ca_service.services.scheduler import RotationScheduler
-from ca_service.services.signing_pool import SigningPool, SigningPoolComponent
 from ca_service.services.state_changes import StateReactions
 from ca_service.services.trust import TrustStore
 from ca_service.services.workloads import WorkloadRegistry

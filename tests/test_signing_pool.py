@@ -8,13 +8,13 @@ from collections.abc import Iterator
 import pytest
 from cryptography import x509
 
+from ca_service.adapters.signing_pool import SigningPool
 from ca_service.config import RotationSettings
 from ca_service.pki.certs import certs_to_pem, spiffe_id_of
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import load_private_key, public_key_der
 from ca_service.pki.verify import verify_svid
 from ca_service.services.authority import Authority
-from ca_service.services.signing_pool import SigningPool
 from ca_service.services.workloads import WorkloadCert, WorkloadRegistry
 from tests.clock import FakeClock
 

@@ -1,7 +1,7 @@
 """istiod's ``cacerts`` set for the active istiod intermediate: built and checked in one place.
 
-Used by the CLI export (``services/operations.py``) and the daemon's publisher
-(``adapters/cacerts_files.py``); both write only what :func:`cacerts_files` returned.
+Used by the CLI export (``operations.py``) and the daemon's publisher
+(``adapters/cacerts_publisher.py``); both write only what :func:`cacerts_files` returned.
 """
 
 from __future__ import annotations

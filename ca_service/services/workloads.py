@@ -46,7 +46,7 @@ class SignedSvid(NamedTuple):
 
 
 class BatchSigner(Protocol):
-    """Signs many identities at once, e.g. on a process pool (``signing_pool.SigningPool``)."""
+    """Signs many identities at once, e.g. on a process pool (``adapters.signing_pool.SigningPool``)."""
 
     async def issue_many(self, spiffe_ids: Sequence[SpiffeId], *, now: dt.datetime) -> list[SignedSvid]:
         ...

@@ -22,6 +22,7 @@ from cryptography import x509
 from envoy.service.secret.v3 import sds_pb2_grpc
 from rotation_kit import Env, metric
 
+from ca_service.adapters.signing_pool import SigningPool, SigningPoolComponent, SigningPoolError
 from ca_service.app import build_app, register_reactions
 from ca_service.config import load_settings
 from ca_service.pki.identity import SpiffeId
@@ -31,7 +32,6 @@ from ca_service.pki.verify import verify_svid
 from ca_service.services.ports import RotationRequest, RotationScope
 from ca_service.services.reconciler import POOL_MIN_BATCH
 from ca_service.services.rotator import RotationService
-from ca_service.services.signing_pool import SigningPool, SigningPoolComponent, SigningPoolError
 from ca_service.services.workloads import SignedSvid, WorkloadCert
 from tests.rpc.sds_fixtures import node, read, request, secrets_of
 from tests.waiting import wait_for

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from rotation_kit import Env, FakeAckTracker, make_env, metric, with_rotation
 
+from ca_service.adapters.cacerts_publisher import CacertsPublisher
 from ca_service.app import register_reactions
 from ca_service.config import Settings
 from ca_service.errors import NotReadyError
@@ -18,7 +19,6 @@ from ca_service.pki.identity import SpiffeId
 from ca_service.pki.templates import CAKind
 from ca_service.rotation.planner import GateStatus, activation_time
 from ca_service.rotation.state import RootRotationPhase, SlotState
-from ca_service.services.cacerts_publisher import CacertsPublisher
 from ca_service.services.ports import RotationRequest, RotationScope
 from ca_service.services.rotator import RotationService
 from ca_service.storage.projected import read_projected
