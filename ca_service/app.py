@@ -165,7 +165,7 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
     pool = build_signing_pool(settings, app)
     app.reconciler = Reconciler(app.authority, app.registry, RotationPolicy.from_settings(settings), app.telemetry,
                                 acks=acks or sds.hub, clock=app.clock, signer=pool.pool if pool else None)
-    app.rotator = RotationService(app.reconciler)
+    app.rotator = RotationService.of(app.reconciler)
     sideport = HttpSideport(settings, app.authority, app.telemetry, app.clock, registry=app.registry,
                             trust=app.trust, rotator=app.rotator,
                             readiness_checks={"grpc_serving": lambda: len(sds.bound_addresses) == len(settings.grpc)})

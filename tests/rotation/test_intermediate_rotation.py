@@ -147,7 +147,7 @@ async def test_every_ca_starts_ca_backdate_early_so_leaves_keep_their_full_backd
     env = make_env(dataclasses.replace(settings, ca=dataclasses.replace(settings.ca, backdate=backdate)), clock)
     assert {e.not_before for e in env.authority.state.entries} == {clock.now() - backdate}
     clock.advance(DAY)
-    await RotationService(env.reconciler).rotate(RotationRequest(RotationScope.INTERMEDIATE, reason="drill"))
+    await RotationService.of(env.reconciler).rotate(RotationRequest(RotationScope.INTERMEDIATE, reason="drill"))
     fresh = env.authority.state.active(CAKind.INTERMEDIATE)
     assert fresh.not_before == clock.now() - backdate
     leaf = env.registry.get_or_issue("node-1", WORKLOAD).svid

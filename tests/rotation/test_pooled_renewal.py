@@ -156,7 +156,7 @@ async def test_after_an_intermediate_rotation_the_pool_signs_with_the_new_interm
     pool.warm_up()
     old = env.authority.state.active(CAKind.INTERMEDIATE).key_id
     assert pool.signer_key_id == old
-    await RotationService(env.reconciler).rotate(RotationRequest(RotationScope.INTERMEDIATE, reason="test"))
+    await RotationService.of(env.reconciler).rotate(RotationRequest(RotationScope.INTERMEDIATE, reason="test"))
     new = env.authority.state.active(CAKind.INTERMEDIATE).key_id
     assert new != old
     env.reconciler.signer = pool
@@ -184,7 +184,7 @@ async def test_the_component_warms_workers_rewarms_them_after_a_rotation_and_clo
     try:
         await wait_for(lambda: pool.signer_key_id == env.authority.state.active(CAKind.INTERMEDIATE).key_id,
                        "workers holding the active intermediate", timeout=30)
-        await RotationService(env.reconciler).rotate(RotationRequest(RotationScope.INTERMEDIATE, reason="test"))
+        await RotationService.of(env.reconciler).rotate(RotationRequest(RotationScope.INTERMEDIATE, reason="test"))
         new = env.authority.state.active(CAKind.INTERMEDIATE).key_id
         await wait_for(lambda: pool.signer_key_id == new, "workers holding the new intermediate", timeout=30)
     finally:

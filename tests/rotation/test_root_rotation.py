@@ -83,7 +83,7 @@ async def test_an_ack_timeout_alerts_once_and_never_proceeds_until_an_operator_o
         gated.clock.advance(dt.timedelta(hours=1))
     assert phase(gated) is RootRotationPhase.PUBLISHED
     assert metric(gated.telemetry, "ca_root_rotation_ack_gate_timeouts_total") == 1
-    result = await RotationService(gated.reconciler).rotate(
+    result = await RotationService.of(gated.reconciler).rotate(
         RotationRequest(RotationScope.ROOT, reason="sidecar x is dead, INC-42"))
     assert phase(gated) is RootRotationPhase.SIGNING, result
 
@@ -206,7 +206,7 @@ async def test_in_intermediate_only_mode_rotation_is_reported_impossible_and_not
     await env.reconciler.reconcile()
     assert metric(env.telemetry, "ca_rotation_failures_total", kind="intermediate") == 1  # reported once
     with pytest.raises(NotReadyError):
-        await RotationService(env.reconciler).rotate(RotationRequest(RotationScope.ROOT, reason="x"))
+        await RotationService.of(env.reconciler).rotate(RotationRequest(RotationScope.ROOT, reason="x"))
 
 
 async def test_a_cas_conflict_reloads_and_converges_on_the_next_tick(settings: Settings, clock: FakeClock) -> None:
