@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from bench.common import START, Result, fresh_authority
 from bench.go_reference import GoReference
 from bench.issuance import SPIFFE_ID, go_reference, make_csr
+from ca_service.adapters.signing_pool import SigningPool
 from ca_service.pki.identity import SpiffeId
 from ca_service.services.authority import Authority
-from ca_service.services.signing_pool import SigningPool
 
 
 def _raw_sign(seconds: float) -> float:
@@ -59,7 +59,7 @@ def _storm_rate(pool: SigningPool, ids: list[SpiffeId], rounds: int) -> float:
 
 
 def _pool_rate(authority: Authority, workers: int, ids: list[SpiffeId], rounds: int) -> float:
-    pool = SigningPool(authority, workers=workers)
+    pool = SigningPool(authority.issuer, workers=workers)
     try:
         pool.warm_up()  # spawning workers is start-up cost, not storm cost
         return _storm_rate(pool, ids, rounds)

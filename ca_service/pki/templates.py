@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -191,8 +192,10 @@ def build_svid(
 def build_svid_for(
     public_key: PublicKey, spiffe_id: SpiffeId, issuer: IssuerProfile, *, now: dt.datetime, ttl: dt.timedelta,
     backdate: dt.timedelta = DEFAULT_BACKDATE, encoder: LeafEncoder = LeafEncoder.TEMPLATE,
+    dns_names: Sequence[str] = (),
 ) -> x509.Certificate:
-    """Workload X509-SVID.
+    """Workload X509-SVID (``dns_names``: extra DNS SANs of a serving certificate; the SPIFFE spec allows
+    other SAN types next to the one URI SAN).
 
     Empty subject with exactly one URI SAN (marked critical because the subject is empty, RFC 5280
     4.2.1.6), CA:FALSE, keyUsage digitalSignature (+keyEncipherment for RSA keys, which TLS 1.2 RSA key
@@ -206,19 +209,21 @@ def build_svid_for(
     # The same clamp as _clamp, on the issuer's precomputed validity.
     not_before, not_after = max(now - backdate, issuer.not_before), min(now + ttl, issuer.not_after)
     serial = x509.random_serial_number()
-    if encoder is LeafEncoder.TEMPLATE and issuer.template is not None:
+    # The template encodes the workload profile (one URI SAN); serving certificates with DNS SANs are rare
+    # (one per listener per half-life) and take the builder.
+    if encoder is LeafEncoder.TEMPLATE and issuer.template is not None and not dns_names:
         try:
             return issuer.template.build(public_key, str(spiffe_id), serial=serial, not_before=not_before,
                                          not_after=not_after)
         except TemplateNotApplicable:
             pass
     return build_leaf_with_builder(public_key, str(spiffe_id), issuer, serial=serial, not_before=not_before,
-                                   not_after=not_after)
+                                   not_after=not_after, dns_names=dns_names)
 
 
 def build_leaf_with_builder(
     public_key: PublicKey, uri: str, issuer: IssuerProfile, *, serial: int, not_before: dt.datetime,
-    not_after: dt.datetime,
+    not_after: dt.datetime, dns_names: Sequence[str] = (),
 ) -> x509.Certificate:
     """The reference encoding of a workload leaf, on ``cryptography``'s CertificateBuilder."""
     is_rsa = not hasattr(public_key, "curve")
@@ -234,6 +239,7 @@ def build_leaf_with_builder(
         builder
         .add_extension(x509.SubjectKeyIdentifier(key_id(public_key)), critical=False)
         .add_extension(issuer.aki, critical=False)
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri),
+                                                     *(x509.DNSName(name) for name in dns_names)]), critical=True)
     )
     return builder.sign(issuer.key, issuer.digest)

@@ -16,7 +16,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from spiffe.svid.x509_svid import X509Svid
 
-from ca_service.clock import FakeClock
 from ca_service.config import Settings, load_settings
 from ca_service.errors import ConfigError
 from ca_service.pki.keys import KeyAlgorithm, generate_private_key, private_key_to_pem
@@ -24,6 +23,7 @@ from ca_service.pki.leaf_der import LeafTemplate
 from ca_service.pki.templates import IssuerProfile, LeafEncoder, build_svid_for
 from ca_service.services.authority import Authority
 from ca_service.storage.directory import DirectoryStore
+from tests.clock import FakeClock
 
 from .conftest import NOW, WORKLOAD, cached_hierarchy
 from .test_leaf_der import NOT_AFTER, NOT_BEFORE, SERIAL, profile

@@ -9,9 +9,10 @@ from ca_service.rpc.sds_hub import WatchHub
 async def test_the_frontier_is_the_lowest_ack_among_streams_that_receive_our_bundle() -> None:
     hub = WatchHub()
     assert hub.lowest_acked_bundle_sequence() is None  # no streams: holds nobody's gate
-    a, b, other = hub.open(), hub.open(), hub.open()
-    a.receives_own_bundle = b.receives_own_bundle = True
-    a.acked_bundle_sequence, b.acked_bundle_sequence, other.acked_bundle_sequence = 7, 5, 1
+    a, b, _other = hub.open(), hub.open(), hub.open()  # _other never receives our bundle: it does not count
+    for watch, sequence in ((a, 7), (b, 5)):  # what the servicer records: a push of our bundle, then its ACK
+        hub.acks.pushed(watch, f"nonce-{sequence}", sequence)
+        hub.acks.acked(watch)
     assert hub.lowest_acked_bundle_sequence() == 5
     assert LocalFrontier(hub.lowest_acked_bundle_sequence(), hub.connected_streams()) == LocalFrontier(5, 2)
     hub.close_watch(b)

@@ -12,7 +12,6 @@ from cryptography import x509
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 
-from ca_service.clock import FakeClock
 from ca_service.config import GrpcListener, RotationSettings
 from ca_service.rpc.admission import StreamAdmission, TokenBucket
 from ca_service.rpc.sds_listeners import SdsComponent
@@ -22,6 +21,7 @@ from ca_service.services.trust import TrustStore
 from ca_service.services.workloads import WorkloadRegistry
 from ca_service.settings import SdsLimits
 from ca_service.telemetry import Telemetry
+from tests.clock import FakeClock
 from tests.rpc.sds_fixtures import SdsStack, node, read, request, secrets_of
 from tests.waiting import wait_for
 
