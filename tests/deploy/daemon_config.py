@@ -19,14 +19,6 @@ from ca_service.settings import Settings
 PENDING_KEYS = frozenset({
     "grpc[].tls.dns_names",
     "istio_ca",
-    "istiod.cacerts_secret",
-    "istiod.root_cert_configmap",
-    "istiod.trust_bundle_configmap",
-    "storage.kubernetes.replica_id",
-    "storage.kubernetes.lease_name",
-    "storage.kubernetes.lease_duration",
-    "storage.kubernetes.renew_deadline",
-    "storage.kubernetes.retry_period",
 })
 # Problems the daemon reports today for values the pending work makes valid.
 PENDING_PROBLEMS = frozenset({
