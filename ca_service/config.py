@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import math
 import os
+import stat
 import types
 import typing
 from collections.abc import Mapping
@@ -83,7 +85,7 @@ def _convert(tp: Any, value: Any, key: str, problems: _Problems) -> Any:
         return _build(tp, value, key, problems)
     try:
         return _scalar(tp, value)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:
         problems.add(key, str(exc))
         return None
 
@@ -104,13 +106,16 @@ def _scalar(tp: Any, value: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise ValueError(f"{value!r} is not a number")
-        return float(value)
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError(f"{value!r} is not a finite number")
+        return number
     if tp is str:
-        if not isinstance(value, str):
+        if not isinstance(value, str) or "\x00" in value:
             raise ValueError(f"{value!r} is not a string")
         return value
     if tp is Path:
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, str) or not value or "\x00" in value:
             raise ValueError(f"{value!r} is not a path")
         return Path(value)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
@@ -130,7 +135,7 @@ def _build(cls: Any, value: Any, key: str, problems: _Problems) -> Any:
         return cls()
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    for unknown in sorted(set(value) - names):
+    for unknown in sorted(str(k) for k in set(value) - names):
         problems.add(f"{key}.{unknown}" if key else str(unknown), f"unknown key (known: {', '.join(sorted(names))})")
     kwargs = {}
     for name in names & set(value):
@@ -202,16 +207,65 @@ def load_settings(
     return settings
 
 
+# A real config is a few KiB; 1 MiB bounds what a wrong path (a log file, /dev/zero) makes us read.
+MAX_CONFIG_BYTES = 1 << 20
+# The schema is four levels deep; 32 leaves room for anchors-free hand-written nesting and stops a
+# 10k-deep document long before the YAML composer's recursion would.
+MAX_CONFIG_DEPTH = 32
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _read_config_bytes(path: Path) -> bytes:
+    """At most ``MAX_CONFIG_BYTES`` of a regular file (never blocks on a FIFO or reads a device forever)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise ValueError("is not a regular file")
+        raw = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(f"is larger than {MAX_CONFIG_BYTES} bytes")
+    return raw
+
+
+def _check_yaml_shape(text: str) -> None:
+    """Refuse aliases (a billion-laughs document expands exponentially when constructed) and deep
+    nesting, by walking the parser's event stream, which is linear in the text and not recursive."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            raise ValueError("uses a YAML alias (*name); aliases are not allowed in the config")
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_CONFIG_DEPTH:
+                raise ValueError(f"is nested deeper than {MAX_CONFIG_DEPTH} levels")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
 def _read_yaml(path: Path, problems: _Problems) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        raw = _read_config_bytes(path)
     except OSError as exc:
         problems.add("config", f"cannot read {path}: {exc.strerror}")
         return {}
+    except ValueError as exc:
+        problems.add("config", f"{path} {exc}")
+        return {}
     try:
+        text = raw.decode("utf-8")
+        if "\x00" in text:
+            raise UnicodeError("NUL byte")
+    except UnicodeError:
+        problems.add("config", f"{path} is not UTF-8 text")
+        return {}
+    try:
+        _check_yaml_shape(text)
         doc = yaml.safe_load(text)
+    except ValueError as exc:
+        problems.add("config", f"{path} {exc}")
+        return {}
     except yaml.YAMLError as exc:
-        problems.add("config", f"{path} is not valid YAML: {exc}")
+        problems.add("config", f"{path} is not valid YAML: {_one_line(str(exc))}")
         return {}
     if doc is None:
         return {}
@@ -219,6 +273,11 @@ def _read_yaml(path: Path, problems: _Problems) -> dict[str, Any]:
         problems.add("config", f"{path} must hold a mapping at the top level")
         return {}
     return doc
+
+
+def _one_line(text: str) -> str:
+    # PyYAML's messages quote the offending text over several lines; a config error is one line each.
+    return " ".join(text.split())[:300]
 
 
 def _check_td(key: str, value: str, problems: _Problems) -> None:
@@ -229,8 +288,58 @@ def _check_td(key: str, value: str, problems: _Problems) -> None:
 
 
 def _check_file(key: str, path: Path | None, problems: _Problems) -> None:
-    if path is not None and not os.access(path, os.R_OK):
+    if path is None:
+        return
+    if not os.access(path, os.R_OK):
         problems.add(key, f"file {path} does not exist or is not readable")
+    elif path.is_dir():
+        problems.add(key, f"{path} is a directory, not a file")
+
+
+def _check_writable_file(key: str, path: Path, problems: _Problems) -> None:
+    """A file we create or append to: not a directory, and its directory (or nearest existing parent) writable."""
+    if path.is_dir():
+        problems.add(key, f"{path} is a directory, not a file")
+        return
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            problems.add(key, f"{path} is not writable")
+        return
+    _check_writable_dir(key, path.parent, problems)
+
+
+def _check_writable_dir(key: str, path: Path, problems: _Problems) -> None:
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        problems.add(key, f"{existing} is not a directory")
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problems.add(key, f"{existing} is not writable")
+
+
+def _check_logging(s: LoggingSettings, problems: _Problems) -> None:
+    if s.level.lower() not in _LOG_LEVELS:
+        problems.add("logging.level", f"{s.level!r} is not one of: {', '.join(_LOG_LEVELS)}")
+    # Below these a useful line (a SPIFFE ID, a serial) would be cut or a real incident hidden.
+    if not 64 <= s.max_field_chars <= 65536:
+        problems.add("logging.max_field_chars", "must be between 64 and 65536")
+    if s.repeat_burst < 1:
+        problems.add("logging.repeat_burst", "must be at least 1")
+    if s.repeat_window <= dt.timedelta(0):
+        problems.add("logging.repeat_window", "must be positive")
+
+
+def _check_paths(s: Settings, problems: _Problems) -> None:
+    token = s.http.admin.token_file
+    if token is not None and token.exists():
+        _check_file("http.admin.token_file", token, problems)
+    if s.http.admin.audit_log is not None:
+        _check_writable_file("http.admin.audit_log", s.http.admin.audit_log, problems)
+    if s.istiod.cacerts_dir is not None:
+        _check_writable_dir("istiod.cacerts_dir", s.istiod.cacerts_dir, problems)
+    if s.data_dir.exists() and not s.data_dir.is_dir():
+        problems.add("data_dir", f"{s.data_dir} is not a directory")
 
 
 def validate(s: Settings) -> list[str]:
@@ -269,7 +378,8 @@ def validate(s: Settings) -> list[str]:
     if not 0 <= r.jitter_fraction < min(r.renew_fraction, 1 - r.renew_fraction):
         problems.add("rotation.jitter_fraction", f"{r.jitter_fraction} must be >= 0 and leave the renewal "
                      "point inside the lifetime")
-    for name in ("tick_interval", "misfire_grace", "root_ack_timeout"):
+    # A zero reissue window or propagation wait would reissue/rotate with no time for anyone to see it.
+    for name in ("tick_interval", "misfire_grace", "root_ack_timeout", "reissue_window", "root_min_propagation"):
         if getattr(r, name) <= dt.timedelta(0):
             problems.add(f"rotation.{name}", "must be positive")
     if r.root_ack_timeout < r.root_min_propagation:
@@ -284,10 +394,12 @@ def validate(s: Settings) -> list[str]:
     _check_address("http.address", s.http.address, problems)
     _claim(addresses, s.http.address, "http.address", problems)
     _check_tls("http.tls", s.http.tls, problems)
-    _check_file("http.admin.token_file", s.http.admin.token_file if s.http.admin.token_file and
-                s.http.admin.token_file.exists() else None, problems)
+    _check_paths(s, problems)
+    _check_logging(s.logging, problems)
     for i, pattern in enumerate(s.http.admin.allowed_spiffe_ids):
         _check_id_pattern(f"http.admin.allowed_spiffe_ids[{i}]", pattern, problems)
+    if s.bundle_endpoint.refresh_hint <= dt.timedelta(0):
+        problems.add("bundle_endpoint.refresh_hint", "must be positive (peers poll at this interval)")
     if s.bundle_endpoint.enabled:
         _check_bundle_endpoint(s.bundle_endpoint, problems)
         _claim(addresses, s.bundle_endpoint.address, "bundle_endpoint.address", problems)
@@ -359,6 +471,8 @@ def _check_peers(s: Settings, problems: _Problems) -> None:
         if peer.trust_domain in seen:
             problems.add(f"{key}.trust_domain", f"{peer.trust_domain} is configured twice")
         seen.add(peer.trust_domain)
+        if peer.refresh_hint is not None and peer.refresh_hint <= dt.timedelta(0):
+            problems.add(f"{key}.refresh_hint", "must be positive")
         if peer.profile is BundleProfile.STATIC:
             if peer.bundle_file is None:
                 problems.add(f"{key}.bundle_file", "profile static needs bundle_file")

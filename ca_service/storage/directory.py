@@ -46,8 +46,14 @@ class DirectoryStore:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot create state directory {self.directory}: {exc.strerror}") from None
-        self._check_directory_mode()
-        self._remove_stale_temp_files()
+        try:
+            self._check_directory_mode()
+            self._remove_stale_temp_files()
+        except OSError as exc:
+            # Read-only mount, wrong owner: the CA must be able to commit every rotation, so refuse
+            # to start rather than fail at the first renewal.
+            raise StorageError(f"state directory {self.directory} is not usable: {exc.strerror}; it must be a "
+                               "directory the daemon can write (mode 0700, owned by the daemon's user)") from None
 
     def describe(self) -> str:
         return f"directory {self.directory.resolve()}"

@@ -20,7 +20,7 @@ from ca_service.services.ports import Rotator
 from ca_service.services.trust import TrustStore
 from ca_service.services.workloads import WorkloadRegistry
 from ca_service.telemetry import Telemetry
-from ca_service.web.admin import AdminApi
+from ca_service.web.admin import AdminApi, ParserErrorAudit
 from ca_service.web.audit import AuditLog
 from ca_service.web.auth import AdminAuth, ensure_admin_token
 from ca_service.web.health import Readiness, ReadinessCheck, healthz, readyz_handler
@@ -107,7 +107,8 @@ class HttpSideport:
                          trust=self._trust, registry=self._registry)
         app = build_web_app(self.metrics, self.readiness, self.audit, admin)
         # access_log=None: the access log would print every scrape; admin calls have the audit log.
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                               logger=ParserErrorAudit(self.audit, self.metrics))
         await runner.setup()
         host, port = _split_address(self._settings.http.address)
         ssl_context = self._tls.context() if self._tls is not None else None
