@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -182,12 +183,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:
-        # A bug: one line for the operator, the traceback only at debug level.
-        logging.getLogger(__name__).debug("%s failed", args.command, exc_info=True)
-        sys.stderr.write(f"ca-service {args.command}: internal error ({type(exc).__name__}: "
-                         f"{escape(truncate(str(exc), 300))}); rerun with --log-level debug for details\n")
+    except RuntimeError as exc:
+        bind = _GRPC_BIND_FAILURE.match(str(exc))
+        if bind is None:
+            return _internal_error(args, exc)
+        sys.stderr.write(f"ca-service {args.command}: cannot listen on {escape(bind[1])}: "
+                         "address already in use or not available (gRPC listener)\n")
         return 1
+    except Exception as exc:
+        return _internal_error(args, exc)
+
+
+# grpc.aio reports a failed bind only as this RuntimeError; the log line before it has the errno.
+_GRPC_BIND_FAILURE = re.compile(r"^Failed to bind to address (\S+?);")
+
+
+def _internal_error(args: argparse.Namespace, exc: Exception) -> int:
+    # A bug: one line for the operator, the traceback only at debug level.
+    logging.getLogger(__name__).debug("%s failed", args.command, exc_info=exc)
+    sys.stderr.write(f"ca-service {args.command}: internal error ({type(exc).__name__}: "
+                     f"{escape(truncate(str(exc), 300))}); rerun with --log-level debug for details\n")
+    return 1
 
 
 def _describe_os_error(exc: OSError) -> str:
