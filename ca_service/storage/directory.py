@@ -153,8 +153,11 @@ def _decode(name: str, path: Path, raw: bytes) -> Record:
     try:
         body = json.loads(raw)
         data = {k: base64.b64decode(v, validate=True) for k, v in body["data"].items()}
-        version = str(body["version"])
-    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        version = body["version"]
+        # The next write computes version + 1: anything but a plain counter would fail there instead.
+        if not isinstance(version, str) or not version.isdigit() or not version.isascii():
+            raise ValueError(f"version {version!r} is not a counter")
+    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
         # Cannot happen through our writer (rename is atomic); means the file was edited or the disk lies.
         raise StorageError(f"{path} is corrupt ({exc}); restore it from backup") from None
     return Record(name, data, version)
