@@ -80,7 +80,9 @@ def _convert(tp: Any, value: Any, key: str, problems: _Problems) -> Any:
             problems.add(key, f"expected a list, got {type(value).__name__}")
             return ()
         (item_tp, _) = typing.get_args(tp)
-        return tuple(_convert(item_tp, v, f"{key}[{i}]", problems) for i, v in enumerate(value))
+        items = (_convert(item_tp, v, f"{key}[{i}]", problems) for i, v in enumerate(value))
+        # A failed item is already a problem; dropping it keeps validate() from meeting a None.
+        return tuple(item for item in items if item is not None)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key, problems)
     try:
@@ -139,10 +141,20 @@ def _build(cls: Any, value: Any, key: str, problems: _Problems) -> Any:
         problems.add(f"{key}.{unknown}" if key else str(unknown), f"unknown key (known: {', '.join(sorted(names))})")
     kwargs = {}
     for name in names & set(value):
-        converted = _convert(hints[name], value[name], f"{key}.{name}" if key else name, problems)
+        sub = f"{key}.{name}" if key else name
+        if value[name] is None and not _nullable(hints[name]):
+            # `key:` with nothing after it: YAML null, which only an optional setting can hold.
+            problems.add(sub, "is empty; give a value or remove the key for the default")
+            continue
+        converted = _convert(hints[name], value[name], sub, problems)
         if converted is not None or value[name] is None:
             kwargs[name] = converted
     return cls(**kwargs)
+
+
+def _nullable(tp: Any) -> bool:
+    """Whether ``None`` is a value of ``tp`` (``X | None``), or stands for an empty section (a dataclass)."""
+    return type(None) in typing.get_args(tp) or dataclasses.is_dataclass(tp)
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
