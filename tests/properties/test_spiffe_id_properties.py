@@ -9,8 +9,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ca_service.pki.identity import MAX_SPIFFE_ID_BYTES, MAX_TRUST_DOMAIN_BYTES, InvalidSpiffeIdError, SpiffeId, \
-    TrustDomain
+from ca_service.pki.identity import (
+    MAX_SPIFFE_ID_BYTES,
+    MAX_TRUST_DOMAIN_BYTES,
+    InvalidSpiffeIdError,
+    SpiffeId,
+    TrustDomain,
+)
 from tests.properties.profiles import DEFAULT, SLOW
 
 # SPIFFE ID spec section 2: lowercase scheme, trust domain of [a-z0-9.-_], path segments of
