@@ -15,7 +15,6 @@ import datetime as dt
 import enum
 import math
 import os
-import stat
 import types
 import typing
 from collections.abc import Mapping
@@ -24,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from ca_service.config_file import read_config_document
 from ca_service.errors import ConfigError, InvalidRequestError
 from ca_service.pki.identity import SpiffeId, TrustDomain
 from ca_service.settings import (
@@ -219,77 +219,15 @@ def load_settings(
     return settings
 
 
-# A real config is a few KiB; 1 MiB bounds what a wrong path (a log file, /dev/zero) makes us read.
-MAX_CONFIG_BYTES = 1 << 20
-# The schema is four levels deep; 32 leaves room for anchors-free hand-written nesting and stops a
-# 10k-deep document long before the YAML composer's recursion would.
-MAX_CONFIG_DEPTH = 32
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-
-
-def _read_config_bytes(path: Path) -> bytes:
-    """At most ``MAX_CONFIG_BYTES`` of a regular file (never blocks on a FIFO or reads a device forever)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            raise ValueError("is not a regular file")
-        raw = handle.read(MAX_CONFIG_BYTES + 1)
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ValueError(f"is larger than {MAX_CONFIG_BYTES} bytes")
-    return raw
-
-
-def _check_yaml_shape(text: str) -> None:
-    """Refuse aliases (a billion-laughs document expands exponentially when constructed) and deep
-    nesting, by walking the parser's event stream, which is linear in the text and not recursive."""
-    depth = 0
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
-        if isinstance(event, yaml.AliasEvent):
-            raise ValueError("uses a YAML alias (*name); aliases are not allowed in the config")
-        if isinstance(event, yaml.CollectionStartEvent):
-            depth += 1
-            if depth > MAX_CONFIG_DEPTH:
-                raise ValueError(f"is nested deeper than {MAX_CONFIG_DEPTH} levels")
-        elif isinstance(event, yaml.CollectionEndEvent):
-            depth -= 1
 
 
 def _read_yaml(path: Path, problems: _Problems) -> dict[str, Any]:
     try:
-        raw = _read_config_bytes(path)
-    except OSError as exc:
-        problems.add("config", f"cannot read {path}: {exc.strerror}")
-        return {}
+        return read_config_document(path)
     except ValueError as exc:
-        problems.add("config", f"{path} {exc}")
+        problems.add("config", str(exc))
         return {}
-    try:
-        text = raw.decode("utf-8")
-        if "\x00" in text:
-            raise UnicodeError("NUL byte")
-    except UnicodeError:
-        problems.add("config", f"{path} is not UTF-8 text")
-        return {}
-    try:
-        _check_yaml_shape(text)
-        doc = yaml.safe_load(text)
-    except ValueError as exc:
-        problems.add("config", f"{path} {exc}")
-        return {}
-    except yaml.YAMLError as exc:
-        problems.add("config", f"{path} is not valid YAML: {_one_line(str(exc))}")
-        return {}
-    if doc is None:
-        return {}
-    if not isinstance(doc, dict):
-        problems.add("config", f"{path} must hold a mapping at the top level")
-        return {}
-    return doc
-
-
-def _one_line(text: str) -> str:
-    # PyYAML's messages quote the offending text over several lines; a config error is one line each.
-    return " ".join(text.split())[:300]
 
 
 def _check_td(key: str, value: str, problems: _Problems) -> None:

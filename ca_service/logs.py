@@ -15,6 +15,7 @@ peer URLs) may reach a log line, so the handler, not the call sites, makes every
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime as dt
 import json
@@ -251,6 +252,9 @@ def configure_logging(settings: LoggingSettings) -> LogGuard:
                      repeat_window=settings.repeat_window.total_seconds())
     handler.addFilter(guard)
     _ACTIVE[:] = [guard]
+    # atexit handlers run in reverse order of registration, so this runs before logging's own
+    # shutdown flushes the handlers: a flood in the last window still gets its summary line.
+    atexit.register(guard.flush, force=True)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.level.upper())
