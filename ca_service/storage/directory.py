@@ -71,7 +71,7 @@ class DirectoryStore:
         # create temp files only while holding the lock, so under the lock every temp file is stale;
         # without it a reader (``ca-service status`` next to a running daemon) would delete a live
         # writer's file mid-write.
-        with self._locked():
+        with self._locked(raw_errors=True):
             for tmp in self.directory.glob(_TMP_PREFIX + "*"):
                 with contextlib.suppress(OSError):
                     tmp.unlink()
@@ -81,8 +81,14 @@ class DirectoryStore:
         return self.directory / (name + _SUFFIX)
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    def _locked(self, *, raw_errors: bool = False) -> Iterator[None]:
+        try:
+            fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            if raw_errors:
+                raise
+            raise StorageError(f"cannot lock state directory {self.directory}: {exc.strerror}; "
+                               "the previous state is unchanged") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -74,3 +74,16 @@ async def test_a_request_the_http_parser_refuses_is_answered_400_and_audited_wit
     assert audit["action"] == "http" and audit["result"] == "bad-request" and audit["remote"] == "127.0.0.1"
     assert "Traceback" not in out.text
     assert sum("refused by the parser" in line for line in out.lines()) == 1
+
+
+async def test_a_rotation_on_a_read_only_state_directory_is_503_and_audited(daemon: Daemon) -> None:
+    from tests.test_cli_errors import read_only
+
+    before = daemon.authority.state
+    with read_only(daemon.settings.data_dir / "state"):
+        async with daemon.session.post(daemon.url + ROTATE, headers=daemon.auth(),
+                                       json={"scope": "intermediate", "reason": "drill"}) as resp:
+            assert resp.status == 503
+            assert "Read-only file system" in (await resp.json())["error"]
+    assert daemon.authority.state == before
+    assert json.loads(daemon.audit_lines()[-1])["result"] == "storage-unavailable"
