@@ -23,7 +23,7 @@ from ca_service.pki.certs import is_ca
 from ca_service.pki.identity import TrustDomain
 from ca_service.pki.keys import KeyAlgorithm
 from ca_service.rotation.minting import bootstrap_state
-from tests.properties.profiles import DEFAULT, SLOW
+from tests.properties.profiles import DEFAULT, SLOW, SLOW_TIMEOUT
 
 TD = TrustDomain("eu.example")
 NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
@@ -126,6 +126,7 @@ def test_a_bootstrap_bundle_is_a_ca_bundle_or_a_rejection(raw: bytes) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SLOW_TIMEOUT)
 @SLOW
 @given(INPUTS)
 def test_ten_thousand_bundle_documents_are_judged_as_the_spec_does(raw: bytes) -> None:

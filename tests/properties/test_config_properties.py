@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from ca_service.config import ConfigError, Settings, load_settings, validate
 from ca_service.pki.identity import TrustDomain
-from tests.properties.profiles import DEFAULT, SLOW
+from tests.properties.profiles import DEFAULT, SLOW, SLOW_TIMEOUT
 
 _DIR = Path(tempfile.mkdtemp(prefix="ca-config-properties-"))
 _LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -89,6 +89,7 @@ def test_a_config_file_gives_valid_settings_or_a_config_error(raw: bytes) -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SLOW_TIMEOUT)
 @SLOW
 @given(INPUTS)
 def test_ten_thousand_config_files_give_valid_settings_or_a_config_error(raw: bytes) -> None:

@@ -16,7 +16,7 @@ from ca_service.pki.identity import (
     SpiffeId,
     TrustDomain,
 )
-from tests.properties.profiles import DEFAULT, SLOW
+from tests.properties.profiles import DEFAULT, SLOW, SLOW_TIMEOUT
 
 # SPIFFE ID spec section 2: lowercase scheme, trust domain of [a-z0-9.-_], path segments of
 # [a-zA-Z0-9.-_] that are neither empty, "." nor "..", no trailing slash, no query or fragment.
@@ -84,6 +84,7 @@ def test_a_trust_domain_is_accepted_exactly_when_the_spec_allows_it(name: str) -
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SLOW_TIMEOUT)
 @SLOW
 @given(IDS)
 def test_ten_thousand_spiffe_ids_are_judged_as_the_spec_does(value: str) -> None:
@@ -91,6 +92,7 @@ def test_ten_thousand_spiffe_ids_are_judged_as_the_spec_does(value: str) -> None
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SLOW_TIMEOUT)
 @SLOW
 @given(DOMAINS)
 def test_ten_thousand_trust_domains_are_judged_as_the_spec_does(name: str) -> None:
