@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from ca_service.config_file import read_config_document
+from ca_service.config_file import check_yaml_shape, read_config_document
 from ca_service.errors import ConfigError, InvalidRequestError
 from ca_service.pki.identity import SpiffeId, TrustDomain
 from ca_service.settings import (
@@ -168,8 +168,10 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         for part in path[:-1]:
             node = node.setdefault(part, {})
         try:
+            if raw:
+                check_yaml_shape(raw)  # an alias bomb in a variable must fail as fast as one in the file
             node[path[-1]] = yaml.safe_load(raw) if raw else raw
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError):
             node[path[-1]] = raw
         if isinstance(node[path[-1]], int | float | bool) and path[-1] in _STRINGY:
             node[path[-1]] = raw

@@ -32,7 +32,7 @@ def _read_config_bytes(path: Path) -> bytes:
     return raw
 
 
-def _check_yaml_shape(text: str) -> None:
+def check_yaml_shape(text: str) -> None:
     """Refuse aliases (a billion-laughs document expands exponentially when constructed) and deep
     nesting, by walking the parser's event stream, which is linear in the text and not recursive."""
     depth = 0
@@ -66,7 +66,7 @@ def read_config_document(path: Path) -> dict[str, Any]:
     except UnicodeError:
         raise ValueError(f"{path} is not UTF-8 text") from None
     try:
-        _check_yaml_shape(text)
+        check_yaml_shape(text)
         doc = yaml.safe_load(text)
     except ValueError as exc:
         raise ValueError(f"{path} {exc}") from None

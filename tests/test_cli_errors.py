@@ -139,3 +139,11 @@ def test_a_busy_port_is_one_clear_line_naming_the_address_and_exit_1(tmp_path: P
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("ca-service serve:") and str(port) in last and "in use" in last, last
+
+
+def test_a_billion_laughs_in_an_environment_variable_fails_fast_too(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CA_SERVICE_")}
+    env["CA_SERVICE_TRUST_DOMAIN"] = BILLION_LAUGHS
+    proc = subprocess.run([sys.executable, "-m", "ca_service", "--data-dir", str(tmp_path / "data"), "status"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=CLI_TIMEOUT)
+    assert proc.returncode == 2 and "trust_domain" in proc.stderr and "Traceback" not in proc.stderr
