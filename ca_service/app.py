@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ca_service.clock import Clock, SystemClock
-from ca_service.config import Settings
+from ca_service.config import Settings, StorageBackend
 from ca_service.federation.endpoint import BundleEndpoint
 from ca_service.federation.files import BundleFilePublisher
 from ca_service.federation.lastgood import LastGoodStore
@@ -48,6 +48,12 @@ class Component(Protocol):
 
 
 def build_store(settings: Settings) -> AuthorityStore:
+    if settings.storage.backend is StorageBackend.KUBERNETES:
+        from ca_service.kube.client import build_api_client
+        from ca_service.kube.store import KubernetesStore
+
+        k = settings.storage.kubernetes
+        return KubernetesStore(build_api_client(k.kubeconfig), k.namespace, k.secret_name)
     return DirectoryStore(settings.data_dir / "state")
 
 

@@ -15,6 +15,7 @@ import datetime as dt
 import enum
 import math
 import os
+import socket
 import types
 import typing
 from collections.abc import Mapping
@@ -30,6 +31,7 @@ from ca_service.settings import (
     AdminSettings,
     BundleEndpointSettings,
     BundleProfile,
+    CacertsSecretSettings,
     CASettings,
     FederationSettings,
     GrpcListener,
@@ -40,21 +42,23 @@ from ca_service.settings import (
     LogFormat,
     LoggingSettings,
     PeerSettings,
+    RootCertConfigMapSettings,
     RotationSettings,
     Settings,
     StorageBackend,
     StorageSettings,
     TLSSettings,
+    TrustBundleConfigMapSettings,
     format_duration,
     parse_duration,
 )
 
 __all__ = [
-    "ENV_PREFIX", "AdminSettings", "BundleEndpointSettings", "BundleProfile", "CASettings", "ConfigError",
-    "FederationSettings", "GrpcListener", "HttpSettings", "IstiodSettings", "KubernetesStorageSettings",
-    "ListenerPolicy", "LogFormat", "LoggingSettings", "PeerSettings", "RotationSettings", "Settings",
-    "StorageBackend", "StorageSettings", "TLSSettings", "format_duration", "load_settings", "parse_duration",
-    "validate",
+    "ENV_PREFIX", "AdminSettings", "BundleEndpointSettings", "BundleProfile", "CASettings", "CacertsSecretSettings",
+    "ConfigError", "FederationSettings", "GrpcListener", "HttpSettings", "IstiodSettings",
+    "KubernetesStorageSettings", "ListenerPolicy", "LogFormat", "LoggingSettings", "PeerSettings",
+    "RootCertConfigMapSettings", "RotationSettings", "Settings", "StorageBackend", "StorageSettings", "TLSSettings",
+    "TrustBundleConfigMapSettings", "format_duration", "load_settings", "parse_duration", "replica_id", "validate",
 ]
 
 ENV_PREFIX = "CA_SERVICE_"
@@ -302,6 +306,7 @@ def validate(s: Settings) -> list[str]:
         # The port is designed for it (CAS on resourceVersion) but the adapter is not built yet:
         # refusing beats silently keeping CA keys somewhere the operator did not ask for.
         problems.add("storage.backend", f"{s.storage.backend} is not available in this version; use directory")
+    _check_kubernetes(s, problems)
     ca = s.ca
     for name in ("root_ttl", "intermediate_ttl", "istiod_intermediate_ttl", "workload_ttl", "max_workload_ttl"):
         if getattr(ca, name) <= dt.timedelta(0):
@@ -357,6 +362,25 @@ def validate(s: Settings) -> list[str]:
         _claim(addresses, s.bundle_endpoint.address, "bundle_endpoint.address", problems)
     _check_peers(s, problems)
     return problems
+
+
+def _check_kubernetes(s: Settings, problems: _Problems) -> None:
+    k = s.storage.kubernetes
+    # client-go's rules: a leader gives up (renew_deadline) before anyone may take over (lease_duration)
+    # and retries more than once before its deadline.
+    if not dt.timedelta(0) < k.retry_period < k.renew_deadline < k.lease_duration:
+        problems.add("storage.kubernetes", "lease timings need 0 < retry_period < renew_deadline < lease_duration")
+    if k.lease_duration < dt.timedelta(seconds=1):
+        problems.add("storage.kubernetes.lease_duration", "must be at least 1s (a Lease counts whole seconds)")
+    if s.storage.backend is StorageBackend.KUBERNETES:
+        _check_file("storage.kubernetes.kubeconfig", k.kubeconfig, problems)
+
+
+def replica_id(settings: Settings, environ: Mapping[str, str] | None = None) -> str:
+    """This replica's identity for leases: the configured one, else $POD_NAME (unique and stable for the
+    pod's life), else the hostname (a pod's hostname is its name too)."""
+    env = os.environ if environ is None else environ
+    return settings.storage.kubernetes.replica_id or env.get("POD_NAME") or socket.gethostname()
 
 
 def _claim(seen: dict[str, str], address: str, key: str, problems: _Problems) -> None:

@@ -165,11 +165,35 @@ class FederationSettings:
 
 
 @dataclass(frozen=True)
+class CacertsSecretSettings:
+    enabled: bool = False
+    namespace: str = "istio-system"
+    name: str = "cacerts"
+
+
+@dataclass(frozen=True)
+class RootCertConfigMapSettings:
+    enabled: bool = False
+    name: str = "istio-ca-root-cert"  # in every namespace
+
+
+@dataclass(frozen=True)
+class TrustBundleConfigMapSettings:
+    enabled: bool = False
+    namespace: str = "istio-system"
+    name: str = "trust-bundle"
+
+
+@dataclass(frozen=True)
 class IstiodSettings:
     cacerts_dir: Path | None = None  # write the four cacerts files here (kubelet-style atomic swap)
     # istiod's MAX_WORKLOAD_CERT_TTL (Istio's default is 90 days): an old istiod intermediate, and a
     # root it chains to, stay trusted this long after istiod stopped signing with it.
     max_workload_ttl: dt.timedelta = dt.timedelta(days=90)
+    # Kubernetes objects, written by the leader (storage.backend: kubernetes).
+    cacerts_secret: CacertsSecretSettings = field(default_factory=CacertsSecretSettings)
+    root_cert_configmap: RootCertConfigMapSettings = field(default_factory=RootCertConfigMapSettings)
+    trust_bundle_configmap: TrustBundleConfigMapSettings = field(default_factory=TrustBundleConfigMapSettings)
 
 
 class StorageBackend(enum.StrEnum):
@@ -181,7 +205,14 @@ class StorageBackend(enum.StrEnum):
 class KubernetesStorageSettings:
     namespace: str = "ca-service"
     secret_name: str = "ca-service-state"
-    kubeconfig: Path | None = None
+    kubeconfig: Path | None = None  # None: in-cluster config (the pod's service account)
+    replica_id: str | None = None  # None: $POD_NAME, else the hostname (config.replica_id)
+    lease_name: str = "ca-service-leader"
+    # client-go's defaults for its own controllers: a dead leader is replaced within 15 s, a leader
+    # that cannot renew for 10 s stops mutating before anyone else may take over, retried every 2 s.
+    lease_duration: dt.timedelta = dt.timedelta(seconds=15)
+    renew_deadline: dt.timedelta = dt.timedelta(seconds=10)
+    retry_period: dt.timedelta = dt.timedelta(seconds=2)
 
 
 @dataclass(frozen=True)

@@ -112,17 +112,25 @@ def test_an_unwritable_cacerts_dir_is_a_config_error(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("command", [["status"], ["serve", "--grpc-address", "127.0.0.1:0",
-                                                   "--http-address", "127.0.0.1:0", "--bundle-address", "127.0.0.1:0"]])
-def test_a_read_only_state_directory_is_one_clear_line_and_exit_1(tmp_path: Path, command: list[str]) -> None:
+def test_status_on_a_read_only_state_directory_reads_the_state_and_says_it_is_read_only(tmp_path: Path) -> None:
     data = tmp_path / "data"
     assert run_cli("--data-dir", str(data), "init", cwd=tmp_path).returncode == 0
     with read_only(data):
-        proc = run_cli("--data-dir", str(data), *command, cwd=tmp_path)
+        proc = run_cli("--data-dir", str(data), "status", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "not writable" in proc.stderr and "intermediate" in proc.stdout
+
+
+def test_serve_on_a_read_only_data_directory_is_one_clear_line_and_exit_1(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert run_cli("--data-dir", str(data), "init", cwd=tmp_path).returncode == 0
+    with read_only(data):
+        proc = run_cli("--data-dir", str(data), "serve", "--grpc-address", "127.0.0.1:0", "--http-address",
+                       "127.0.0.1:0", "--bundle-address", "127.0.0.1:0", cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"ca-service {command[0]}: state directory") and "not usable" in last
+    assert last.startswith("ca-service serve:") and "Read-only file system" in last, last
 
 
 @pytest.mark.parametrize("flag", ["--grpc-address", "--http-address", "--bundle-address"])

@@ -109,6 +109,10 @@ class WatchHub:
     def streams_behind(self, bundle_sequence: int) -> int:
         return sum(1 for w in self._watches if w.receives_own_bundle and w.acked_bundle_sequence < bundle_sequence)
 
+    def lowest_acked_bundle_sequence(self) -> int | None:
+        """This replica's ACK frontier (published for the cluster-wide gate); None without such streams."""
+        return min((w.acked_bundle_sequence for w in self._watches if w.receives_own_bundle), default=None)
+
 
 def _in_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
     try:

@@ -99,6 +99,7 @@ class WorkloadRegistry:
         # Workloads whose pending renewal an operator forced (spread over a window): the renewal is
         # then counted and logged as forced, not scheduled.  Cleared by the next certificate.
         self._forced: set[WorkloadKey] = set()
+        self._last_due: dt.datetime | None = None  # the ``now`` of the previous due() call
 
     def __len__(self) -> int:
         return len(self._certs)
@@ -117,7 +118,9 @@ class WorkloadRegistry:
         """The node's current SVID for ``spiffe_id``; issued now if it has none or it expired."""
         now = self._clock.now()
         current = self._certs.get((node_id, spiffe_id))
-        if current is not None and current.svid.not_after > now:
+        # Valid now, not merely unexpired: after the wall clock stepped back, an SVID issued before the
+        # step may not be valid yet, and a peer would refuse it.
+        if current is not None and current.svid.not_before <= now < current.svid.not_after:
             return current
         return self._issue(node_id, spiffe_id, now, generation=(current.generation + 1) if current else 1)
 
@@ -189,7 +192,14 @@ class WorkloadRegistry:
         return cert
 
     def due(self, now: dt.datetime) -> list[WorkloadCert]:
-        """Certificates whose renewal time has come (stale heap entries of re-issued ones are dropped)."""
+        """Certificates whose renewal time has come (stale heap entries of re-issued ones are dropped).
+
+        If the clock went back since the last call (an NTP step, a VM restored from a snapshot), SVIDs
+        issued before the step that are not valid yet are due now as well.
+        """
+        if self._last_due is not None and now < self._last_due:
+            self._reschedule_not_yet_valid(now)
+        self._last_due = now
         out = []
         while self._heap and self._heap[0][0] <= now:
             _, token, key = heapq.heappop(self._heap)
@@ -197,6 +207,14 @@ class WorkloadRegistry:
                 del self._tokens[key]
                 out.append(self._certs[key])
         return out
+
+    def _reschedule_not_yet_valid(self, now: dt.datetime) -> None:
+        # O(live SVIDs), but only on a backward clock step, which is rare.
+        future = [c for c in self._certs.values() if c.svid.not_before > now]
+        for cert in future:
+            self.reschedule(cert, now)
+        if future:
+            log.warning("clock went back: SVIDs not valid yet are renewed now", extra={"count": len(future)})
 
     def next_renewal(self) -> dt.datetime | None:
         while self._heap:

@@ -50,10 +50,9 @@ class DirectoryStore:
             self._check_directory_mode()
             self._remove_stale_temp_files()
         except OSError as exc:
-            # Read-only mount, wrong owner: the CA must be able to commit every rotation, so refuse
-            # to start rather than fail at the first renewal.
+            # A group/other-readable directory we may not chmod (another owner, a read-only mount).
             raise StorageError(f"state directory {self.directory} is not usable: {exc.strerror}; it must be a "
-                               "directory the daemon can write (mode 0700, owned by the daemon's user)") from None
+                               "directory of the daemon's user with mode 0700") from None
 
     def describe(self) -> str:
         return f"directory {self.directory.resolve()}"
@@ -71,23 +70,27 @@ class DirectoryStore:
         # create temp files only while holding the lock, so under the lock every temp file is stale;
         # without it a reader (``ca-service status`` next to a running daemon) would delete a live
         # writer's file mid-write.
-        with self._locked(raw_errors=True):
-            for tmp in self.directory.glob(_TMP_PREFIX + "*"):
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
+        try:
+            with self._locked():
+                for tmp in self.directory.glob(_TMP_PREFIX + "*"):
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
+        except StorageError:
+            # A read-only state directory can still be read (``status``, a daemon serving what it has);
+            # nobody can have left a temp file there since it became read-only, and writes fail clearly.
+            log.warning("state directory %s is not writable; serving the stored state read-only", self.directory)
 
     def _path(self, name: str) -> Path:
         _check_name(name)
         return self.directory / (name + _SUFFIX)
 
     @contextlib.contextmanager
-    def _locked(self, *, raw_errors: bool = False) -> Iterator[None]:
+    def _locked(self) -> Iterator[None]:
         try:
             fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            if raw_errors:
-                raise
-            raise StorageError(f"cannot lock state directory {self.directory}: {exc.strerror}; "
+            # A read-only or full filesystem fails here, before anything was written.
+            raise StorageError(f"cannot lock {self.directory} for writing: {exc.strerror}; "
                                "the previous state is unchanged") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
