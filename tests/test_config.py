@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 import typing
 from pathlib import Path
 from typing import Any
-
-import os
 
 import pytest
 import yaml
