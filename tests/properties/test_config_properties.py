@@ -3,8 +3,10 @@ wrong, never another exception, and accepted Settings satisfy every rule the dae
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime as dt
+import shutil
 import tempfile
 import typing
 from pathlib import Path
@@ -19,7 +21,9 @@ from ca_service.config import ConfigError, Settings, load_settings, validate
 from ca_service.pki.identity import TrustDomain
 from tests.properties.profiles import DEFAULT, SLOW, SLOW_TIMEOUT
 
+# One file rewritten per example (Hypothesis and function-scoped tmp_path do not mix); removed at exit.
 _DIR = Path(tempfile.mkdtemp(prefix="ca-config-properties-"))
+atexit.register(shutil.rmtree, _DIR, ignore_errors=True)
 _LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
