@@ -29,6 +29,10 @@ class InvalidRequestError(CAServiceError):
     """The request is malformed (bad CSR, bad SPIFFE ID, unknown field)."""
 
 
+class RequestTooLargeError(InvalidRequestError):
+    """The request is larger than the limit for its kind (a body, a message); nothing of it was processed."""
+
+
 class NotFoundError(CAServiceError):
     """The named resource does not exist."""
 
@@ -68,8 +72,12 @@ ERROR_TABLE: tuple[ErrorStatus, ...] = (
     ErrorStatus(AuthenticationError, "UNAUTHENTICATED", 401, "unauthenticated", "caller could not be authenticated"),
     ErrorStatus(PolicyViolationError, "PERMISSION_DENIED", 403, "forbidden", "caller is not entitled to this resource"),
     ErrorStatus(NotFoundError, "NOT_FOUND", 404, "not-found", "no such resource"),
+    ErrorStatus(RequestTooLargeError, "RESOURCE_EXHAUSTED", 413, "too-large", "request too large"),
     ErrorStatus(InvalidRequestError, "INVALID_ARGUMENT", 400, "invalid", "malformed request"),
     ErrorStatus(ConflictError, "ABORTED", 409, "conflict", "conflicting change, retry"),
+    # The state could not be written (read-only or full disk, API server down): nothing changed; retry
+    # once it is fixed.  After ConflictError, its subclass.
+    ErrorStatus(StorageError, "UNAVAILABLE", 503, "storage-unavailable", "state storage unavailable, retry later"),
     ErrorStatus(NotReadyError, "UNAVAILABLE", 503, "not-ready", "not ready, retry later"),
     ErrorStatus(CAServiceError, "INTERNAL", 500, "error", "internal error"),
 )

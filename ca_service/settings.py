@@ -19,17 +19,29 @@ from ca_service.pki.templates import LeafEncoder
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# No setting is sensibly longer than a root's lifetime; 100 years also stays far inside timedelta's
+# range, so "99999999999d" is a clear error instead of an OverflowError.
+MAX_DURATION_SECONDS = 100 * 365 * 86400
 
 
 def parse_duration(value: object) -> dt.timedelta:
-    """``90s``, ``15m``, ``24h``, ``30d`` (also ``500ms``); a bare number is seconds."""
+    """``90s``, ``15m``, ``24h``, ``30d`` (also ``500ms``); a bare number is seconds.
+
+    Raises:
+        ValueError: for anything else, including infinite, NaN and durations beyond 100 years.
+    """
+    seconds: float | None = None
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return dt.timedelta(seconds=value)
-    if isinstance(value, str):
+        seconds = float(value)
+    elif isinstance(value, str):
         match = _DURATION.match(value)
         if match:
-            return dt.timedelta(seconds=float(match[1]) * _UNITS[match[2]])
-    raise ValueError(f"{value!r} is not a duration (use e.g. 90s, 15m, 24h, 30d)")
+            seconds = float(match[1]) * _UNITS[match[2]]
+    if seconds is None:
+        raise ValueError(f"{value!r} is not a duration (use e.g. 90s, 15m, 24h, 30d)")
+    if not abs(seconds) <= MAX_DURATION_SECONDS:  # also false for NaN
+        raise ValueError(f"{value!r} is not a duration of at most 100 years")
+    return dt.timedelta(seconds=seconds)
 
 
 def format_duration(delta: dt.timedelta) -> str:
@@ -270,6 +282,13 @@ class LogFormat(enum.StrEnum):
 class LoggingSettings:
     level: str = "info"
     format: LogFormat = LogFormat.TEXT
+    # Client-supplied text (NACK details, node ids, reasons) can be megabytes: every argument and
+    # field of a log line is cut here; 256 keeps a SPIFFE ID or a PEM serial whole.
+    max_field_chars: int = 256
+    # Lines of one message template per logger per window before the rest are counted, not written:
+    # enough for a real incident's first lines, not enough for a client to fill the disk.
+    repeat_burst: int = 20
+    repeat_window: dt.timedelta = dt.timedelta(seconds=10)
 
 
 def _default_grpc() -> tuple[GrpcListener, ...]:

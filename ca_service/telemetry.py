@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from ca_service.logs import SuppressedLogsCollector
+
 # Signing a P-256 leaf takes ~0.1 ms; RSA-3072 keygen can take a second.  Buckets cover both.
 _SIGN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # Push-to-ACK: Envoy ACKs within milliseconds on loopback; minutes means a stuck sidecar.
@@ -68,3 +70,5 @@ class Telemetry:
         # Scheduler.
         self.job_errors = Counter("ca_scheduler_job_errors", "Scheduler job runs that raised", ["job"], registry=r)
         self.job_misses = Counter("ca_scheduler_job_misses", "Scheduler job runs missed", ["job"], registry=r)
+        # Logging: ca_log_suppressed_total (the repeat limit of ca_service.logs is process-wide).
+        r.register(SuppressedLogsCollector())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 import typing
 from pathlib import Path
 from typing import Any
@@ -139,10 +140,14 @@ def test_a_file_without_read_permission_is_reported(tmp_path: Path, monkeypatch:
     path = tmp_path / "secret.yaml"
     path.write_text("trust_domain: x\n")
 
-    def denied(self: Path, *args: object, **kwargs: object) -> str:
-        raise PermissionError(13, "Permission denied", str(self))
+    real_open = os.open
 
-    monkeypatch.setattr(Path, "read_text", denied)
+    def denied(target: object, *args: object, **kwargs: object) -> int:
+        if str(target) == str(path):
+            raise PermissionError(13, "Permission denied", str(target))
+        return real_open(target, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", denied)
     with pytest.raises(ConfigError, match=r"config: cannot read .*secret.yaml: Permission denied"):
         load_settings(path, environ={})
 

@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
-from envoy.service.secret.v3 import sds_pb2_grpc
 
 from ca_service.config import GrpcListener, TLSSettings
 from ca_service.pki.certs import certs_to_pem
@@ -33,7 +32,7 @@ from ca_service.rpc.authn import (
 )
 from ca_service.rpc.sds_hub import WatchHub
 from ca_service.rpc.sds_resources import SecretCatalog
-from ca_service.rpc.sds_server import SdsServicer
+from ca_service.rpc.sds_server import SdsServicer, add_sds_servicer
 from ca_service.services.serving import ServingCertificate, ServingPair
 from ca_service.services.state_changes import StateChange
 from ca_service.services.trust import TrustStore
@@ -93,7 +92,7 @@ class SdsComponent:
         self._unsubscribe = [self._registry.subscribe(self.hub.on_workload), self._trust.subscribe(self.hub.on_trust)]
         for listener in self._listeners:
             server = grpc.aio.server(options=server_options(self._limits))
-            sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(self._servicer(listener), server)
+            add_sds_servicer(self._servicer(listener), server)
             address = self._bind(server, listener)
             await server.start()
             if listener.address.startswith(UNIX_SCHEME):

@@ -20,9 +20,10 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 from google.protobuf import json_format  # type: ignore[import-untyped]  # no types-protobuf in the venv
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
 from ca_service.config import ListenerPolicy
-from ca_service.errors import CAServiceError, NotFoundError
+from ca_service.errors import CAServiceError, InvalidRequestError, NotFoundError
 from ca_service.rpc.admission import RequestLimitError, StreamAdmission, check_request
 from ca_service.rpc.authn import Authenticator, CallCredentials, Caller, authenticate, check_policy
 from ca_service.rpc.sds_hub import Changed, Shutdown, StreamWatch, WatchHub
@@ -49,6 +50,44 @@ class _EndOfStream:
     """The client half-closed (or the connection went away)."""
 
 
+class _Malformed:
+    """A request frame that is not a valid protobuf message of the method's type."""
+
+
+MALFORMED = _Malformed()
+_MALFORMED_ERROR = InvalidRequestError("request frame is not a valid protobuf message")
+
+
+def _tolerant(message_type: Any) -> Callable[[bytes], Any]:
+    """A deserializer that turns a bad frame into :data:`MALFORMED` for the handler to refuse with
+    INVALID_ARGUMENT; grpc's own would end a stream with OK (or a unary call with UNKNOWN)."""
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return message_type.FromString(raw)
+        except DecodeError:
+            return MALFORMED
+    return deserialize
+
+
+def add_sds_servicer(servicer: SdsServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` like ``sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server``, but
+    with deserializers that let the handlers refuse malformed frames themselves."""
+    request, delta = discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest
+    handlers = {
+        "DeltaSecrets": grpc.stream_stream_rpc_method_handler(
+            servicer.DeltaSecrets, request_deserializer=_tolerant(delta),
+            response_serializer=discovery_pb2.DeltaDiscoveryResponse.SerializeToString),
+        "StreamSecrets": grpc.stream_stream_rpc_method_handler(
+            servicer.StreamSecrets, request_deserializer=_tolerant(request),
+            response_serializer=discovery_pb2.DiscoveryResponse.SerializeToString),
+        "FetchSecrets": grpc.unary_unary_rpc_method_handler(
+            servicer.FetchSecrets, request_deserializer=_tolerant(request),
+            response_serializer=discovery_pb2.DiscoveryResponse.SerializeToString),
+    }
+    service = "envoy.service.secret.v3.SecretDiscoveryService"
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+
+
 class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[misc]
     def __init__(self, catalog: SecretCatalog, hub: WatchHub, authenticator: Authenticator, *,
                  policy: ListenerPolicy, telemetry: Telemetry, peer_certificate_verified: bool,
@@ -73,6 +112,8 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[
         self, request: discovery_pb2.DiscoveryRequest, context: Context
     ) -> discovery_pb2.DiscoveryResponse:
         try:
+            if request is MALFORMED:
+                raise _MALFORMED_ERROR
             check_request(request, self._limits)
             caller = await self._caller(request.node, context)
             if not request.resource_names:
@@ -116,6 +157,8 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[
             if isinstance(item, Shutdown | _EndOfStream):
                 return
             try:
+                if item is MALFORMED:
+                    raise _MALFORMED_ERROR
                 if isinstance(item, Changed):
                     if session is None:
                         continue

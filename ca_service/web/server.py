@@ -21,7 +21,7 @@ from ca_service.services.state_changes import StateChange
 from ca_service.services.trust import TrustStore
 from ca_service.services.workloads import WorkloadRegistry
 from ca_service.telemetry import Telemetry
-from ca_service.web.admin import AdminApi
+from ca_service.web.admin import AdminApi, ParserErrorAudit
 from ca_service.web.audit import AuditLog
 from ca_service.web.auth import AdminAuth, ensure_admin_token
 from ca_service.web.connections import CappedTCPSite, runner_kwargs
@@ -115,7 +115,8 @@ class HttpSideport:
         app = build_web_app(self.metrics, self.readiness, self.audit, admin)
         # access_log=None: the access log would print every scrape; admin calls have the audit log.
         limits = self._settings.http.connections
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, **runner_kwargs(limits))
+        runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                               logger=ParserErrorAudit(self.audit, self.metrics), **runner_kwargs(limits))
         await runner.setup()
         host, port = _split_address(self._settings.http.address)
         ssl_context = self._tls.context() if self._tls is not None else None
