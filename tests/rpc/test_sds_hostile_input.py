@@ -20,13 +20,14 @@ MALFORMED_FRAME = b"\x0f\xff\xff\xff"
 SDS = "/envoy.service.secret.v3.SecretDiscoveryService/"
 
 
-async def test_a_nack_with_a_forged_line_and_ansi_and_one_mebibyte_is_logged_escaped_on_one_bounded_line(
+async def test_a_nack_with_a_forged_line_and_ansi_and_200_kib_is_logged_escaped_on_one_bounded_line(
         sds: SdsStack, stub: sds_pb2_grpc.SecretDiscoveryServiceStub) -> None:
     call = stub.StreamSecrets()
     with captured_log() as out:
         await call.write(request(["default"], n=node("a")))
         first = await read(call)
-        await call.write(request(["default"], nonce=first.nonce, error=FORGED + "Z" * (1 << 20)))
+        # 200 KiB: just under sds.max_request_bytes (256 KiB), which refuses bigger frames before any log.
+        await call.write(request(["default"], nonce=first.nonce, error=FORGED + "Z" * (200 << 10)))
         # Requests are handled in order: once this is answered, the NACK has been logged.
         await call.write(request(["default", "ROOTCA"], version=first.version_info, nonce=first.nonce))
         await read(call)
