@@ -19,12 +19,15 @@ from ca_service.errors import (
     NotReadyError,
     PolicyViolationError,
 )
+from ca_service.pki.csr import CSRRejectedError
 
 log = logging.getLogger(__name__)
 
 # Ordered: the first matching class wins (subclasses before their bases).
 STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, str], ...] = (
     (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED, "caller could not be authenticated"),
+    # A CSR asking for more than its caller's identity is a bad request (istiod, istio-csr), not a denial.
+    (CSRRejectedError, grpc.StatusCode.INVALID_ARGUMENT, "certificate request refused"),
     (PolicyViolationError, grpc.StatusCode.PERMISSION_DENIED, "caller is not entitled to this resource"),
     (NotFoundError, grpc.StatusCode.NOT_FOUND, "no such resource"),
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT, "malformed request"),
