@@ -292,7 +292,29 @@ def validate(s: Settings) -> list[str]:
         _check_bundle_endpoint(s.bundle_endpoint, problems)
         _claim(addresses, s.bundle_endpoint.address, "bundle_endpoint.address", problems)
     _check_peers(s, problems)
+    _check_istio_ca(s, problems)
     return problems
+
+
+def _check_istio_ca(s: Settings, problems: _Problems) -> None:
+    ica = s.istio_ca
+    ids = [c.cluster_id for c in ica.clusters]
+    if len(set(ids)) != len(ids) or "" in ids:
+        problems.add("istio_ca.clusters", "cluster_id values must be non-empty and unique")
+    for i, cluster in enumerate(ica.clusters):
+        _check_file(f"istio_ca.clusters[{i}].kubeconfig", cluster.kubeconfig, problems)
+    for i, account in enumerate(ica.trusted_node_accounts):
+        if account.count("/") != 1 or "" in account.split("/"):
+            problems.add(f"istio_ca.trusted_node_accounts[{i}]", f"{account!r} is not <namespace>/<service account>")
+    if ica.clusters and not ica.token_audiences:
+        problems.add("istio_ca.token_audiences", "must name at least one audience when clusters are configured")
+    if ica.rate_limit_per_identity <= 0 or ica.rate_limit_burst < 1:
+        problems.add("istio_ca.rate_limit_per_identity", "rate must be positive and rate_limit_burst >= 1")
+    for name in ("max_in_flight", "audit_capacity"):
+        if getattr(ica, name) < 1:
+            problems.add(f"istio_ca.{name}", "must be at least 1")
+    if ica.review_cache_ttl < dt.timedelta(0):
+        problems.add("istio_ca.review_cache_ttl", "must be >= 0 (0: no caching)")
 
 
 def _claim(seen: dict[str, str], address: str, key: str, problems: _Problems) -> None:
