@@ -19,6 +19,7 @@ from ca_service.federation.files import BundleFilePublisher
 from ca_service.federation.lastgood import LastGoodStore
 from ca_service.federation.peers import Federation
 from ca_service.rotation.planner import RotationPolicy
+from ca_service.rpc.istio_ca_wiring import IstioCA, build_istio_ca
 from ca_service.rpc.sds_listeners import SdsComponent
 from ca_service.services.authority import Authority
 from ca_service.services.cacerts_publisher import CacertsPublisher
@@ -75,6 +76,7 @@ class App:
         self.reconciler: Reconciler | None = None
         self.rotator: RotationService | None = None
         self.sds: SdsComponent | None = None
+        self.istio_ca: IstioCA | None = None
         # Run first thing in stop(), before any component stops: readiness turns false while every
         # listener still answers, so load balancers move away before connections are refused.
         self.shutdown_hooks: list[Callable[[], None]] = []
@@ -124,9 +126,13 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
     ``acks`` overrides the SDS server's ACK tracker as the root rotation gate (tests use a fake).
     """
     app = App(settings, clock=clock, store=store)
-    sds = SdsComponent(settings.grpc, registry=app.registry, trust=app.trust, telemetry=app.telemetry)
-    app.sds = sds
     pool = build_signing_pool(settings, app)
+    # The Istio CA API rides on every SDS listener's server; its serving certificates carry tls.dns_names.
+    app.istio_ca = istio = build_istio_ca(settings, app.authority, app.registry, app.telemetry, app.clock,
+                                          pool=pool.pool if pool else None)
+    sds = SdsComponent(settings.grpc, registry=app.registry, trust=app.trust, telemetry=app.telemetry,
+                       services=[istio.service.register], serving_chain=istio.serving_chain)
+    app.sds = sds
     app.reconciler = Reconciler(app.authority, app.registry, RotationPolicy.from_settings(settings), app.telemetry,
                                 acks=acks or sds.hub, clock=app.clock, signer=pool.pool if pool else None)
     app.rotator = RotationService(app.reconciler)

@@ -39,6 +39,14 @@ class AuthenticationError(CAServiceError):
     """The caller could not be identified."""
 
 
+class OverloadedError(CAServiceError):
+    """Too many requests (one identity's rate, or the daemon's in-flight cap); retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
 class StorageError(CAServiceError):
     """Persistent state could not be read or written; nothing was changed."""
 

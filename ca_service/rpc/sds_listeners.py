@@ -40,6 +40,11 @@ from ca_service.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
+# More services on every listener's server (the Istio CA API): called with the server and its listener.
+ServiceRegistration = Callable[[grpc.aio.Server, GrpcListener], None]
+# The PEM chain to serve for a listener's serving SVID and the DNS names its tls.dns_names asks for.
+ServingChain = Callable[[WorkloadCert, tuple[str, ...]], bytes]
+
 UNIX_SCHEME = "unix://"
 SERVING_NODE = "ca-service"  # registry node id under which the listeners' own serving SVID is cached
 SERVING_PATH = "/ca-service/sds"
@@ -53,8 +58,11 @@ class SdsComponent:
     name = "sds"
 
     def __init__(self, listeners: Sequence[GrpcListener], *, registry: WorkloadRegistry, trust: TrustStore,
-                 telemetry: Telemetry, grace: dt.timedelta = DEFAULT_GRACE) -> None:
+                 telemetry: Telemetry, grace: dt.timedelta = DEFAULT_GRACE,
+                 services: Sequence[ServiceRegistration] = (), serving_chain: ServingChain | None = None) -> None:
         self._listeners = tuple(listeners)
+        self.services = list(services)
+        self._serving_chain = serving_chain
         self._registry = registry
         self._trust = trust
         self._telemetry = telemetry
@@ -75,6 +83,8 @@ class SdsComponent:
         for listener in self._listeners:
             server = grpc.aio.server()
             sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(self._servicer(listener), server)
+            for register in self.services:
+                register(server, listener)
             address = self._bind(server, listener)
             await server.start()
             if listener.address.startswith(UNIX_SCHEME):
@@ -163,7 +173,10 @@ class _ServingCertFetcher:
 
     def _build(self, cert: WorkloadCert) -> grpc.ServerCertificateConfiguration:
         client_ca = self._component._client_ca(self._tls) if self._tls.require_client_cert else None
-        pair = (private_key_to_pem(cert.key), certs_to_pem(cert.svid.chain))
+        serving_chain, dns_names = self._component._serving_chain, self._tls.dns_names
+        chain = (serving_chain(cert, dns_names) if serving_chain is not None and dns_names
+                 else certs_to_pem(cert.svid.chain))
+        pair = (private_key_to_pem(cert.key), chain)
         return grpc.ssl_server_certificate_configuration([pair], root_certificates=client_ca)
 
     def __call__(self) -> grpc.ServerCertificateConfiguration | None:

@@ -17,6 +17,7 @@ from ca_service.errors import (
     InvalidRequestError,
     NotFoundError,
     NotReadyError,
+    OverloadedError,
     PolicyViolationError,
 )
 from ca_service.pki.csr import CSRRejectedError
@@ -31,6 +32,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, str], ...] = (
     (PolicyViolationError, grpc.StatusCode.PERMISSION_DENIED, "caller is not entitled to this resource"),
     (NotFoundError, grpc.StatusCode.NOT_FOUND, "no such resource"),
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT, "malformed request"),
+    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded, retry later"),
     (NotReadyError, grpc.StatusCode.UNAVAILABLE, "not ready, retry later"),
     (CAServiceError, grpc.StatusCode.INTERNAL, "internal error"),
 )
@@ -51,5 +53,7 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseExcep
         log.error("%s failed", rpc, exc_info=exc, extra={"peer": context.peer()})
     else:
         log.warning("%s refused: %s", rpc, exc, extra={"peer": context.peer(), "status": code.name})
-    await context.abort(code, message)
+    # gRPC has no standard retry hint for RESOURCE_EXHAUSTED; "retry-after" (seconds) mirrors HTTP's.
+    trailing = (("retry-after", str(max(1, round(exc.retry_after)))),) if isinstance(exc, OverloadedError) else ()
+    await context.abort(code, message, trailing_metadata=trailing)
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
