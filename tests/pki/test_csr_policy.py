@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from ca_service.pki.csr import CSRRejectedError, CsrKeyType, InvalidCSRError, check_csr, parse_csr, resolve_ttl
+from ca_service.pki.csr import CsrKeyType, CSRRejectedError, InvalidCSRError, check_csr, parse_csr, resolve_ttl
 from ca_service.pki.keys import generate_private_key
 
 from .conftest import WORKLOAD

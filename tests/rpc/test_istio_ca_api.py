@@ -10,9 +10,7 @@ import pytest
 from spiffe.svid.x509_svid import X509Svid
 
 from ca_service.pki.certs import spiffe_id_of
-from tests.rpc.istio_fixtures import IstioStack, Kube, create, csr_pem, identity_pem, istio, kube, new_key, pem_certs
-
-__all__ = ["istio", "kube"]
+from tests.rpc.istio_fixtures import IstioStack, Kube, create, csr_pem, identity_pem, new_key, pem_certs
 
 
 async def test_a_valid_token_gets_a_chain_that_openssl_and_py_spiffe_accept(

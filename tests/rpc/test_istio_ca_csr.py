@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import ipaddress
 from collections.abc import Callable
 
@@ -13,14 +14,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from tests.rpc.istio_fixtures import IstioStack, Kube, create, csr_pem, istio, kube, new_key
+from tests.rpc.istio_fixtures import IstioStack, Kube, create, csr_pem, new_key
 
-__all__ = ["istio", "kube"]
+SHA256 = hashes.SHA256()
+ARMOURED_GARBAGE = "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
 
 
 def _build(key: object = None, *, names: list[x509.GeneralName] | None = None,
            extra: list[tuple[x509.ExtensionType, bool]] = (), subject: list[x509.NameAttribute] = (),  # type: ignore[assignment]
-           digest: hashes.HashAlgorithm | None = hashes.SHA256()) -> str:
+           digest: hashes.HashAlgorithm | None = SHA256) -> str:
     key = key or new_key()
     builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(list(subject)))
     if names is not None:
@@ -39,7 +41,6 @@ def _tampered() -> str:
 def _certificate() -> str:
     key = new_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")])
-    import datetime as dt
     now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
@@ -57,7 +58,7 @@ def hostile(own: str) -> dict[str, Callable[[], str]]:
         "an empty CSR": lambda: "",
         "text that is not PEM": lambda: "hello, CA",
         "NUL bytes": lambda: "\x00" * 64,
-        "PEM armour around garbage": lambda: "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+        "PEM armour around garbage": lambda: ARMOURED_GARBAGE,
         "bare base64 DER without armour": lambda: base64.b64encode(
             x509.load_pem_x509_csr(_build().encode()).public_bytes(serialization.Encoding.DER)).decode(),
         "a certificate instead of a CSR": _certificate,

@@ -20,9 +20,8 @@ from ca_service.rpc.token_review import (
     token_expiry,
 )
 from ca_service.telemetry import Telemetry
-from tests.rpc.istio_fixtures import IstioStack, Kube, create, csr_pem, istio, kube, new_key, pem_certs
+from tests.rpc.istio_fixtures import Kube, create, csr_pem, new_key, pem_certs
 
-__all__ = ["istio", "kube"]
 TD = TrustDomain("cluster.local")
 
 
