@@ -48,6 +48,10 @@ ServingChain = Callable[[WorkloadCert, tuple[str, ...]], bytes]
 UNIX_SCHEME = "unix://"
 SERVING_NODE = "ca-service"  # registry node id under which the listeners' own serving SVID is cached
 SERVING_PATH = "/ca-service/sds"
+# grpc core cancels (status CANCELLED, no retry hint) calls that wait for the application beyond 1,000
+# pending; a herd of istio-agents must reach our admission control instead, which answers
+# RESOURCE_EXHAUSTED with retry-after.  A pending call costs a few hundred bytes.
+SERVER_OPTIONS = [("grpc.server.max_pending_requests", 50_000), ("grpc.server.max_pending_requests_hard_limit", 50_000)]
 # Long enough for Envoy to read the end of stream and reconnect to another replica; short enough for a restart.
 DEFAULT_GRACE = dt.timedelta(seconds=5)
 
@@ -81,7 +85,7 @@ class SdsComponent:
     async def start(self) -> None:
         self._unsubscribe = [self._registry.subscribe(self.hub.on_workload), self._trust.subscribe(self.hub.on_trust)]
         for listener in self._listeners:
-            server = grpc.aio.server()
+            server = grpc.aio.server(options=SERVER_OPTIONS)
             sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(self._servicer(listener), server)
             for register in self.services:
                 register(server, listener)

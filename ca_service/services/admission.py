@@ -63,6 +63,7 @@ class InFlightLimit:
             raise ValueError("limit must be at least 1")
         self.limit = limit
         self.current = 0
+        self.peak = 0  # the most ever in flight at once (for tests and the bench)
 
     def enter(self) -> None:
         """Raises: OverloadedError: ``limit`` requests are already in flight."""
@@ -70,6 +71,7 @@ class InFlightLimit:
             raise OverloadedError(f"{self.current} requests in flight (limit {self.limit})",
                                   retry_after=IN_FLIGHT_RETRY_AFTER)
         self.current += 1
+        self.peak = max(self.peak, self.current)
 
     def leave(self) -> None:
         self.current -= 1
