@@ -137,7 +137,7 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
                                 acks=acks or sds.hub, clock=app.clock, signer=pool.pool if pool else None)
     app.rotator = RotationService(app.reconciler)
     sideport = HttpSideport(settings, app.authority, app.telemetry, app.clock, registry=app.registry,
-                            trust=app.trust, rotator=app.rotator,
+                            trust=app.trust, rotator=app.rotator, ledger=istio.ledger,
                             readiness_checks={"grpc_serving": lambda: len(sds.bound_addresses) == len(settings.grpc)})
     app.shutdown_hooks.append(sideport.begin_shutdown)
     # Start order: side-port first (it stops last, so /readyz says 503 while the others drain), then
