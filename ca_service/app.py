@@ -126,13 +126,12 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
     ``acks`` overrides the SDS server's ACK tracker as the root rotation gate (tests use a fake).
     """
     app = App(settings, clock=clock, store=store)
-    pool = build_signing_pool(settings, app)
     # The Istio CA API rides on every SDS listener's server; its serving certificates carry tls.dns_names.
-    app.istio_ca = istio = build_istio_ca(settings, app.authority, app.registry, app.telemetry, app.clock,
-                                          pool=pool.pool if pool else None)
+    app.istio_ca = istio = build_istio_ca(settings, app.authority, app.registry, app.telemetry, app.clock)
     sds = SdsComponent(settings.grpc, registry=app.registry, trust=app.trust, telemetry=app.telemetry,
                        services=[istio.service.register], serving_chain=istio.serving_chain)
     app.sds = sds
+    pool = build_signing_pool(settings, app)
     app.reconciler = Reconciler(app.authority, app.registry, RotationPolicy.from_settings(settings), app.telemetry,
                                 acks=acks or sds.hub, clock=app.clock, signer=pool.pool if pool else None)
     app.rotator = RotationService(app.reconciler)

@@ -1,11 +1,11 @@
 """Signing CSR public keys for the Istio CA API, in one of three ways (``CsrSigner``).
 
 - :class:`InlineCsrSigner`: on the event loop (~0.2 ms a P-256 leaf): the least overhead per request.
-- :class:`ThreadCsrSigner`: in a thread; frees the loop only while OpenSSL holds no GIL, so mostly not.
+- :class:`ThreadCsrSigner`: in a thread; the loop keeps serving gRPC I/O while the Rust/OpenSSL part runs.
 - :class:`PoolCsrSigner`: requests that arrive together are batched into chunks for the signing pool's
   worker processes, which already hold the signing intermediate: the loop only parses results.
 
-bench/istio_ca.py measures them side by side; the daemon uses the pool when it has one.  All go
+bench/istio_ca.py measures them side by side; the daemon signs in a thread, which measured best.  All go
 through :meth:`Authority.issue_svid` or :meth:`Authority.assemble_svid`, so what is signed and
 the signer-chain check stay in one place.
 """
