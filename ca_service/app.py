@@ -13,11 +13,12 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ca_service.clock import Clock, SystemClock
-from ca_service.config import Settings
+from ca_service.config import Settings, StorageBackend
 from ca_service.federation.endpoint import BundleEndpoint
 from ca_service.federation.files import BundleFilePublisher
 from ca_service.federation.lastgood import LastGoodStore
 from ca_service.federation.peers import Federation
+from ca_service.process_limits import install_accept_error_handler, raise_open_file_limit
 from ca_service.rotation.planner import RotationPolicy
 from ca_service.rpc.istio_ca_wiring import IstioCA, build_istio_ca
 from ca_service.rpc.sds_listeners import SdsComponent
@@ -49,6 +50,12 @@ class Component(Protocol):
 
 
 def build_store(settings: Settings) -> AuthorityStore:
+    if settings.storage.backend is StorageBackend.KUBERNETES:
+        from ca_service.kube.client import build_api_client
+        from ca_service.kube.store import KubernetesStore
+
+        k = settings.storage.kubernetes
+        return KubernetesStore(build_api_client(k.kubeconfig), k.namespace, k.secret_name)
     return DirectoryStore(settings.data_dir / "state")
 
 
@@ -71,7 +78,8 @@ class App:
         # Every bundle we deliver (own + federated peers); SDS, bundle files and the endpoint read it.
         self.trust = TrustStore(self.authority)
         self.registry = WorkloadRegistry(self.authority, settings.rotation, self.clock,
-                                         key_algorithm=settings.ca.workload_key_algorithm, telemetry=self.telemetry)
+                                         key_algorithm=settings.ca.workload_key_algorithm, telemetry=self.telemetry,
+                                         node_grace=settings.sds.node_grace)
         # Set by build_app; tests that build an App by hand may leave them unset.
         self.reconciler: Reconciler | None = None
         self.rotator: RotationService | None = None
@@ -82,6 +90,8 @@ class App:
         self.shutdown_hooks: list[Callable[[], None]] = []
 
     async def start(self) -> None:
+        raise_open_file_limit()
+        install_accept_error_handler(self.telemetry.connections_refused)
         state, created = self.authority.load_or_bootstrap()
         log.info(
             "CA %s", "bootstrapped" if created else "loaded",
@@ -129,7 +139,7 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
     # The Istio CA API rides on every SDS listener's server; its serving certificates carry tls.dns_names.
     app.istio_ca = istio = build_istio_ca(settings, app.authority, app.registry, app.telemetry, app.clock)
     sds = SdsComponent(settings.grpc, registry=app.registry, trust=app.trust, telemetry=app.telemetry,
-                       services=[istio.service.register], serving_chain=istio.serving_chain)
+                       limits=settings.sds, services=[istio.service.register], serving_chain=istio.serving_chain)
     app.sds = sds
     pool = build_signing_pool(settings, app)
     app.reconciler = Reconciler(app.authority, app.registry, RotationPolicy.from_settings(settings), app.telemetry,
@@ -172,5 +182,6 @@ def build_federation(settings: Settings, app: App) -> list[Component]:
                    app.telemetry, app.clock),
     ]
     if settings.bundle_endpoint.enabled:
-        components.append(BundleEndpoint(settings.bundle_endpoint, app.trust, app.authority, app.clock))
+        components.append(BundleEndpoint(settings.bundle_endpoint, app.trust, app.authority, app.clock,
+                                         refused=app.telemetry.connections_refused))
     return components

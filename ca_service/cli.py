@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -22,16 +23,11 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ca-service", description="SPIFFE CA and rotation daemon for service meshes")
-    parser.add_argument("--config", type=Path,
-                        help="YAML config file (default: embedded default; env CA_SERVICE_CONFIG)")
-    parser.add_argument("--data-dir", type=Path,
-                        help="state directory (default ./var/ca-service; env CA_SERVICE_DATA_DIR)")
-    parser.add_argument("--trust-domain", help="trust domain (default cluster.local)")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    # --json is also accepted after the subcommand (`ca-service status --json`), as users type it.
+    _global_options(parser, default=None)
+    # The global options are also accepted after the subcommand (`ca-service serve --config X`, as users
+    # type it); SUPPRESS keeps a value given before the subcommand from being reset by the subparser.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
-    parser.add_argument("--log-level", help="debug, info, warning, error")
+    _global_options(common, default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     init = sub.add_parser("init", parents=[common], help="create (or import) the CA explicitly")
@@ -64,8 +60,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _global_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
+    parser.add_argument("--config", type=Path, default=default,
+                        help="YAML config file (default: embedded default; env CA_SERVICE_CONFIG)")
+    parser.add_argument("--data-dir", type=Path, default=default,
+                        help="state directory (default ./var/ca-service; env CA_SERVICE_DATA_DIR)")
+    parser.add_argument("--trust-domain", default=default, help="trust domain (default cluster.local)")
+    parser.add_argument("--json", action="store_true", default=False if default is None else default,
+                        help="machine-readable output")
+    parser.add_argument("--log-level", default=default, help="debug, info, warning, error")
+
+
 def _admin_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    admin = sub.add_parser("admin", help="talk to a running daemon's admin API (token from the data dir)")
+    admin = sub.add_parser("admin", parents=[common],
+                           help="talk to a running daemon's admin API (token from the data dir)")
     admin.add_argument("--url", help="side-port URL (default: the running daemon's, from the data dir or config)")
     admin_sub = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
     admin_sub.add_parser("status", parents=[common], help="chain, CA certificates, next rotations, SDS, bundles")
@@ -90,14 +98,38 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     if args.log_level:
         out["logging"] = {"level": args.log_level}
     if args.command == "serve":
-        if args.grpc_address:
-            out["grpc"] = [{"address": args.grpc_address, "trust_node_metadata": args.grpc_address.startswith(
-                ("127.0.0.1:", "localhost:", "unix://"))}]
+        # --grpc-address is applied after loading (_move_grpc_listener): it moves an address and
+        # nothing else. The side-port and bundle endpoint have one listener each and no trust setting.
         if args.http_address:
             out["http"] = {"address": args.http_address}
         if args.bundle_address:
             out["bundle_endpoint"] = {"address": args.bundle_address}
     return out
+
+
+def _is_local(address: str) -> bool:
+    if address.startswith("unix://"):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def _move_grpc_listener(settings: Settings, address: str) -> Settings:
+    """``serve --grpc-address``: the first configured gRPC listener moves to ``address``, keeping its TLS,
+    policy and trust settings; a flag may move an address but never loosen security.
+
+    Raises:
+        ConfigError: if the move would expose a listener that trusts Envoy node metadata beyond this
+            machine (anyone who can reach it could claim any identity).
+    """
+    first = settings.grpc[0]
+    if first.trust_node_metadata and not _is_local(address):
+        raise ConfigError([
+            f"--grpc-address {address}: grpc[0] trusts Envoy node metadata for the caller's identity, which is "
+            "safe only on loopback or a Unix socket; configure this listener in the config file instead "
+            "(with tls and trust_node_metadata: false)"])
+    moved = dataclasses.replace(first, address=address)
+    return dataclasses.replace(settings, grpc=(moved, *settings.grpc[1:]))
 
 
 def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
@@ -174,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load_settings(args.config, overrides=_overrides(args))
+        if args.command == "serve" and args.grpc_address:
+            settings = _move_grpc_listener(settings, args.grpc_address)
     except ConfigError as exc:
         sys.stderr.write(f"ca-service: {exc}\n")
         return 2

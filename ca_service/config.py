@@ -14,6 +14,7 @@ import dataclasses
 import datetime as dt
 import enum
 import os
+import socket
 import types
 import typing
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ from ca_service.settings import (
     AdminSettings,
     BundleEndpointSettings,
     BundleProfile,
+    CacertsSecretSettings,
     CASettings,
     FederationSettings,
     GrpcListener,
@@ -38,21 +40,23 @@ from ca_service.settings import (
     LogFormat,
     LoggingSettings,
     PeerSettings,
+    RootCertConfigMapSettings,
     RotationSettings,
     Settings,
     StorageBackend,
     StorageSettings,
     TLSSettings,
+    TrustBundleConfigMapSettings,
     format_duration,
     parse_duration,
 )
 
 __all__ = [
-    "ENV_PREFIX", "AdminSettings", "BundleEndpointSettings", "BundleProfile", "CASettings", "ConfigError",
-    "FederationSettings", "GrpcListener", "HttpSettings", "IstiodSettings", "KubernetesStorageSettings",
-    "ListenerPolicy", "LogFormat", "LoggingSettings", "PeerSettings", "RotationSettings", "Settings",
-    "StorageBackend", "StorageSettings", "TLSSettings", "format_duration", "load_settings", "parse_duration",
-    "validate",
+    "ENV_PREFIX", "AdminSettings", "BundleEndpointSettings", "BundleProfile", "CASettings", "CacertsSecretSettings",
+    "ConfigError", "FederationSettings", "GrpcListener", "HttpSettings", "IstiodSettings",
+    "KubernetesStorageSettings", "ListenerPolicy", "LogFormat", "LoggingSettings", "PeerSettings",
+    "RootCertConfigMapSettings", "RotationSettings", "Settings", "StorageBackend", "StorageSettings", "TLSSettings",
+    "TrustBundleConfigMapSettings", "format_duration", "load_settings", "parse_duration", "replica_id", "validate",
 ]
 
 ENV_PREFIX = "CA_SERVICE_"
@@ -241,6 +245,7 @@ def validate(s: Settings) -> list[str]:
         # The port is designed for it (CAS on resourceVersion) but the adapter is not built yet:
         # refusing beats silently keeping CA keys somewhere the operator did not ask for.
         problems.add("storage.backend", f"{s.storage.backend} is not available in this version; use directory")
+    _check_kubernetes(s, problems)
     ca = s.ca
     for name in ("root_ttl", "intermediate_ttl", "istiod_intermediate_ttl", "workload_ttl", "max_workload_ttl"):
         if getattr(ca, name) <= dt.timedelta(0):
@@ -293,6 +298,7 @@ def validate(s: Settings) -> list[str]:
         _claim(addresses, s.bundle_endpoint.address, "bundle_endpoint.address", problems)
     _check_peers(s, problems)
     _check_istio_ca(s, problems)
+    _check_limits(s, problems)
     return problems
 
 
@@ -315,6 +321,43 @@ def _check_istio_ca(s: Settings, problems: _Problems) -> None:
             problems.add(f"istio_ca.{name}", "must be at least 1")
     if ica.review_cache_ttl < dt.timedelta(0):
         problems.add("istio_ca.review_cache_ttl", "must be >= 0 (0: no caching)")
+
+
+
+def _check_limits(s: Settings, problems: _Problems) -> None:
+    """Every connection and SDS bound must be positive (0 would refuse everything; negative is a typo)."""
+    m = s.http.metrics.max_identity_series
+    if m < 0:
+        problems.add("http.metrics.max_identity_series", "must be >= 0 (0: aggregates only)")
+    values: dict[str, float] = {}
+    for prefix, limits in (("http.connections", s.http.connections),
+                           ("bundle_endpoint.connections", s.bundle_endpoint.connections)):
+        values[f"{prefix}.max_connections"] = limits.max_connections
+        values[f"{prefix}.header_timeout"] = limits.header_timeout.total_seconds()
+    for name, value in vars(s.sds).items():
+        values[f"sds.{name}"] = value.total_seconds() if isinstance(value, dt.timedelta) else value
+    for key, value in values.items():
+        if value <= 0:
+            problems.add(key, "must be positive")
+
+
+def _check_kubernetes(s: Settings, problems: _Problems) -> None:
+    k = s.storage.kubernetes
+    # client-go's rules: a leader gives up (renew_deadline) before anyone may take over (lease_duration)
+    # and retries more than once before its deadline.
+    if not dt.timedelta(0) < k.retry_period < k.renew_deadline < k.lease_duration:
+        problems.add("storage.kubernetes", "lease timings need 0 < retry_period < renew_deadline < lease_duration")
+    if k.lease_duration < dt.timedelta(seconds=1):
+        problems.add("storage.kubernetes.lease_duration", "must be at least 1s (a Lease counts whole seconds)")
+    if s.storage.backend is StorageBackend.KUBERNETES:
+        _check_file("storage.kubernetes.kubeconfig", k.kubeconfig, problems)
+
+
+def replica_id(settings: Settings, environ: Mapping[str, str] | None = None) -> str:
+    """This replica's identity for leases: the configured one, else $POD_NAME (unique and stable for the
+    pod's life), else the hostname (a pod's hostname is its name too)."""
+    env = os.environ if environ is None else environ
+    return settings.storage.kubernetes.replica_id or env.get("POD_NAME") or socket.gethostname()
 
 
 def _claim(seen: dict[str, str], address: str, key: str, problems: _Problems) -> None:

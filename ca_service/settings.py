@@ -16,6 +16,7 @@ from pathlib import Path
 from ca_service.pki.csr import CsrKeyType
 from ca_service.pki.identity import TrustDomain
 from ca_service.pki.keys import KeyAlgorithm
+from ca_service.pki.templates import LeafEncoder
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -62,6 +63,9 @@ class CASettings:
     # Processes that generate keys and sign in a renewal storm; None: one per core, 0: sign in the
     # daemon's own process only (the signing intermediate's key then never reaches another process).
     signing_workers: int | None = None
+    # How leaves are encoded: "template" (per-signer pre-encoded DER, the same bytes, about twice as
+    # fast) or "builder" (cryptography's CertificateBuilder, the reference the template is tested against).
+    leaf_encoder: LeafEncoder = LeafEncoder.TEMPLATE
 
 
 @dataclass(frozen=True)
@@ -116,10 +120,56 @@ class AdminSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    # Per-identity expiry series (the soonest-expiring identities only): each is two series, and at
+    # 100k identities a full set made every scrape O(n).  Aggregates cover the rest.
+    max_identity_series: int = 100
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """One HTTP listener's protection against idle and slow clients (file descriptors are finite)."""
+
+    # Far above what Prometheus, kubelet probes and operators open; far below the fd limit, so one
+    # flooded listener cannot take the descriptors another needs.
+    max_connections: int = 256
+    # A request's headers (and a TLS handshake) must arrive within this; an idle keep-alive
+    # connection is closed after it.  A 1-byte-per-second client is cut here.
+    header_timeout: dt.timedelta = dt.timedelta(seconds=10)
+
+
+@dataclass(frozen=True)
 class HttpSettings:
     address: str = "127.0.0.1:15014"
     admin: AdminSettings = field(default_factory=AdminSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+
+
+@dataclass(frozen=True)
+class SdsLimits:
+    """Bounds on what SDS clients may cost the daemon (issue 15: storms, floods, oversize requests)."""
+
+    # Per gRPC listener.  Each Envoy holds one connection; beyond this new connections are refused.
+    max_connections: int = 20000
+    # TLS/HTTP2 handshake and connection preface must complete within this.
+    handshake_timeout: dt.timedelta = dt.timedelta(seconds=10)
+    # A connection with no open stream (Envoy always keeps one) is closed after this.
+    idle_timeout: dt.timedelta = dt.timedelta(minutes=5)
+    # Largest request message; an Envoy DiscoveryRequest with Istio metadata is a few KiB.
+    max_request_bytes: int = 256 * 1024
+    max_node_id_bytes: int = 1024
+    max_node_metadata_bytes: int = 64 * 1024
+    max_resource_name_bytes: int = 1024
+    max_resource_names: int = 256
+    # A node with no open stream for this long is forgotten: SVIDs dropped, no more renewals.  Long
+    # enough for an Envoy restart or a reconnect to another replica and back.
+    node_grace: dt.timedelta = dt.timedelta(minutes=5)
+    # New streams admitted per second (token bucket) and the burst above it.  A storm beyond this is
+    # told RESOURCE_EXHAUSTED and retries with backoff instead of all failing at once.
+    admission_rate: float = 500.0
+    admission_burst: int = 1000
 
 
 class BundleProfile(enum.StrEnum):
@@ -136,6 +186,8 @@ class BundleEndpointSettings:
     cert_file: Path | None = None  # https_web only
     key_file: Path | None = None
     refresh_hint: dt.timedelta = dt.timedelta(minutes=5)
+    # Peers poll every few minutes: a small cap leaves the fds for SDS and the side-port.
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
 @dataclass(frozen=True)
@@ -157,11 +209,35 @@ class FederationSettings:
 
 
 @dataclass(frozen=True)
+class CacertsSecretSettings:
+    enabled: bool = False
+    namespace: str = "istio-system"
+    name: str = "cacerts"
+
+
+@dataclass(frozen=True)
+class RootCertConfigMapSettings:
+    enabled: bool = False
+    name: str = "istio-ca-root-cert"  # in every namespace
+
+
+@dataclass(frozen=True)
+class TrustBundleConfigMapSettings:
+    enabled: bool = False
+    namespace: str = "istio-system"
+    name: str = "trust-bundle"
+
+
+@dataclass(frozen=True)
 class IstiodSettings:
     cacerts_dir: Path | None = None  # write the four cacerts files here (kubelet-style atomic swap)
     # istiod's MAX_WORKLOAD_CERT_TTL (Istio's default is 90 days): an old istiod intermediate, and a
     # root it chains to, stay trusted this long after istiod stopped signing with it.
     max_workload_ttl: dt.timedelta = dt.timedelta(days=90)
+    # Kubernetes objects, written by the leader (storage.backend: kubernetes).
+    cacerts_secret: CacertsSecretSettings = field(default_factory=CacertsSecretSettings)
+    root_cert_configmap: RootCertConfigMapSettings = field(default_factory=RootCertConfigMapSettings)
+    trust_bundle_configmap: TrustBundleConfigMapSettings = field(default_factory=TrustBundleConfigMapSettings)
 
 
 @dataclass(frozen=True)
@@ -200,7 +276,14 @@ class StorageBackend(enum.StrEnum):
 class KubernetesStorageSettings:
     namespace: str = "ca-service"
     secret_name: str = "ca-service-state"
-    kubeconfig: Path | None = None
+    kubeconfig: Path | None = None  # None: in-cluster config (the pod's service account)
+    replica_id: str | None = None  # None: $POD_NAME, else the hostname (config.replica_id)
+    lease_name: str = "ca-service-leader"
+    # client-go's defaults for its own controllers: a dead leader is replaced within 15 s, a leader
+    # that cannot renew for 10 s stops mutating before anyone else may take over, retried every 2 s.
+    lease_duration: dt.timedelta = dt.timedelta(seconds=15)
+    renew_deadline: dt.timedelta = dt.timedelta(seconds=10)
+    retry_period: dt.timedelta = dt.timedelta(seconds=2)
 
 
 @dataclass(frozen=True)
@@ -233,6 +316,7 @@ class Settings:
     rotation: RotationSettings = field(default_factory=RotationSettings)
     grpc: tuple[GrpcListener, ...] = field(default_factory=_default_grpc)
     http: HttpSettings = field(default_factory=HttpSettings)
+    sds: SdsLimits = field(default_factory=SdsLimits)
     bundle_endpoint: BundleEndpointSettings = field(default_factory=BundleEndpointSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
     istiod: IstiodSettings = field(default_factory=IstiodSettings)

@@ -26,12 +26,9 @@ class Telemetry:
                                ["kind", "trust_domain", "serial"], registry=r)
         self.ca_not_before = Gauge("ca_certificate_not_before_timestamp_seconds", "notBefore of a CA certificate",
                                    ["kind", "trust_domain", "serial"], registry=r)
-        # Workloads: per identity (not per pod) to keep cardinality bounded.
-        labels = ["trust_domain", "namespace", "service_account"]
-        self.workload_expiry = Gauge("ca_workload_certificate_expiry_timestamp_seconds",
-                                     "Earliest notAfter among live SVIDs of an identity", labels, registry=r)
-        self.workload_issued = Gauge("ca_workload_certificate_issued_timestamp_seconds",
-                                     "notBefore of the earliest-expiring live SVID of an identity", labels, registry=r)
+        # Workload expiry (ca_workload_svids_expiring, ca_workload_namespace_earliest_expiry_timestamp_seconds,
+        # ca_workload_certificate_{expiry,issued}_timestamp_seconds) is collected straight from the
+        # registry's expiry index at scrape time by web.metrics.WorkloadExpiryCollector.
         self.next_rotation = Gauge("ca_next_rotation_timestamp_seconds", "When the next rotation of a kind is due",
                                    ["kind"], registry=r)
         self.rotations = Counter("ca_rotations", "Rotations performed", ["kind", "reason"], registry=r)
@@ -50,6 +47,12 @@ class Telemetry:
         # Set only by web.metrics.StateMetrics.refresh_workloads (at scrape time), nowhere else.
         self.sds_live_svids = Gauge("ca_sds_live_svids", "Workload SVIDs held for connected nodes", registry=r)
         self.sds_denied = Counter("ca_sds_requests_denied", "SDS requests refused", ["reason"], registry=r)
+        self.sds_shed = Counter("ca_sds_streams_shed", "New SDS streams refused by admission control (rate)",
+                                registry=r)
+        self.nodes_forgotten = Counter("ca_sds_nodes_forgotten", "Nodes forgotten after node_grace without a stream",
+                                       registry=r)
+        self.connections_refused = Counter("ca_connections_refused", "Connections closed at accept: listener full "
+                                           "or out of file descriptors", ["listener", "reason"], registry=r)
         # Istio CA API (CreateCertificate).
         self.istio_ca_requests = Counter("ca_istio_ca_requests", "CreateCertificate calls by outcome (gRPC code)",
                                          ["code"], registry=r)

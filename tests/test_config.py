@@ -207,3 +207,15 @@ def test_the_kubernetes_storage_backend_is_refused_until_it_exists(tmp_path: Pat
     with pytest.raises(ConfigError) as info:
         load_settings(environ={}, overrides={"data_dir": str(tmp_path), "storage": {"backend": "kubernetes"}})
     assert any(p.startswith("storage.backend:") for p in info.value.problems)
+
+
+@pytest.mark.parametrize("override", [
+    {"sds": {"admission_rate": 0}}, {"sds": {"max_node_id_bytes": -1}}, {"sds": {"node_grace": "0s"}},
+    {"http": {"connections": {"max_connections": 0}}}, {"bundle_endpoint": {"connections": {"header_timeout": 0}}},
+    {"http": {"metrics": {"max_identity_series": -1}}},
+])
+def test_a_limit_that_is_zero_or_negative_is_refused_with_its_key(tmp_path: Path, override: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(environ={}, overrides={"data_dir": str(tmp_path), **override})
+    key = next(iter(override))
+    assert key in str(raised.value)

@@ -20,6 +20,7 @@ import logging
 import ssl
 
 from aiohttp import web
+from prometheus_client import Counter
 
 from ca_service.clock import Clock
 from ca_service.config import BundleEndpointSettings, BundleProfile
@@ -31,6 +32,7 @@ from ca_service.pki.templates import CAKind
 from ca_service.rotation.state import AuthorityState
 from ca_service.services.authority import Authority, IssuedSvid
 from ca_service.services.trust import TrustStore
+from ca_service.web.connections import CappedTCPSite, runner_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ class BundleEndpoint:
     name = "bundle-endpoint"
 
     def __init__(self, settings: BundleEndpointSettings, trust: TrustStore, authority: Authority,
-                 clock: Clock) -> None:
+                 clock: Clock, *, refused: Counter | None = None) -> None:
         if settings.profile is BundleProfile.STATIC:
             raise ValueError("a bundle endpoint is https_spiffe or https_web")
         self.settings = settings
@@ -67,6 +69,7 @@ class BundleEndpoint:
         self._unsubscribe: list[object] = []
         self._renewal: asyncio.Task[None] | None = None
         self.port = 0
+        self._refused = refused  # ca_connections_refused, when the daemon counts
 
     @property
     def url(self) -> str:
@@ -90,10 +93,11 @@ class BundleEndpoint:
             self._renewal = asyncio.create_task(self._renew_loop(), name="bundle-endpoint-renewal")
         app = web.Application()
         app.router.add_get(BUNDLE_PATH, self._serve_bundle)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, **runner_kwargs(self.settings.connections))
         await self._runner.setup()
         host, _, port = self.settings.address.rpartition(":")
-        site = web.TCPSite(self._runner, host, int(port), ssl_context=self._ssl)
+        site = CappedTCPSite(self._runner, host, int(port), ssl_context=self._ssl, limits=self.settings.connections,
+                             name="bundle_endpoint", refused=self._refused)
         await site.start()
         server = site._server  # aiohttp exposes the bound socket only through the asyncio server
         sockets = getattr(server, "sockets", None) or []

@@ -12,7 +12,7 @@ import asyncio
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ca_service.pki.identity import TrustDomain
 from ca_service.rpc.sds_resources import TRUST_SET, ChangeKey, bundle_key, svid_key
@@ -36,12 +36,23 @@ class StreamWatch:
     receives_own_bundle: bool = False
     acked_bundle_sequence: int = 0
     pending: dict[str, int] = field(default_factory=dict)  # nonce -> own bundle sequence pushed with it
+    node_id: str | None = None  # set once the stream's caller is authenticated
+
+
+class NodeTracker(Protocol):
+    """Told when a node gains its first open stream and loses its last (the registry forgets idle nodes)."""
+
+    def node_connected(self, node_id: str) -> None: ...
+
+    def node_disconnected(self, node_id: str) -> None: ...
 
 
 class WatchHub:
     """Maps change keys to watching streams; implements :class:`AckTracker`."""
 
-    def __init__(self) -> None:
+    def __init__(self, nodes: NodeTracker | None = None) -> None:
+        self._nodes = nodes
+        self._streams_of: dict[str, int] = {}  # node id -> open streams
         self._by_key: dict[ChangeKey, set[StreamWatch]] = defaultdict(set)
         self._watches: set[StreamWatch] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -58,6 +69,28 @@ class WatchHub:
     def close_watch(self, watch: StreamWatch) -> None:
         self.set_keys(watch, frozenset())
         self._watches.discard(watch)
+        node_id, watch.node_id = watch.node_id, None
+        if node_id is not None:
+            left = self._streams_of.pop(node_id) - 1
+            if left:
+                self._streams_of[node_id] = left
+            elif self._nodes is not None:
+                self._nodes.node_disconnected(node_id)
+
+    def attach_node(self, watch: StreamWatch, node_id: str) -> None:
+        """Record that ``watch`` is a stream of ``node_id`` (once per watch)."""
+        watch.node_id = node_id
+        self._streams_of[node_id] = self._streams_of.get(node_id, 0) + 1
+        if self._streams_of[node_id] == 1 and self._nodes is not None:
+            self._nodes.node_connected(node_id)
+
+    def touch_node(self, node_id: str) -> None:
+        """A node used a one-shot call (FetchSecrets): without an open stream its grace period starts now."""
+        if node_id not in self._streams_of and self._nodes is not None:
+            self._nodes.node_disconnected(node_id)
+
+    def open_streams(self, node_id: str) -> int:
+        return self._streams_of.get(node_id, 0)
 
     def set_keys(self, watch: StreamWatch, keys: frozenset[ChangeKey]) -> None:
         for key in watch.keys - keys:
@@ -108,6 +141,10 @@ class WatchHub:
 
     def streams_behind(self, bundle_sequence: int) -> int:
         return sum(1 for w in self._watches if w.receives_own_bundle and w.acked_bundle_sequence < bundle_sequence)
+
+    def lowest_acked_bundle_sequence(self) -> int | None:
+        """This replica's ACK frontier (published for the cluster-wide gate); None without such streams."""
+        return min((w.acked_bundle_sequence for w in self._watches if w.receives_own_bundle), default=None)
 
 
 def _in_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:

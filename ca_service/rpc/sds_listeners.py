@@ -25,6 +25,7 @@ from ca_service.config import GrpcListener, TLSSettings
 from ca_service.pki.certs import certs_to_pem
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import private_key_to_pem
+from ca_service.rpc.admission import StreamAdmission
 from ca_service.rpc.authn import (
     Authenticator,
     AuthenticatorChain,
@@ -36,6 +37,7 @@ from ca_service.rpc.sds_resources import SecretCatalog
 from ca_service.rpc.sds_server import SdsServicer
 from ca_service.services.trust import TrustStore
 from ca_service.services.workloads import WorkloadCert, WorkloadRegistry
+from ca_service.settings import SdsLimits
 from ca_service.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -51,9 +53,23 @@ SERVING_PATH = "/ca-service/sds"
 # grpc core cancels (status CANCELLED, no retry hint) calls that wait for the application beyond 1,000
 # pending; a herd of istio-agents must reach our admission control instead, which answers
 # RESOURCE_EXHAUSTED with retry-after.  A pending call costs a few hundred bytes.
-SERVER_OPTIONS = [("grpc.server.max_pending_requests", 50_000), ("grpc.server.max_pending_requests_hard_limit", 50_000)]
+PENDING_CALLS = 50_000
 # Long enough for Envoy to read the end of stream and reconnect to another replica; short enough for a restart.
 DEFAULT_GRACE = dt.timedelta(seconds=5)
+
+
+def server_options(limits: SdsLimits) -> list[tuple[str, int]]:
+    """gRPC core options that bound what one client can hold: connections, handshakes, idle sockets, message size."""
+    def ms(delta: dt.timedelta) -> int:
+        return int(delta.total_seconds() * 1000)
+    return [
+        ("grpc.max_receive_message_length", limits.max_request_bytes),
+        ("grpc.max_allowed_incoming_connections", limits.max_connections),
+        ("grpc.server_handshake_timeout_ms", ms(limits.handshake_timeout)),
+        ("grpc.max_connection_idle_ms", ms(limits.idle_timeout)),
+        ("grpc.server.max_pending_requests", PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS),
+    ]
 
 
 class SdsComponent:
@@ -62,9 +78,10 @@ class SdsComponent:
     name = "sds"
 
     def __init__(self, listeners: Sequence[GrpcListener], *, registry: WorkloadRegistry, trust: TrustStore,
-                 telemetry: Telemetry, grace: dt.timedelta = DEFAULT_GRACE,
+                 telemetry: Telemetry, grace: dt.timedelta = DEFAULT_GRACE, limits: SdsLimits | None = None,
                  services: Sequence[ServiceRegistration] = (), serving_chain: ServingChain | None = None) -> None:
         self._listeners = tuple(listeners)
+        self._limits = limits or SdsLimits()
         self.services = list(services)
         self._serving_chain = serving_chain
         self._registry = registry
@@ -72,7 +89,9 @@ class SdsComponent:
         self._telemetry = telemetry
         self._grace = grace
         self.catalog = SecretCatalog(registry, trust)
-        self.hub = WatchHub()
+        self.hub = WatchHub(nodes=registry)
+        # One admission bucket for the daemon: a storm spread over listeners is still one storm.
+        self.admission = StreamAdmission(self._limits, shed=telemetry.sds_shed)
         self.bound_addresses: list[str] = []  # "host:port" or "unix:///path", in listener order
         self._servers: list[grpc.aio.Server] = []
         self._unsubscribe: list[Callable[[], None]] = []
@@ -85,7 +104,7 @@ class SdsComponent:
     async def start(self) -> None:
         self._unsubscribe = [self._registry.subscribe(self.hub.on_workload), self._trust.subscribe(self.hub.on_trust)]
         for listener in self._listeners:
-            server = grpc.aio.server(options=SERVER_OPTIONS)
+            server = grpc.aio.server(options=server_options(self._limits))
             sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(self._servicer(listener), server)
             for register in self.services:
                 register(server, listener)
@@ -120,7 +139,8 @@ class SdsComponent:
         if listener.trust_node_metadata:
             authenticators.append(NodeMetadataAuthenticator(self._trust.own))
         return SdsServicer(self.catalog, self.hub, AuthenticatorChain(authenticators), policy=listener.policy,
-                           telemetry=self._telemetry, peer_certificate_verified=verified)
+                           telemetry=self._telemetry, peer_certificate_verified=verified, limits=self._limits,
+                           admission=self.admission)
 
     def _bind(self, server: grpc.aio.Server, listener: GrpcListener) -> str:
         address = listener.address

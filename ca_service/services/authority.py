@@ -225,7 +225,7 @@ class Authority:
         now = now or self.clock.now()
         context = self.signing_context()
         leaf = build_svid_for(public_key, spiffe_id, context.profile, now=now, ttl=self.leaf_ttl(ttl),
-                              backdate=self.settings.backdate)
+                              backdate=self.settings.backdate, encoder=self.settings.leaf_encoder)
         return self.assemble_svid(spiffe_id, leaf, context, now)
 
     def check_member(self, spiffe_id: SpiffeId) -> None:

@@ -16,11 +16,13 @@ import asyncio
 import datetime as dt
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
+from multiprocessing.process import BaseProcess
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -42,6 +44,10 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK = 256
 CHUNKS_PER_WORKER = 4
 
+# How long close() lets workers finish before killing them: a chunk is ~25 ms of work and a worker
+# that is still importing needs ~0.5 s; SIGTERM of the daemon must drain within a few seconds.
+CLOSE_GRACE = dt.timedelta(seconds=2)
+
 _worker_signer: tuple[str, IssuerProfile] | None = None
 
 
@@ -49,8 +55,29 @@ class StaleSignerError(NotReadyError):
     """A worker was asked to sign with an intermediate other than the one it loaded."""
 
 
+def _exit_with_parent() -> None:
+    """End this worker the moment the daemon ends, however it ends (SIGKILL included).
+
+    A worker holds the signing intermediate's key; an orphan would keep it in memory indefinitely.
+    ``spawn`` gives each child a pipe whose other end only the parent holds (``parent_process().sentinel``):
+    the kernel closes it when the parent dies, so the wait below returns at once.  (PR_SET_PDEATHSIG
+    would fire when the *thread* that spawned us exits, which for a pool started from a warm-up thread
+    is long before the daemon does.)
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)  # no cleanup to run: nothing here is durable, and the key must go now
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def _init_worker(key_id: str, cert_pem: bytes, key_pem: bytes) -> None:
     global _worker_signer
+    _exit_with_parent()
     cert = x509.load_pem_x509_certificate(cert_pem)
     _worker_signer = (key_id, IssuerProfile.of(cert, load_private_key(key_pem)))
 
@@ -110,6 +137,10 @@ class SigningPool:
         self._executor: ProcessPoolExecutor | None = None
         self._key_id: str | None = None
         self._closed = False
+        # Workers of executors replaced by a rotation or discarded after a failure: they finish what
+        # was queued and exit on their own, but close() must not wait on them unboundedly, nor leave
+        # them behind (each holds a signing key).
+        self._retired: list[BaseProcess] = []
 
     @property
     def signer_key_id(self) -> str | None:
@@ -126,6 +157,7 @@ class SigningPool:
                 # Neither waiting nor cancelling: chunks already queued (a storm in flight while the
                 # intermediate rotates) are still signed under the old intermediate, which stays valid
                 # until its leaves expire; then the old workers exit.
+                self._retire(self._executor)
                 self._executor.shutdown(wait=False)
             assert context.signer.key is not None  # SigningContext.of guarantees it
             key_pem = context.signer.key.private_bytes(
@@ -137,12 +169,20 @@ class SigningPool:
             self._key_id = context.key_id
             return self._executor
 
-    def _discard(self, executor: Executor) -> None:
+    def _retire(self, executor: ProcessPoolExecutor) -> None:
+        """Remember ``executor``'s workers until they exit (call with ``_lock`` held, before its shutdown)."""
+        # _processes is the executor's own table of its workers (set to None by shutdown): the only way
+        # to reach them, and ProcessPoolExecutor has had it since 3.2.
+        self._retired = [p for p in self._retired if p.is_alive()]
+        self._retired.extend((executor._processes or {}).values())
+
+    def _discard(self, executor: ProcessPoolExecutor) -> None:
         """Forget a broken executor so the next call starts fresh workers."""
         with self._lock:
             if self._executor is executor:
                 self._executor = None
                 self._key_id = None
+            self._retire(executor)
         executor.shutdown(wait=False, cancel_futures=True)
 
     def prepare(self, context: SigningContext) -> None:
@@ -201,12 +241,24 @@ class SigningPool:
         return [item for chunk_result in results for item in chunk_result]
 
     def close(self) -> None:
-        """Stop the workers (waiting for them) and refuse further work."""
+        """Stop every worker, current and retired, within :data:`CLOSE_GRACE` (then kill), and refuse
+        further work.  Blocking: the component calls it from a thread."""
         with self._lock:
             self._closed = True
             executor, self._executor, self._key_id = self._executor, None, None
+            if executor is not None:
+                self._retire(executor)
+            workers, self._retired = self._retired, []
         if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+            executor.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + CLOSE_GRACE.total_seconds()
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        for worker in workers:
+            if worker.is_alive():
+                # Still importing or mid-chunk past the grace: nothing durable runs in a worker.
+                worker.kill()
+                worker.join(1)
 
 
 class SigningPoolComponent:
@@ -222,7 +274,11 @@ class SigningPoolComponent:
         self.pool = pool
         self._authority = authority
         self._unsubscribe: Callable[[], None] | None = None
-        self._warming: set[asyncio.Task[None]] = set()
+        # One warm-up at a time: a burst of rotations (20 forced at once) must not spawn a set of workers
+        # per rotation.  A change seen while warming marks ``_rewarm``; the running warm-up then loops once
+        # more for whatever signer is current by then (intermediate ones are skipped, never spawned).
+        self._warming: asyncio.Task[None] | None = None
+        self._rewarm = False
 
     async def start(self) -> None:
         self._unsubscribe = self._authority.subscribe(self._on_state)
@@ -233,13 +289,22 @@ class SigningPoolComponent:
             self._warm()
 
     def _warm(self) -> None:
-        try:
-            context = self._authority.signing_context()
-        except NotReadyError:
-            return  # nothing to sign with (intermediate-only mode without a key): workers start on demand
-        task = asyncio.get_running_loop().create_task(self._prepare(context))
-        self._warming.add(task)
-        task.add_done_callback(self._warming.discard)
+        if self._warming is not None and not self._warming.done():
+            self._rewarm = True
+            return
+        self._warming = asyncio.get_running_loop().create_task(self._warm_until_current())
+
+    async def _warm_until_current(self) -> None:
+        while True:
+            self._rewarm = False
+            try:
+                context = self._authority.signing_context()
+            except NotReadyError:
+                return  # nothing to sign with (intermediate-only mode without a key): workers start on demand
+            if context.key_id != self.pool.signer_key_id:
+                await self._prepare(context)
+            if not self._rewarm:
+                return
 
     async def _prepare(self, context: SigningContext) -> None:
         try:
@@ -255,9 +320,10 @@ class SigningPoolComponent:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        self._rewarm = False
         await asyncio.to_thread(self.pool.close)
-        if self._warming:
-            await asyncio.gather(*self._warming, return_exceptions=True)
+        if self._warming is not None:
+            await asyncio.gather(self._warming, return_exceptions=True)
 
 
 def _active_signer(state: AuthorityState) -> str | None:

@@ -65,10 +65,15 @@ class DirectoryStore:
         # create temp files only while holding the lock, so under the lock every temp file is stale;
         # without it a reader (``ca-service status`` next to a running daemon) would delete a live
         # writer's file mid-write.
-        with self._locked():
-            for tmp in self.directory.glob(_TMP_PREFIX + "*"):
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
+        try:
+            with self._locked():
+                for tmp in self.directory.glob(_TMP_PREFIX + "*"):
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
+        except StorageError:
+            # A read-only state directory can still be read (``status``, a daemon serving what it has);
+            # nobody can have left a temp file there since it became read-only, and writes fail clearly.
+            log.warning("state directory %s is not writable; serving the stored state read-only", self.directory)
 
     def _path(self, name: str) -> Path:
         _check_name(name)
@@ -76,7 +81,12 @@ class DirectoryStore:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            # A read-only or full filesystem fails here, before anything was written.
+            raise StorageError(f"cannot lock {self.directory} for writing: {exc.strerror}; "
+                               "the previous state is unchanged") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

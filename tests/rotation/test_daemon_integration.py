@@ -87,7 +87,6 @@ def _wait(predicate: Callable[[AuthorityState], bool], data_dir: Path, timeout: 
     raise AssertionError("timed out waiting for the daemon's state")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kill_in", ["published", "retiring"])
 def test_a_daemon_sigkilled_mid_root_rotation_finishes_it_after_restart(tmp_path: Path, kill_in: str) -> None:
     config = tmp_path / "config.yaml"

@@ -16,8 +16,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
-
 from ca_service.clock import SystemClock
 from ca_service.config import load_settings
 from ca_service.pki.keys import same_public_key
@@ -76,7 +74,6 @@ def _check_consistent(data: Path, last_revision: int) -> int:
     return state.revision
 
 
-@pytest.mark.slow
 def test_kill_9_at_many_instants_always_leaves_a_loadable_consistent_state(tmp_path: Path) -> None:
     data = tmp_path / "data"
     script = tmp_path / "writer.py"
