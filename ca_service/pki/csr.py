@@ -99,7 +99,7 @@ def check_csr(
         InvalidCSRError: rule ``signature`` if the signature does not verify (the requester does not hold
             the key).
         CSRRejectedError: rule ``key-type`` if the key type or size is not allowed; ``ca-request`` if it
-            requests a CA (basicConstraints CA:TRUE); ``unknown-critical-extension`` / ``extension`` for
+            requests a CA (basicConstraints CA:TRUE); ``critical-extension`` / ``extension`` for
             any extension other than subjectAltName and basicConstraints CA:FALSE; ``san-dns``,
             ``san-ip``, ``san-email``, ``san-uri``, ``san-other`` if its SAN holds anything but exactly
             the entitled SPIFFE ID; ``subject`` if its subject holds anything but an Organization.
@@ -133,7 +133,7 @@ def _check_extension(ext: x509.Extension[x509.ExtensionType], entitled: SpiffeId
         return
     # Unknown to us: a critical one we could not honour, a non-critical one we would silently drop;
     # both are refused so a client never believes it got something it did not.
-    rule = "unknown-critical-extension" if ext.critical else "extension"
+    rule = "critical-extension" if ext.critical else "extension"
     raise CSRRejectedError(rule, f"CSR carries extension {ext.oid.dotted_string} ({ext.oid._name}), which is "
                                  "not allowed")
 
