@@ -147,7 +147,7 @@ class KubernetesTokenAuthenticator:
         self._telemetry = telemetry
         self._cache: dict[bytes, _Cached] = {}
         # Concurrent calls with one token (a pod's renewal burst) share one review.
-        self._pending: dict[bytes, asyncio.Future[KubernetesCaller]] = {}
+        self._pending: dict[bytes, asyncio.Task[KubernetesCaller]] = {}
 
     async def authenticate(self, call: CallCredentials) -> Caller | None:
         header = call.invocation_metadata.get("authorization")
@@ -162,21 +162,23 @@ class KubernetesTokenAuthenticator:
         if cached is not None:
             self._telemetry.token_review_cache_hits.inc()
             return cached
-        pending = self._pending.get(key)
-        if pending is not None:
+        task = self._pending.get(key)
+        if task is not None:
             self._telemetry.token_review_cache_hits.inc()
-            return await asyncio.shield(pending)
-        future: asyncio.Future[KubernetesCaller] = asyncio.get_running_loop().create_future()
-        self._pending[key] = future
-        try:
-            caller = await self._review(cluster_id, token, call.peer)
-            future.set_result(caller)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: waiters re-raise it, nobody else needs to
-            raise
-        finally:
-            del self._pending[key]
+        else:
+            # A task of its own: a caller that goes away does not cancel the review the others wait for.
+            task = asyncio.get_running_loop().create_task(self._review_and_remember(key, cluster_id, token, call.peer))
+            self._pending[key] = task
+            task.add_done_callback(lambda done: self._forget_pending(key, done))
+        return await asyncio.shield(task)
+
+    def _forget_pending(self, key: bytes, done: asyncio.Task[KubernetesCaller]) -> None:
+        self._pending.pop(key, None)
+        if not done.cancelled():
+            done.exception()  # retrieved: every waiter re-raises it; none left must not warn
+
+    async def _review_and_remember(self, key: bytes, cluster_id: str, token: str, peer: str) -> KubernetesCaller:
+        caller = await self._review(cluster_id, token, peer)
         self._remember(key, caller, token)
         return caller
 
