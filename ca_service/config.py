@@ -14,6 +14,7 @@ import dataclasses
 import datetime as dt
 import enum
 import os
+import re
 import socket
 import types
 import typing
@@ -60,6 +61,9 @@ __all__ = [
 ]
 
 ENV_PREFIX = "CA_SERVICE_"
+# A DNS name a serving certificate may carry: LDH labels (a leading "*." wildcard allowed), at most 253.
+_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+_DNS_NAME = re.compile(rf"^(?=.{{1,253}}$)(\*\.)?{_LABEL}(\.{_LABEL})*$")
 # Each worker holds a copy of the signing key and ~40 MB; past the core count more only add switching.
 MAX_SIGNING_WORKERS = 64
 
@@ -387,6 +391,9 @@ def _check_tls(key: str, tls: TLSSettings, problems: _Problems) -> None:
         _check_file(f"{key}.{name}", getattr(tls, name), problems)
     if tls.require_client_cert and not tls.enabled:
         problems.add(f"{key}.require_client_cert", "needs tls.enabled: true")
+    for i, name in enumerate(tls.dns_names):
+        if not _DNS_NAME.match(name):
+            problems.add(f"{key}.dns_names[{i}]", f"{name[:100]!r} is not a lowercase DNS name (IDNs in their xn-- form)")
 
 
 def _check_policy(key: str, policy: ListenerPolicy, problems: _Problems) -> None:
