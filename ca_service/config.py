@@ -393,7 +393,8 @@ def _check_tls(key: str, tls: TLSSettings, problems: _Problems) -> None:
         problems.add(f"{key}.require_client_cert", "needs tls.enabled: true")
     for i, name in enumerate(tls.dns_names):
         if not _DNS_NAME.match(name):
-            problems.add(f"{key}.dns_names[{i}]", f"{name[:100]!r} is not a lowercase DNS name (IDNs in their xn-- form)")
+            problems.add(f"{key}.dns_names[{i}]",
+                         f"{name[:100]!r} is not a lowercase DNS name (IDNs in their xn-- form)")
 
 
 def _check_policy(key: str, policy: ListenerPolicy, problems: _Problems) -> None:

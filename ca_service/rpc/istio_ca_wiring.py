@@ -68,8 +68,10 @@ def build_istio_ca(settings: Settings, authority: Authority, registry: WorkloadR
         clock=clock, telemetry=telemetry) if reviewers else None
     ledger = IssuanceLedger(ica.audit_capacity)
     if signer is None:
-        # Measured (bench/istio_ca.py, 2 shared cores): thread 485/s, pool 425/s, inline 331/s; the pool's
-        # IPC costs what its second core gains at this request size, and inline blocks gRPC's I/O meanwhile.
+        # Measured (bench/istio_ca.py, 2 cores shared with other jobs; three runs, ops/s): thread 489/485/459,
+        # inline 174/331/610, pool 438/425/380.  The pool was last every time (its IPC costs what the second
+        # core gains at one leaf per request); thread vs inline is within this machine's noise, and a
+        # thread keeps gRPC's I/O (SDS, health) going while a leaf is signed.
         signer = ThreadCsrSigner(authority)
     service = IstioCAService(
         authority=authority, token_authenticator=token_authenticator,

@@ -5,9 +5,9 @@
 - :class:`PoolCsrSigner`: requests that arrive together are batched into chunks for the signing pool's
   worker processes, which already hold the signing intermediate: the loop only parses results.
 
-bench/istio_ca.py measures them side by side; the daemon signs in a thread, which measured best.  All go
-through :meth:`Authority.issue_svid` or :meth:`Authority.assemble_svid`, so what is signed and
-the signer-chain check stay in one place.
+bench/istio_ca.py measures them side by side; the daemon signs in a thread (the pool measured
+slowest; thread and inline are within noise).  All go through :meth:`Authority.issue_svid` or
+:meth:`Authority.assemble_svid`, so what is signed and the signer-chain check stay in one place.
 """
 
 from __future__ import annotations
