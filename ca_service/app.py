@@ -23,6 +23,7 @@ from ca_service.federation.lastgood import LastGoodStore
 from ca_service.federation.peers import Federation
 from ca_service.process_limits import install_accept_error_handler, raise_open_file_limit
 from ca_service.rotation.planner import RotationPolicy
+from ca_service.rpc.istio_ca_wiring import IstioCA, build_istio_ca
 from ca_service.rpc.sds_listeners import SdsComponent
 from ca_service.services.authority import Authority
 from ca_service.services.ports import AckTracker
@@ -119,6 +120,7 @@ class App:
         self.reconciler: Reconciler | None = None
         self.rotator: RotationService | None = None
         self.sds: SdsComponent | None = None
+        self.istio_ca: IstioCA | None = None
         # Run first thing in stop(), before any component stops: readiness turns false while every
         # listener still answers, so load balancers move away before connections are refused.
         self.shutdown_hooks: list[Callable[[], None]] = []
@@ -170,15 +172,17 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
     ``acks`` overrides the SDS server's ACK tracker as the root rotation gate (tests use a fake).
     """
     app = App(settings, clock=clock, store=store)
+    # The Istio CA API rides on every SDS listener's server; its serving certificates carry tls.dns_names.
+    app.istio_ca = istio = build_istio_ca(settings, app.authority, app.registry, app.telemetry, app.clock)
     sds = SdsComponent(settings.grpc, registry=app.registry, trust=app.trust, telemetry=app.telemetry,
-                       limits=settings.sds)
+                       limits=settings.sds, services=[istio.service.register])
     app.sds = sds
     pool = build_signing_pool(settings, app)
     app.reconciler = Reconciler(app.authority, app.registry, RotationPolicy.from_settings(settings), app.telemetry,
                                 acks=acks or sds.hub, clock=app.clock, signer=pool.pool if pool else None)
     app.rotator = RotationService.of(app.reconciler)
     sideport = HttpSideport(settings, app.authority, app.telemetry, app.clock, registry=app.registry,
-                            trust=app.trust, rotator=app.rotator,
+                            trust=app.trust, rotator=app.rotator, ledger=istio.ledger,
                             readiness_checks={"grpc_serving": lambda: len(sds.bound_addresses) == len(settings.grpc)})
     app.shutdown_hooks.append(sideport.begin_shutdown)
     # Start order: side-port first (it stops last, so /readyz says 503 while the others drain), then

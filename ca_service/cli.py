@@ -85,6 +85,9 @@ def _admin_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     rotate.add_argument("--spiffe-id", help="with --scope workload")
     rotate.add_argument("--namespace", help="with --scope namespace")
     rotate.add_argument("--dry-run", action="store_true", help="report what would be rotated; change nothing")
+    certs = admin_sub.add_parser("certificates", parents=[common], help="live certificates the daemon issued")
+    for flag in ("--namespace", "--service-account", "--spiffe-id", "--issuer"):
+        certs.add_argument(flag, help=f"only those with this {flag[2:].replace('-', ' ')}")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -177,6 +180,11 @@ def _cmd_admin(args: argparse.Namespace, settings: Settings) -> int:
     if args.admin_command == "status":
         doc = admin_client.status(settings, url=args.url)
         _emit(args, doc, admin_client.render_status(doc))
+    elif args.admin_command == "certificates":
+        filters = {"namespace": args.namespace, "service_account": args.service_account,
+                   "spiffe_id": args.spiffe_id, "issuer": args.issuer}
+        doc = admin_client.certificates(settings, filters=filters, url=args.url)
+        _emit(args, doc, admin_client.render_certificates(doc))
     else:
         doc = admin_client.rotate(settings, scope=args.scope, reason=args.reason, spiffe_id=args.spiffe_id,
                                   namespace=args.namespace, dry_run=args.dry_run, url=args.url)

@@ -15,6 +15,7 @@ import datetime as dt
 import enum
 import math
 import os
+import re
 import socket
 import types
 import typing
@@ -62,6 +63,9 @@ __all__ = [
 ]
 
 ENV_PREFIX = "CA_SERVICE_"
+# A DNS name a serving certificate may carry: LDH labels (a leading "*." wildcard allowed), at most 253.
+_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+_DNS_NAME = re.compile(rf"^(?=.{{1,253}}$)(\*\.)?{_LABEL}(\.{_LABEL})*$")
 # Each worker holds a copy of the signing key and ~40 MB; past the core count more only add switching.
 MAX_SIGNING_WORKERS = 64
 
@@ -361,8 +365,31 @@ def validate(s: Settings) -> list[str]:
         _check_bundle_endpoint(s.bundle_endpoint, problems)
         _claim(addresses, s.bundle_endpoint.address, "bundle_endpoint.address", problems)
     _check_peers(s, problems)
+    _check_istio_ca(s, problems)
     _check_limits(s, problems)
     return problems
+
+
+def _check_istio_ca(s: Settings, problems: _Problems) -> None:
+    ica = s.istio_ca
+    ids = [c.cluster_id for c in ica.clusters]
+    if len(set(ids)) != len(ids) or "" in ids:
+        problems.add("istio_ca.clusters", "cluster_id values must be non-empty and unique")
+    for i, cluster in enumerate(ica.clusters):
+        _check_file(f"istio_ca.clusters[{i}].kubeconfig", cluster.kubeconfig, problems)
+    for i, account in enumerate(ica.trusted_node_accounts):
+        if account.count("/") != 1 or "" in account.split("/"):
+            problems.add(f"istio_ca.trusted_node_accounts[{i}]", f"{account!r} is not <namespace>/<service account>")
+    if ica.clusters and not ica.token_audiences:
+        problems.add("istio_ca.token_audiences", "must name at least one audience when clusters are configured")
+    if ica.rate_limit_per_identity <= 0 or ica.rate_limit_burst < 1:
+        problems.add("istio_ca.rate_limit_per_identity", "rate must be positive and rate_limit_burst >= 1")
+    for name in ("max_in_flight", "audit_capacity"):
+        if getattr(ica, name) < 1:
+            problems.add(f"istio_ca.{name}", "must be at least 1")
+    if ica.review_cache_ttl < dt.timedelta(0):
+        problems.add("istio_ca.review_cache_ttl", "must be >= 0 (0: no caching)")
+
 
 
 def _check_limits(s: Settings, problems: _Problems) -> None:
@@ -428,6 +455,10 @@ def _check_tls(key: str, tls: TLSSettings, problems: _Problems) -> None:
         _check_file(f"{key}.{name}", getattr(tls, name), problems)
     if tls.require_client_cert and not tls.enabled:
         problems.add(f"{key}.require_client_cert", "needs tls.enabled: true")
+    for i, name in enumerate(tls.dns_names):
+        if not _DNS_NAME.match(name):
+            problems.add(f"{key}.dns_names[{i}]",
+                         f"{name[:100]!r} is not a lowercase DNS name (IDNs in their xn-- form)")
 
 
 def _check_policy(key: str, policy: ListenerPolicy, problems: _Problems) -> None:

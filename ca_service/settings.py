@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ca_service.pki.csr import CsrKeyType
 from ca_service.pki.identity import TrustDomain
 from ca_service.pki.keys import KeyAlgorithm
 from ca_service.pki.templates import LeafEncoder
@@ -107,6 +108,9 @@ class TLSSettings:
     key_file: Path | None = None
     client_ca_file: Path | None = None
     require_client_cert: bool = False
+    # DNS SANs of the self-issued serving certificate (gRPC listeners): istio-agent checks the name it
+    # dials (e.g. ca-service.istio-system.svc) against it.
+    dns_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -248,6 +252,33 @@ class IstiodSettings:
     trust_bundle_configmap: TrustBundleConfigMapSettings = field(default_factory=TrustBundleConfigMapSettings)
 
 
+@dataclass(frozen=True)
+class IstioCluster:
+    cluster_id: str = "Kubernetes"  # istio-agent's ClusterID (its default is "Kubernetes")
+    kubeconfig: Path | None = None  # None: in-cluster service-account config
+
+
+@dataclass(frozen=True)
+class IstioCASettings:
+    token_audiences: tuple[str, ...] = ("istio-ca",)
+    # Empty: Kubernetes JWT authentication is off (only peer certificates on mTLS listeners).
+    clusters: tuple[IstioCluster, ...] = ()
+    # Positive TokenReview results are reused this long (never past the token's exp): a pod's renewal
+    # burst then costs one review, while a deleted service account is refused within a minute.
+    review_cache_ttl: dt.timedelta = dt.timedelta(seconds=60)
+    trusted_node_accounts: tuple[str, ...] = ()  # "<namespace>/<service account>", e.g. istio-system/ztunnel
+    allowed_key_types: tuple[CsrKeyType, ...] = tuple(CsrKeyType)
+    # istio-agent renews once per ~12 h; 10/s with a burst of 20 per identity leaves room for every pod
+    # of a 20-replica deployment restarting at once, and stops one identity from starving the rest.
+    rate_limit_per_identity: float = 10.0
+    rate_limit_burst: int = 20
+    # Requests being authenticated or signed at once; beyond it RESOURCE_EXHAUSTED, so SDS and health
+    # keep the event loop.  256 is ~0.2 s of signing on two cores.
+    max_in_flight: int = 256
+    # Live certificates remembered by the issuance ledger (oldest dropped first beyond it); ~300 bytes each.
+    audit_capacity: int = 200_000
+
+
 class StorageBackend(enum.StrEnum):
     DIRECTORY = "directory"
     KUBERNETES = "kubernetes"
@@ -309,6 +340,7 @@ class Settings:
     federation: FederationSettings = field(default_factory=FederationSettings)
     istiod: IstiodSettings = field(default_factory=IstiodSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    istio_ca: IstioCASettings = field(default_factory=IstioCASettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
     @property

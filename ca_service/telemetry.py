@@ -16,6 +16,9 @@ _SIGN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 # Push-to-ACK: Envoy ACKs within milliseconds on loopback; minutes means a stuck sidecar.
 _ACK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
+# CreateCertificate: ~1 ms signed in process, up to seconds with a cold TokenReview or a queue in a herd.
+_CSR_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
 
 class Telemetry:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -52,6 +55,17 @@ class Telemetry:
                                        registry=r)
         self.connections_refused = Counter("ca_connections_refused", "Connections closed at accept: listener full "
                                            "or out of file descriptors", ["listener", "reason"], registry=r)
+        # Istio CA API (CreateCertificate).
+        self.istio_ca_requests = Counter("ca_istio_ca_requests", "CreateCertificate calls by outcome (gRPC code)",
+                                         ["code"], registry=r)
+        self.istio_ca_rejections = Counter("ca_istio_ca_rejections", "CreateCertificate calls refused, by reason",
+                                           ["reason"], registry=r)
+        self.istio_ca_latency = Histogram("ca_istio_ca_request_duration_seconds", "CreateCertificate latency",
+                                          buckets=_CSR_BUCKETS, registry=r)
+        self.token_reviews = Counter("ca_token_reviews", "Kubernetes TokenReview calls by result", ["result"],
+                                     registry=r)
+        self.token_review_cache_hits = Counter("ca_token_review_cache_hits",
+                                               "Bearer tokens accepted from the review cache", registry=r)
         # Trust bundles.
         self.bundle_roots = Gauge("ca_trust_bundle_roots", "Roots in a trust domain's bundle", ["trust_domain"],
                                   registry=r)

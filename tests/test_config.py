@@ -76,6 +76,11 @@ def test_the_example_documents_every_key() -> None:
 
 
 ERRORS: dict[str, tuple[str, dict[str, str], str]] = {
+    "if a serving DNS name is not a DNS name, should name grpc[0].tls.dns_names[0]":
+        ("grpc:\n- address: 127.0.0.1:0\n  tls: {enabled: true, dns_names: ['a b']}\n", {},
+         "grpc[0].tls.dns_names[0]: 'a b' is not a lowercase DNS name"),
+    "if a trusted node account is not <ns>/<sa>, should name it":
+        ("istio_ca: {trusted_node_accounts: [ztunnel]}\n", {}, "istio_ca.trusted_node_accounts[0]"),
     "if the trust domain is uppercase, should name trust_domain": ("trust_domain: Cluster.Local\n", {},
                                                                    "trust_domain: trust domain 'Cluster.Local'"),
     "if the workload TTL reaches the intermediate TTL, should name ca.workload_ttl":

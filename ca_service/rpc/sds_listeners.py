@@ -42,8 +42,15 @@ from ca_service.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
+# More services on every listener's server (the Istio CA API): called with the server and its listener.
+ServiceRegistration = Callable[[grpc.aio.Server, GrpcListener], None]
+
 UNIX_SCHEME = "unix://"
 SERVING_PATH = "/ca-service/sds"
+# grpc core cancels (status CANCELLED, no retry hint) calls that wait for the application beyond 1,000
+# pending; a herd of istio-agents must reach our admission control instead, which answers
+# RESOURCE_EXHAUSTED with retry-after.  A pending call costs a few hundred bytes.
+PENDING_CALLS = 50_000
 # Long enough for Envoy to read the end of stream and reconnect to another replica; short enough for a restart.
 DEFAULT_GRACE = dt.timedelta(seconds=5)
 
@@ -57,6 +64,8 @@ def server_options(limits: SdsLimits) -> list[tuple[str, int]]:
         ("grpc.max_allowed_incoming_connections", limits.max_connections),
         ("grpc.server_handshake_timeout_ms", ms(limits.handshake_timeout)),
         ("grpc.max_connection_idle_ms", ms(limits.idle_timeout)),
+        ("grpc.server.max_pending_requests", PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS),
     ]
 
 
@@ -66,9 +75,11 @@ class SdsComponent:
     name = "sds"
 
     def __init__(self, listeners: Sequence[GrpcListener], *, registry: WorkloadRegistry, trust: TrustStore,
-                 telemetry: Telemetry, grace: dt.timedelta = DEFAULT_GRACE, limits: SdsLimits | None = None) -> None:
+                 telemetry: Telemetry, grace: dt.timedelta = DEFAULT_GRACE, limits: SdsLimits | None = None,
+                 services: Sequence[ServiceRegistration] = ()) -> None:
         self._listeners = tuple(listeners)
         self._limits = limits or SdsLimits()
+        self.services = list(services)
         self._registry = registry
         self._trust = trust
         self._telemetry = telemetry
@@ -93,6 +104,8 @@ class SdsComponent:
         for listener in self._listeners:
             server = grpc.aio.server(options=server_options(self._limits))
             add_sds_servicer(self._servicer(listener), server)
+            for register in self.services:  # the Istio CA API beside SDS on every listener
+                register(server, listener)
             address = self._bind(server, listener)
             await server.start()
             if listener.address.startswith(UNIX_SCHEME):
@@ -161,8 +174,9 @@ class SdsComponent:
         fetcher = _ServingCertFetcher(self, tls)
         # The client CA follows our trust bundle (a new root is trusted for client certificates at once).
         self._unsubscribe.append(self._trust.subscribe(lambda _: fetcher.refresh()))
+        # dns_names: the host names clients dial and verify (istio-agent checks the CA's name).
         serving = ServingCertificate(self._registry.issuer, self.serving_id, self._registry.clock, fetcher.install,
-                                     name="SDS serving certificate")
+                                     dns_names=tls.dns_names, name="SDS serving certificate")
         serving.start_renewal()  # issues now: the credentials need a first pair
         self.serving.append(serving)
         # grpc-stubs type the fetcher without its documented None ("unchanged") return.

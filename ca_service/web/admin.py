@@ -18,12 +18,14 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from ca_service.errors import CAServiceError, NotReadyError, error_status
 from ca_service.services.authority import Authority
+from ca_service.services.issuance_ledger import IssuanceLedger
 from ca_service.services.ports import RotationResult, Rotator
 from ca_service.services.trust import TrustStore
 from ca_service.services.workloads import WorkloadRegistry
 from ca_service.telemetry import Telemetry
 from ca_service.web.audit import AuditLog, AuditRecord
 from ca_service.web.auth import AdminAuth, Caller
+from ca_service.web.certificates import certificates_report
 from ca_service.web.metrics import StateMetrics
 from ca_service.web.requests import BadFieldError, BodyTooLargeError, parse_rotate_body, read_bounded
 from ca_service.web.status import status_report
@@ -49,8 +51,9 @@ def result_to_json(result: RotationResult) -> dict[str, Any]:
 class AdminApi:
     def __init__(self, authority: Authority, telemetry: Telemetry, auth: AdminAuth, audit: AuditLog,
                  metrics: StateMetrics, *, rotator: Rotator | None = None, trust: TrustStore | None = None,
-                 registry: WorkloadRegistry | None = None) -> None:
+                 registry: WorkloadRegistry | None = None, ledger: IssuanceLedger | None = None) -> None:
         self._authority = authority
+        self._ledger = ledger
         self._telemetry = telemetry
         self._auth = auth
         self._audit = audit
@@ -61,7 +64,8 @@ class AdminApi:
 
     def routes(self) -> list[web.RouteDef]:
         return [web.get("/admin/v1/status", self._wrap("status", self._status)),
-                web.post("/admin/v1/rotate", self._wrap("rotate", self._rotate))]
+                web.post("/admin/v1/rotate", self._wrap("rotate", self._rotate)),
+                web.get("/admin/v1/certificates", self._wrap("certificates", self._certificates))]
 
     def _wrap(self, action: str, handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def endpoint(request: web.Request) -> web.Response:
@@ -97,6 +101,13 @@ class AdminApi:
                       ) -> tuple[dict[str, Any], AuditRecord]:
         report = status_report(self._authority, self._telemetry, trust=self._trust, registry=self._registry)
         return report, dataclasses.replace(record, result="ok")
+
+    async def _certificates(self, request: web.Request, _caller: Caller, record: AuditRecord
+                            ) -> tuple[dict[str, Any], AuditRecord]:
+        if self._ledger is None:
+            raise NotReadyError("the issuance ledger is not running in this daemon")
+        doc = certificates_report(self._ledger, self._authority.clock.now(), request.query)
+        return doc, dataclasses.replace(record, result="ok", extra={"filters": doc["filters"]})
 
     async def _rotate(self, request: web.Request, caller: Caller, record: AuditRecord
                       ) -> tuple[dict[str, Any], AuditRecord]:
