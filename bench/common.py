@@ -22,10 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/run.py` from the repo root imports ca_service from here
     sys.path.insert(0, str(ROOT))
 
-from ca_service.clock import Clock, FakeClock  # noqa: E402
+from ca_service.clock import Clock  # noqa: E402
 from ca_service.config import Settings, load_settings  # noqa: E402
 from ca_service.services.authority import Authority  # noqa: E402
 from ca_service.storage.directory import DirectoryStore  # noqa: E402
+from tests.clock import FakeClock  # noqa: E402
 
 START = dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
 

@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench.common import START, Result, fresh_authority
+from ca_service.adapters.signing_pool import SigningPool
 from ca_service.pki.identity import SpiffeId
 from ca_service.services.authority import Authority
-from ca_service.services.signing_pool import SigningPool
 
 
 def _raw_sign(seconds: float) -> float:
@@ -55,7 +55,7 @@ def _storm_rate(pool: SigningPool, ids: list[SpiffeId], rounds: int) -> float:
 
 
 def _pool_rate(authority: Authority, workers: int, ids: list[SpiffeId], rounds: int) -> float:
-    pool = SigningPool(authority, workers=workers)
+    pool = SigningPool(authority.issuer, workers=workers)
     try:
         pool.warm_up()  # spawning workers is start-up cost, not storm cost
         return _storm_rate(pool, ids, rounds)

@@ -18,12 +18,12 @@ import time
 import tracemalloc
 
 from bench.common import START, Result, fresh_authority, rss_bytes
-from ca_service.clock import FakeClock
+from ca_service.adapters.signing_pool import SigningPool
 from ca_service.config import RotationSettings
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import generate_private_key, private_key_to_pem
-from ca_service.services.signing_pool import SigningPool
 from ca_service.services.workloads import WorkloadRegistry
+from tests.clock import FakeClock
 
 
 def _real_svid_bytes(registry: WorkloadRegistry, sample: int) -> tuple[float, float]:
@@ -81,7 +81,7 @@ def _due_tick_on_pool(
 ) -> tuple[float, float, int]:
     """The next 1% through ``reissue_many`` on a signing pool: event-loop-process CPU and wall seconds."""
     clock.set(times[2 * len(times) // 100])
-    pool = SigningPool(registry._authority, workers=len(os.sched_getaffinity(0)))
+    pool = SigningPool(registry._authority.issuer, workers=len(os.sched_getaffinity(0)))
     try:
         pool.warm_up()
         started_wall, started_cpu = time.perf_counter(), time.process_time()

@@ -14,9 +14,9 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from ca_service import operations
 from ca_service.config import Settings
 from ca_service.errors import CAServiceError, NotReadyError
-from ca_service.services import operations
 from ca_service.web.server import ADDRESS_FILE
 
 TIMEOUT_SECONDS = 30.0  # a forced root rotation answers only once it is under way; dry runs are instant

@@ -12,6 +12,9 @@ import signal
 from collections.abc import Callable
 from typing import Protocol
 
+from ca_service.adapters.cacerts_publisher import CacertsPublisher
+from ca_service.adapters.scheduler import RotationScheduler
+from ca_service.adapters.signing_pool import SigningPool, SigningPoolComponent
 from ca_service.clock import Clock, SystemClock
 from ca_service.config import Settings, StorageBackend
 from ca_service.federation.endpoint import BundleEndpoint
@@ -21,12 +24,10 @@ from ca_service.federation.peers import Federation
 from ca_service.rotation.planner import RotationPolicy
 from ca_service.rpc.sds_listeners import SdsComponent
 from ca_service.services.authority import Authority
-from ca_service.services.cacerts_publisher import CacertsPublisher
 from ca_service.services.ports import AckTracker
 from ca_service.services.reconciler import Reconciler
 from ca_service.services.rotator import RotationService
-from ca_service.services.scheduler import RotationScheduler
-from ca_service.services.signing_pool import SigningPool, SigningPoolComponent
+from ca_service.services.state_changes import StateReactions
 from ca_service.services.trust import TrustStore
 from ca_service.services.workloads import WorkloadRegistry
 from ca_service.storage.base import AuthorityStore
@@ -57,8 +58,42 @@ def build_store(settings: Settings) -> AuthorityStore:
     return DirectoryStore(settings.data_dir / "state")
 
 
-def build_authority(settings: Settings, clock: Clock | None = None, store: AuthorityStore | None = None) -> Authority:
-    return Authority(store or build_store(settings), settings.domain, settings.ca, clock or SystemClock())
+def build_authority(settings: Settings, clock: Clock | None = None, store: AuthorityStore | None = None,
+                    reactions: StateReactions | None = None) -> Authority:
+    return Authority(store or build_store(settings), settings.domain, settings.ca, clock or SystemClock(),
+                     reactions=reactions)
+
+
+def register_reactions(reactions: StateReactions, *, trust: TrustStore | None = None,
+                       cacerts: CacertsPublisher | None = None, sideport: HttpSideport | None = None,
+                       endpoint: BundleEndpoint | None = None, pool: SigningPoolComponent | None = None,
+                       sds: SdsComponent | None = None) -> None:
+    """THE list of what a CA state change sets off (commit here, load, or a replica's write), in order.
+
+    1. trust store: our bundle changed -> its listeners run: SDS pushes (the watch hub), the bundle
+       files, the trust gauges.  First, because a root rotation waits on SDS ACKs of the new bundle;
+    2. istiod cacerts: the files follow the active istiod intermediate and the root set;
+    3. side-port TLS: new roots are trusted for admin client certificates;
+    4. serving certificates (bundle endpoint, SDS TLS listeners) are re-issued under a new signing
+       intermediate (the side-port's is re-issued by 3);
+    5. signing pool: workers are warmed up for a new signing intermediate (background thread);
+    6. state metrics last: CA gauges and counts of minted CA certificates (they read, never feed back).
+    A reaction that raises is logged and counted; the ones after it still run.
+    """
+    if trust is not None:
+        reactions.add("trust-store", trust.on_state_change)
+    if cacerts is not None:
+        reactions.add("istiod-cacerts", cacerts.on_state_change)
+    if sideport is not None:
+        reactions.add("sideport-tls", sideport.on_state_change)
+    if endpoint is not None:
+        reactions.add("bundle-endpoint", endpoint.on_state_change)
+    if sds is not None:
+        reactions.add("sds-serving", sds.on_state_change)
+    if pool is not None:
+        reactions.add("signing-pool", pool.on_state_change)
+    if sideport is not None:
+        reactions.add("state-metrics", sideport.metrics.on_state_change)
 
 
 class App:
@@ -67,12 +102,13 @@ class App:
     def __init__(self, settings: Settings, *, clock: Clock | None = None, store: AuthorityStore | None = None) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
-        self.authority = build_authority(settings, self.clock, store)
+        # One instance of each shared service per daemon; build_app wires the rest around them.
+        self.telemetry = Telemetry()
+        self.reactions = StateReactions(self.telemetry.state_reaction_failures)
+        self.authority = build_authority(settings, self.clock, store, self.reactions)
         self.components: list[Component] = []
         self._started: list[Component] = []
         self.stopping = asyncio.Event()
-        # One instance of each shared service per daemon; build_app wires the rest around them.
-        self.telemetry = Telemetry()
         # Every bundle we deliver (own + federated peers); SDS, bundle files and the endpoint read it.
         self.trust = TrustStore(self.authority)
         self.registry = WorkloadRegistry(self.authority, settings.rotation, self.clock,
@@ -135,7 +171,7 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
     pool = build_signing_pool(settings, app)
     app.reconciler = Reconciler(app.authority, app.registry, RotationPolicy.from_settings(settings), app.telemetry,
                                 acks=acks or sds.hub, clock=app.clock, signer=pool.pool if pool else None)
-    app.rotator = RotationService(app.reconciler)
+    app.rotator = RotationService.of(app.reconciler)
     sideport = HttpSideport(settings, app.authority, app.telemetry, app.clock, registry=app.registry,
                             trust=app.trust, rotator=app.rotator,
                             readiness_checks={"grpc_serving": lambda: len(sds.bound_addresses) == len(settings.grpc)})
@@ -145,13 +181,19 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
     # bundles before SDS hands out a validation context), SDS, and the scheduler last (nothing
     # rotates before every consumer of a rotation is listening).
     app.components.append(sideport)
+    cacerts = None
     if settings.istiod.cacerts_dir is not None:
-        app.components.append(CacertsPublisher(app.authority, settings.istiod.cacerts_dir, app.telemetry, app.clock))
-    app.components.extend(build_federation(settings, app))
+        cacerts = CacertsPublisher(app.authority, settings.istiod.cacerts_dir, app.telemetry, app.clock)
+        app.components.append(cacerts)
+    federation = build_federation(settings, app)
+    app.components.extend(federation)
     app.components.append(sds)
     if pool is not None:
         app.components.append(pool)  # stops after the scheduler, so no renewal runs on a closed pool
     app.components.append(RotationScheduler(app.reconciler, settings.rotation, app.telemetry))
+    endpoint = next((c for c in federation if isinstance(c, BundleEndpoint)), None)
+    register_reactions(app.reactions, trust=app.trust, cacerts=cacerts, sideport=sideport, endpoint=endpoint,
+                       sds=sds, pool=pool)
     return app
 
 
@@ -159,9 +201,7 @@ def build_signing_pool(settings: Settings, app: App) -> SigningPoolComponent | N
     """The process pool for renewal storms, unless ``ca.signing_workers`` is 0 (sign in process)."""
     if settings.ca.signing_workers == 0:
         return None
-    pool = SigningPool(app.authority, workers=settings.ca.signing_workers,
-                       key_algorithm=settings.ca.workload_key_algorithm)
-    return SigningPoolComponent(pool, app.authority)
+    return SigningPoolComponent(SigningPool(app.authority.issuer, workers=settings.ca.signing_workers))
 
 
 def build_federation(settings: Settings, app: App) -> list[Component]:

@@ -11,12 +11,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ca_service import admin_client
+from ca_service import admin_client, operations
 from ca_service import app as app_module
 from ca_service.config import Settings, load_settings, parse_duration
 from ca_service.errors import CAServiceError, ConfigError
 from ca_service.logs import configure_logging
-from ca_service.services import operations
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 

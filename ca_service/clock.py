@@ -1,15 +1,24 @@
-"""Time source.  Everything that decides by time takes ``now``; only the edges read a :class:`Clock`."""
+"""Time source.  Everything that decides by time takes ``now``; only the edges read a :class:`Clock`.
+
+Every loop that waits (serving-certificate renewal, peer polling, retries) sleeps through the
+injected clock, so tests drive it with a fake clock (``tests/clock.py``) and never sleep for real.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Protocol
 
 
 class Clock(Protocol):
-    """Tells the current instant as an aware UTC datetime."""
+    """Tells the current instant as an aware UTC datetime, and waits."""
 
     def now(self) -> dt.datetime: ...
+
+    async def sleep(self, delay: dt.timedelta) -> None:
+        """Return after ``delay`` has passed on this clock (at once for a zero or negative delay)."""
+        ...
 
 
 class SystemClock:
@@ -18,23 +27,10 @@ class SystemClock:
     def now(self) -> dt.datetime:
         return dt.datetime.now(dt.UTC)
 
+    async def sleep(self, delay: dt.timedelta) -> None:
+        await asyncio.sleep(max(delay.total_seconds(), 0.0))
 
-class FakeClock:
-    """A clock that moves only when told to; tests and benchmarks walk lifetimes with it, never sleeping."""
 
-    def __init__(self, start: dt.datetime | None = None) -> None:
-        self._now = start or dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
-        if self._now.tzinfo is None:
-            raise ValueError("FakeClock needs an aware datetime")
-
-    def now(self) -> dt.datetime:
-        return self._now
-
-    def advance(self, delta: dt.timedelta) -> dt.datetime:
-        if delta < dt.timedelta(0):
-            raise ValueError(f"a clock does not go backwards (asked to advance by {delta})")
-        self._now += delta
-        return self._now
-
-    def set(self, instant: dt.datetime) -> None:
-        self._now = instant
+async def sleep_until(clock: Clock, deadline: dt.datetime) -> None:
+    """Sleep on ``clock`` until ``deadline`` (returns at once if it has passed)."""
+    await clock.sleep(deadline - clock.now())

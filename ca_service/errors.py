@@ -1,10 +1,12 @@
 """The one exception tree of ca-service.
 
-Edges (gRPC, HTTP, CLI) map these to statuses in one table each; callers get an opaque message,
+Edges (gRPC, HTTP) map these to statuses through the one :data:`ERROR_TABLE` below; callers get an opaque message,
 the log gets the cause.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 
 class CAServiceError(Exception):
@@ -45,3 +47,35 @@ class StorageError(CAServiceError):
 
 class ConflictError(StorageError):
     """A compare-and-swap write lost: someone else wrote first.  Reload and retry."""
+
+
+@dataclass(frozen=True)
+class ErrorStatus:
+    """How one class of error is answered at every edge: gRPC status code (by name, so this module stays
+    free of grpc), HTTP status, the audit/metric result label, and the opaque message clients get."""
+
+    error: type[CAServiceError]
+    grpc_code: str
+    http_status: int
+    result: str
+    message: str
+
+
+# THE error table of ca-service: rpc/status.py and web/admin.py both read it.  Ordered, first match
+# wins (subclasses before their bases).  A lost compare-and-swap is ABORTED/409: the caller may retry
+# the whole operation; a foreign trust domain is a policy violation, never "retry later".
+ERROR_TABLE: tuple[ErrorStatus, ...] = (
+    ErrorStatus(AuthenticationError, "UNAUTHENTICATED", 401, "unauthenticated", "caller could not be authenticated"),
+    ErrorStatus(PolicyViolationError, "PERMISSION_DENIED", 403, "forbidden", "caller is not entitled to this resource"),
+    ErrorStatus(NotFoundError, "NOT_FOUND", 404, "not-found", "no such resource"),
+    ErrorStatus(InvalidRequestError, "INVALID_ARGUMENT", 400, "invalid", "malformed request"),
+    ErrorStatus(ConflictError, "ABORTED", 409, "conflict", "conflicting change, retry"),
+    ErrorStatus(NotReadyError, "UNAVAILABLE", 503, "not-ready", "not ready, retry later"),
+    ErrorStatus(CAServiceError, "INTERNAL", 500, "error", "internal error"),
+)
+INTERNAL = ERROR_TABLE[-1]
+
+
+def error_status(exc: BaseException) -> ErrorStatus:
+    """The row of :data:`ERROR_TABLE` for ``exc`` (INTERNAL for anything that is not ours)."""
+    return next((row for row in ERROR_TABLE if isinstance(exc, row.error)), INTERNAL)

@@ -58,6 +58,10 @@ class Telemetry:
         self.bundle_refresh_failures = Counter("ca_trust_bundle_refresh_failures",
                                                "Failed or rejected bundle refreshes", ["trust_domain", "reason"],
                                                registry=r)
+        # The one state-change path (services.state_changes): reactions that raised.
+        self.state_reaction_failures = Counter("ca_state_reaction_failures",
+                                               "Reactions to a CA state change that raised", ["reaction"],
+                                               registry=r)
         # Scheduler.
         self.job_errors = Counter("ca_scheduler_job_errors", "Scheduler job runs that raised", ["job"], registry=r)
         self.job_misses = Counter("ca_scheduler_job_misses", "Scheduler job runs missed", ["job"], registry=r)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from ca_service.clock import FakeClock
 from ca_service.config import Settings, load_settings
 from ca_service.services.authority import Authority
 from ca_service.storage.directory import DirectoryStore
+from tests.clock import FakeClock
 
 START = dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
 

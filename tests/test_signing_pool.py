@@ -8,22 +8,22 @@ from collections.abc import Iterator
 import pytest
 from cryptography import x509
 
-from ca_service.clock import FakeClock
+from ca_service.adapters.signing_pool import SigningPool
 from ca_service.config import RotationSettings
 from ca_service.pki.certs import certs_to_pem, spiffe_id_of
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import load_private_key, public_key_der
 from ca_service.pki.verify import verify_svid
 from ca_service.services.authority import Authority
-from ca_service.services.signing_pool import SigningPool
 from ca_service.services.workloads import WorkloadCert, WorkloadRegistry
+from tests.clock import FakeClock
 
 IDS = [SpiffeId.parse(f"spiffe://cluster.local/ns/pool/sa/sa-{i}") for i in range(5)]
 
 
 @pytest.fixture
 def pool(authority: Authority) -> Iterator[SigningPool]:
-    signing_pool = SigningPool(authority, workers=2)
+    signing_pool = SigningPool(authority.issuer, workers=2)
     yield signing_pool
     signing_pool.close()
 

@@ -62,11 +62,11 @@ async def test_a_burst_of_forced_intermediate_rotations_does_not_spawn_workers_p
     import asyncio
     import threading
 
+    from ca_service.adapters.signing_pool import SigningPoolComponent
     from ca_service.app import build_app
     from ca_service.config import load_settings
     from ca_service.pki.templates import CAKind
     from ca_service.services.ports import RotationRequest, RotationScope
-    from ca_service.services.signing_pool import SigningPoolComponent
     from tests.waiting import wait_for
 
     settings = load_settings(environ={}, overrides={

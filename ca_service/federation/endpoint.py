@@ -4,7 +4,8 @@ The bundle is read from the TrustStore on every request, so a root rotation (A -
 peers the moment the authority commits it — before anything is signed by B.  Profiles:
 
 * ``https_spiffe``: the server presents an X509-SVID ``spiffe://<td>/ca-service/bundle-endpoint``
-  from our own CA, re-issued when the signing intermediate changes and at half its lifetime;
+  from our own CA (a :class:`~ca_service.services.serving.ServingCertificate`: re-issued when the
+  signing intermediate changes and at half its lifetime);
 * ``https_web``: the configured certificate and key (e.g. from a public or corporate CA).
 
 No client authentication: a bundle holds only public certificates.
@@ -12,8 +13,6 @@ No client authentication: a bundle holds only public certificates.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import datetime as dt
 import logging
@@ -21,25 +20,21 @@ import ssl
 
 from aiohttp import web
 
+from ca_service.adapters.tls_keys import load_chain_into
 from ca_service.clock import Clock
 from ca_service.config import BundleEndpointSettings, BundleProfile
-from ca_service.errors import NotReadyError
-from ca_service.federation.tls import load_chain_into, server_context
+from ca_service.federation.tls import server_context
 from ca_service.pki.identity import SpiffeId
-from ca_service.pki.keys import generate_private_key
-from ca_service.pki.templates import CAKind
-from ca_service.rotation.state import AuthorityState
-from ca_service.services.authority import Authority, IssuedSvid
+from ca_service.services.authority import Authority
+from ca_service.services.issuer import IssuedSvid
+from ca_service.services.serving import ServingCertificate, ServingPair
+from ca_service.services.state_changes import StateChange
 from ca_service.services.trust import TrustStore
 
 log = logging.getLogger(__name__)
 
 BUNDLE_PATH = "/"
 ENDPOINT_PATH = "/ca-service/bundle-endpoint"
-# Re-issue at half the SVID's lifetime, like workload SVIDs: a missed check still leaves half a life.
-RENEW_FRACTION = 0.5
-# Upper bound on how long the renewal task sleeps, so a clock jump is noticed within the hour.
-MAX_RENEW_CHECK = dt.timedelta(hours=1)
 
 
 def endpoint_spiffe_id(authority: Authority) -> SpiffeId:
@@ -61,12 +56,19 @@ class BundleEndpoint:
         self._authority = authority
         self._clock = clock
         self.spiffe_id = endpoint_spiffe_id(authority)
-        self.svid: IssuedSvid | None = None
         self._ssl: ssl.SSLContext | None = None
+        self.serving = ServingCertificate(authority.issuer, self.spiffe_id, clock, self._install,
+                                          name="bundle endpoint SVID")
         self._runner: web.AppRunner | None = None
-        self._unsubscribe: list[object] = []
-        self._renewal: asyncio.Task[None] | None = None
         self.port = 0
+
+    @property
+    def svid(self) -> IssuedSvid | None:
+        return self.serving.svid
+
+    def _install(self, pair: ServingPair) -> None:
+        assert self._ssl is not None
+        load_chain_into(self._ssl, pair.svid.chain, pair.key)
 
     @property
     def url(self) -> str:
@@ -85,9 +87,7 @@ class BundleEndpoint:
             assert self.settings.cert_file is not None and self.settings.key_file is not None
             self._ssl.load_cert_chain(self.settings.cert_file, self.settings.key_file)
         else:
-            self._issue()
-            self._unsubscribe.append(self._authority.subscribe(self._on_authority_change))
-            self._renewal = asyncio.create_task(self._renew_loop(), name="bundle-endpoint-renewal")
+            self.serving.start_renewal()
         app = web.Application()
         app.router.add_get(BUNDLE_PATH, self._serve_bundle)
         self._runner = web.AppRunner(app, access_log=None)
@@ -102,48 +102,13 @@ class BundleEndpoint:
                                                      "spiffe_id": str(self.spiffe_id)})
 
     async def stop(self) -> None:
-        for unsubscribe in self._unsubscribe:
-            unsubscribe()  # type: ignore[operator]
-        self._unsubscribe.clear()
-        if self._renewal is not None:
-            self._renewal.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewal
+        await self.serving.stop()
         if self._runner is not None:
             await self._runner.cleanup()
 
-    def _issue(self) -> None:
-        assert self._ssl is not None
-        key = generate_private_key(self._authority.settings.workload_key_algorithm)
-        svid = self._authority.issue_svid(self.spiffe_id, key.public_key(), now=self._clock.now())
-        load_chain_into(self._ssl, svid.chain, key)
-        self.svid = svid
-        log.info("bundle endpoint SVID issued", extra={"spiffe_id": str(self.spiffe_id),
-                                                       "serial": format(svid.leaf.serial_number, "x"),
-                                                       "not_after": svid.not_after.isoformat()})
-
-    def _on_authority_change(self, old: AuthorityState, new: AuthorityState) -> None:
-        # A new signing intermediate (intermediate or root rotation): re-issue so our chain leads to
-        # the root peers are about to trust exclusively, before the old one is retired.
-        try:
-            signer = new.active(CAKind.INTERMEDIATE)
-        except NotReadyError:
-            return  # mid-change state without a signer: keep the current SVID, it is still valid
-        if self.svid is not None and signer.key_id != self.svid.issuer_key_id:
-            self._issue()
+    def on_state_change(self, change: StateChange) -> None:
+        """State reaction (registered by the assembly): see :meth:`ServingCertificate.on_state_change`."""
+        self.serving.on_state_change(change)
 
     def renew_at(self) -> dt.datetime:
-        assert self.svid is not None
-        return self.svid.not_before + (self.svid.not_after - self.svid.not_before) * RENEW_FRACTION
-
-    async def _renew_loop(self) -> None:
-        while True:
-            wait = min(self.renew_at() - self._clock.now(), MAX_RENEW_CHECK)
-            if wait <= dt.timedelta(0):
-                try:
-                    self._issue()
-                except Exception:
-                    log.exception("re-issuing the bundle endpoint SVID failed; retrying in a minute")
-                    await asyncio.sleep(60)
-                continue
-            await asyncio.sleep(wait.total_seconds())
+        return self.serving.renew_at()

@@ -146,11 +146,22 @@ class PeerPoller:
         """Poll forever; a file source is also re-read as soon as its stat() changes."""
         while True:
             await self.refresh_once()
-            deadline = asyncio.get_running_loop().time() + self.next_delay().total_seconds()
-            while (left := deadline - asyncio.get_running_loop().time()) > 0:
-                await asyncio.sleep(min(left, WATCH_INTERVAL.total_seconds()))
-                if self.source.has_changed():
-                    break
+            await self._wait(self.next_delay())
+
+    async def _wait(self, delay: dt.timedelta) -> None:
+        """Sleep ``delay`` on the clock in WATCH_INTERVAL slices, ending early when the file source changed.
+
+        Ends when the clock reaches the deadline or when the slices slept add up to ``delay`` (the
+        latter keeps a clock that only sleeps, never moving ``now``, from waiting forever).
+        """
+        deadline = self._clock.now() + delay
+        slept = dt.timedelta(0)
+        while slept < delay and (left := deadline - self._clock.now()) > dt.timedelta(0):
+            step = min(left, WATCH_INTERVAL)
+            await self._clock.sleep(step)
+            slept += step
+            if self.source.has_changed():
+                return
 
     def _fields(self, bundle: TrustBundle) -> dict[str, object]:
         return {"trust_domain": str(self.trust_domain), "sequence": bundle.sequence, "roots": len(bundle.roots),

@@ -9,18 +9,15 @@ clock (tests run on a fake one) and the SPIFFE ID rule, neither of which OpenSSL
 from __future__ import annotations
 
 import datetime as dt
-import os
 import ssl
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cryptography import x509
 
 from ca_service.errors import InvalidRequestError, PolicyViolationError
-from ca_service.pki.certs import certs_to_pem, spiffe_id_of
+from ca_service.pki.certs import spiffe_id_of
 from ca_service.pki.identity import SpiffeId
-from ca_service.pki.keys import PrivateKey, private_key_to_pem
 from ca_service.pki.verify import verify_svid
 
 # _ssl.Certificate.public_bytes format code for DER (ssl re-exports it only from 3.13 on).
@@ -37,21 +34,6 @@ class EndpointAuthenticationError(PolicyViolationError):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-def load_chain_into(context: ssl.SSLContext, chain: Sequence[x509.Certificate], key: PrivateKey) -> None:
-    """(Re)load a certificate chain and key into ``context``; new handshakes use it at once.
-
-    ``ssl`` only loads from files, so the PEMs pass through a private (0700) temporary directory that
-    is removed before returning: the key never stays on disk.
-    """
-    with tempfile.TemporaryDirectory(prefix="ca-service-tls-") as tmp:
-        cert_path, key_path = Path(tmp) / "chain.pem", Path(tmp) / "key.pem"
-        cert_path.write_bytes(certs_to_pem(chain))
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(private_key_to_pem(key))
-        context.load_cert_chain(cert_path, key_path)
 
 
 def server_context() -> ssl.SSLContext:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -171,9 +172,10 @@ def build_svid(
 
 def build_svid_for(
     public_key: PublicKey, spiffe_id: SpiffeId, issuer: IssuerProfile, *, now: dt.datetime, ttl: dt.timedelta,
-    backdate: dt.timedelta = DEFAULT_BACKDATE,
+    backdate: dt.timedelta = DEFAULT_BACKDATE, dns_names: Sequence[str] = (),
 ) -> x509.Certificate:
-    """Workload X509-SVID.
+    """Workload X509-SVID (``dns_names``: extra DNS SANs of a serving certificate; the SPIFFE spec allows
+    other SAN types next to the one URI SAN).
 
     Empty subject with exactly one URI SAN (marked critical because the subject is empty, RFC 5280
     4.2.1.6), CA:FALSE, keyUsage digitalSignature (+keyEncipherment for RSA keys, which TLS 1.2 RSA key
@@ -195,6 +197,7 @@ def build_svid_for(
         .add_extension(_LEAF_EKU, critical=False)
         .add_extension(x509.SubjectKeyIdentifier(key_id(public_key)), critical=False)
         .add_extension(issuer.aki, critical=False)
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id)),
+                                                     *(x509.DNSName(name) for name in dns_names)]), critical=True)
     )
     return builder.sign(issuer.key, issuer.digest)

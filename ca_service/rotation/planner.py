@@ -11,13 +11,54 @@ from __future__ import annotations
 import datetime as dt
 import enum
 from dataclasses import dataclass
+from typing import Protocol
 
-from ca_service.config import Settings
 from ca_service.pki.keys import KeyAlgorithm
 from ca_service.pki.templates import CAKind
 from ca_service.rotation.state import AuthorityState, CAEntry, RootRotationPhase, SlotState
 
 INTERMEDIATE_KINDS = (CAKind.INTERMEDIATE, CAKind.ISTIOD_INTERMEDIATE)
+
+
+class _CAValues(Protocol):
+    @property
+    def root_ttl(self) -> dt.timedelta: ...
+    @property
+    def intermediate_ttl(self) -> dt.timedelta: ...
+    @property
+    def istiod_intermediate_ttl(self) -> dt.timedelta: ...
+    @property
+    def key_algorithm(self) -> KeyAlgorithm: ...
+    @property
+    def max_workload_ttl(self) -> dt.timedelta: ...
+    @property
+    def backdate(self) -> dt.timedelta: ...
+
+
+class _RotationValues(Protocol):
+    @property
+    def root_min_propagation(self) -> dt.timedelta: ...
+    @property
+    def root_ack_timeout(self) -> dt.timedelta: ...
+    @property
+    def reissue_window(self) -> dt.timedelta: ...
+
+
+class _IstiodValues(Protocol):
+    @property
+    def max_workload_ttl(self) -> dt.timedelta: ...
+
+
+class PolicySource(Protocol):
+    """The shape of ``config.Settings`` that :meth:`RotationPolicy.from_settings` reads (structural, so
+    the pure core never imports the configuration layer)."""
+
+    @property
+    def ca(self) -> _CAValues: ...
+    @property
+    def rotation(self) -> _RotationValues: ...
+    @property
+    def istiod(self) -> _IstiodValues: ...
 
 
 @dataclass(frozen=True)
@@ -43,7 +84,7 @@ class RotationPolicy:
     prepare_lead_fraction: float = 0.1
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> RotationPolicy:
+    def from_settings(cls, settings: PolicySource) -> RotationPolicy:
         ca, rot = settings.ca, settings.rotation
         return cls(
             root_ttl=ca.root_ttl, intermediate_ttl=ca.intermediate_ttl, istiod_ttl=ca.istiod_intermediate_ttl,

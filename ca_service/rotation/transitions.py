@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 
-from ca_service.errors import InvalidRequestError, NotReadyError
+from ca_service.errors import NotReadyError
 from ca_service.pki.templates import CAKind
+from ca_service.rotation.forced import plan_intermediate, plan_root
 from ca_service.rotation.minting import mint_intermediate, mint_root
 from ca_service.rotation.planner import INTERMEDIATE_KINDS, Action, RotationPolicy, Step
 from ca_service.rotation.state import (
@@ -130,10 +131,10 @@ def force_intermediate(state: AuthorityState, kind: CAKind, now: dt.datetime, po
     """Rotate ``kind`` now: activate the prepared one, minting it first if there is none.
 
     Raises:
-        NotReadyError: if there is no such intermediate or minting needs the offline root key.
+        InvalidRequestError: if there is no such intermediate.
+        NotReadyError: if minting needs the offline root key.
     """
-    if not state.of_kind(kind, SlotState.ACTIVE):
-        raise NotReadyError(f"there is no active {kind} to rotate in {state.mode} mode")
+    plan_intermediate(state, kind)  # the same checks as the dry run
     if not state.of_kind(kind, SlotState.PREPARED):
         state = prepare(state, kind, now, policy)
     return activate(state, kind, now)
@@ -149,14 +150,7 @@ def force_root(state: AuthorityState, now: dt.datetime, policy: RotationPolicy, 
     Raises:
         NotReadyError: without the root key, or while a rotation is past its gate (SIGNING/RETIRING).
     """
-    rotation = state.root_rotation
-    if rotation is None:
+    plan = plan_root(state)  # the same checks as the dry run
+    if not plan.overrides_gate:
         return publish_root(state, now, policy, reason=reason)
-    if rotation.phase is RootRotationPhase.PUBLISHED:
-        if state.root_gate_override:
-            raise InvalidRequestError("the root rotation's ACK gate is already overridden")
-        return state.replace(extra={**state.extra, GATE_OVERRIDE_KEY: reason or "forced"})
-    raise NotReadyError(
-        f"a root rotation is already in phase {rotation.phase} (since {rotation.phase_since.isoformat()}); "
-        "the next one can start once the old root has been retired"
-    )
+    return state.replace(extra={**state.extra, GATE_OVERRIDE_KEY: reason or "forced"})

@@ -24,7 +24,6 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 from ca_service.config import GrpcListener, TLSSettings
 from ca_service.pki.certs import certs_to_pem
 from ca_service.pki.identity import SpiffeId
-from ca_service.pki.keys import private_key_to_pem
 from ca_service.rpc.authn import (
     Authenticator,
     AuthenticatorChain,
@@ -34,14 +33,15 @@ from ca_service.rpc.authn import (
 from ca_service.rpc.sds_hub import WatchHub
 from ca_service.rpc.sds_resources import SecretCatalog
 from ca_service.rpc.sds_server import SdsServicer
+from ca_service.services.serving import ServingCertificate, ServingPair
+from ca_service.services.state_changes import StateChange
 from ca_service.services.trust import TrustStore
-from ca_service.services.workloads import WorkloadCert, WorkloadRegistry
+from ca_service.services.workloads import WorkloadRegistry
 from ca_service.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
 UNIX_SCHEME = "unix://"
-SERVING_NODE = "ca-service"  # registry node id under which the listeners' own serving SVID is cached
 SERVING_PATH = "/ca-service/sds"
 # Long enough for Envoy to read the end of stream and reconnect to another replica; short enough for a restart.
 DEFAULT_GRACE = dt.timedelta(seconds=5)
@@ -65,6 +65,8 @@ class SdsComponent:
         self._servers: list[grpc.aio.Server] = []
         self._unsubscribe: list[Callable[[], None]] = []
         self._sockets: list[Path] = []
+        # One serving certificate per TLS listener without configured files (each may name its own hosts).
+        self.serving: list[ServingCertificate] = []
 
     @property
     def serving_id(self) -> SpiffeId:
@@ -89,6 +91,9 @@ class SdsComponent:
         self.hub.shutdown()
         for server in self._servers:
             await server.stop(self._grace.total_seconds())
+        for serving in self.serving:
+            await serving.stop()
+        self.serving.clear()
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         for path in self._sockets:
@@ -97,6 +102,11 @@ class SdsComponent:
         self._servers.clear()
         self._unsubscribe.clear()
         self._sockets.clear()
+
+    def on_state_change(self, change: StateChange) -> None:
+        """State reaction (registered by the assembly): serving certificates follow the signing intermediate."""
+        for serving in self.serving:
+            serving.on_state_change(change)
 
     def _servicer(self, listener: GrpcListener) -> SdsServicer:
         verified = listener.tls.enabled and listener.tls.require_client_cert
@@ -131,8 +141,11 @@ class SdsComponent:
             pair = (tls.key_file.read_bytes(), tls.cert_file.read_bytes())
             return grpc.ssl_server_credentials([pair], root_certificates=client_ca,
                                                require_client_auth=tls.require_client_cert)
-        cert = self._registry.get_or_issue(SERVING_NODE, self.serving_id)
-        fetcher = _ServingCertFetcher(self, tls, cert)
+        fetcher = _ServingCertFetcher(self, tls)
+        serving = ServingCertificate(self._registry.issuer, self.serving_id, self._registry.clock, fetcher.install,
+                                     name="SDS serving certificate")
+        serving.start_renewal()  # issues now: the credentials need a first pair
+        self.serving.append(serving)
         # grpc-stubs type the fetcher without its documented None ("unchanged") return.
         return grpc.dynamic_ssl_server_credentials(fetcher.config, fetcher, tls.require_client_cert)  # type: ignore[arg-type]
 
@@ -142,29 +155,29 @@ class SdsComponent:
 
 class _ServingCertFetcher:
     """gRPC calls this (from its own thread) before each handshake; it hands out a new config only after
-    the serving SVID or the client CA changed, which the registry/trust listeners record in the loop."""
+    the serving certificate or the client CA changed, which are recorded here from the event loop."""
 
-    def __init__(self, component: SdsComponent, tls: TLSSettings, cert: WorkloadCert) -> None:
+    def __init__(self, component: SdsComponent, tls: TLSSettings) -> None:
         self._component, self._tls = component, tls
         self._served: object = None
-        self.config = self._build(cert)
-        self._latest = self.config
-        component._unsubscribe += [component._registry.subscribe(self._on_cert),
-                                   component._trust.subscribe(lambda _: self._refresh())]
+        self._pair: ServingPair | None = None
+        self._latest: grpc.ServerCertificateConfiguration | None = None
+        component._unsubscribe.append(component._trust.subscribe(lambda _: self._refresh()))
 
-    def _on_cert(self, cert: WorkloadCert) -> None:
-        if cert.node_id == SERVING_NODE:
-            self._latest = self._build(cert)
+    @property
+    def config(self) -> grpc.ServerCertificateConfiguration:
+        assert self._latest is not None, "no serving certificate installed yet"
+        return self._latest
+
+    def install(self, pair: ServingPair) -> None:
+        self._pair = pair
+        self._refresh()
 
     def _refresh(self) -> None:
-        cert = self._component._registry.get(SERVING_NODE, self._component.serving_id)
-        if cert is not None:
-            self._latest = self._build(cert)
-
-    def _build(self, cert: WorkloadCert) -> grpc.ServerCertificateConfiguration:
-        client_ca = self._component._client_ca(self._tls) if self._tls.require_client_cert else None
-        pair = (private_key_to_pem(cert.key), certs_to_pem(cert.svid.chain))
-        return grpc.ssl_server_certificate_configuration([pair], root_certificates=client_ca)
+        if self._pair is not None:
+            client_ca = self._component._client_ca(self._tls) if self._tls.require_client_cert else None
+            key_and_chain = (self._pair.key_pem(), certs_to_pem(self._pair.svid.chain))
+            self._latest = grpc.ssl_server_certificate_configuration([key_and_chain], root_certificates=client_ca)
 
     def __call__(self) -> grpc.ServerCertificateConfiguration | None:
         latest = self._latest

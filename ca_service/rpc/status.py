@@ -1,4 +1,4 @@
-"""The one table that maps ca-service errors to gRPC status codes (the edge of every RPC).
+"""Errors to gRPC status codes at the edge of every RPC, from the one table ``errors.ERROR_TABLE``.
 
 Clients get an opaque message (enough to know what to fix on their side, nothing about our
 internals); the log gets the cause, once, here.
@@ -11,34 +11,19 @@ from typing import Any, NoReturn
 
 import grpc
 
-from ca_service.errors import (
-    AuthenticationError,
-    CAServiceError,
-    InvalidRequestError,
-    NotFoundError,
-    NotReadyError,
-    PolicyViolationError,
-)
+from ca_service.errors import ERROR_TABLE, error_status
 
 log = logging.getLogger(__name__)
 
-# Ordered: the first matching class wins (subclasses before their bases).
-STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, str], ...] = (
-    (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED, "caller could not be authenticated"),
-    (PolicyViolationError, grpc.StatusCode.PERMISSION_DENIED, "caller is not entitled to this resource"),
-    (NotFoundError, grpc.StatusCode.NOT_FOUND, "no such resource"),
-    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT, "malformed request"),
-    (NotReadyError, grpc.StatusCode.UNAVAILABLE, "not ready, retry later"),
-    (CAServiceError, grpc.StatusCode.INTERNAL, "internal error"),
-)
+# The gRPC view of errors.ERROR_TABLE (the one table): (class, code, opaque client message), first match wins.
+STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode, str], ...] = tuple(
+    (row.error, grpc.StatusCode[row.grpc_code], row.message) for row in ERROR_TABLE)
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and the opaque client message for ``exc`` (INTERNAL for anything unexpected)."""
-    for cls, code, message in STATUS_TABLE:
-        if isinstance(exc, cls):
-            return code, message
-    return grpc.StatusCode.INTERNAL, "internal error"
+    row = error_status(exc)
+    return grpc.StatusCode[row.grpc_code], row.message
 
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, *, rpc: str) -> NoReturn:

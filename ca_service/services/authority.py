@@ -1,8 +1,13 @@
 """The authority: the loaded CA state of one trust domain, the only writer of it, and the signer of SVIDs.
 
-Every state change goes through :meth:`Authority.commit`: a compare-and-swap write to the store
-first, then the in-memory swap, then the listeners (SDS pushes, bundle files, metrics).  Persist
-before publish, so nothing is ever handed out that a restart would forget.
+The state changes in three ways, and each ends in the same :class:`StateChange` event published to
+:attr:`Authority.reactions` (SDS pushes, bundle files, cacerts, metrics... wired in ``app.py``):
+
+* :meth:`Authority.commit`: a compare-and-swap write to the store first, then the in-memory swap
+  (cause COMMITTED).  Persist before publish, so nothing is handed out that a restart would forget;
+* :meth:`Authority.load`: re-read from the store (cause LOADED);
+* :meth:`Authority.receive`: a newer record another replica wrote, delivered by a watch (cause
+  REPLICATED by default).
 """
 
 from __future__ import annotations
@@ -11,10 +16,6 @@ import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from ca_service.clock import Clock
 from ca_service.config import CASettings
@@ -22,11 +23,12 @@ from ca_service.errors import NotReadyError, StorageError
 from ca_service.pki.bundle import TrustBundle
 from ca_service.pki.identity import SpiffeId, TrustDomain
 from ca_service.pki.keys import PublicKey
-from ca_service.pki.templates import CAKind, IssuerProfile, build_svid_for
-from ca_service.pki.verify import verify_svid
+from ca_service.pki.templates import CAKind
 from ca_service.rotation.minting import bootstrap_state
 from ca_service.rotation.state import AuthorityState, CAEntry
-from ca_service.storage.base import AUTHORITY_RECORD, AuthorityStore
+from ca_service.services.issuer import IssuancePolicy, IssuedSvid, Issuer, SigningContext
+from ca_service.services.state_changes import ChangeCause, StateChange, StateReactions
+from ca_service.storage.base import AUTHORITY_RECORD, AuthorityStore, Record
 from ca_service.storage.codec import decode_state, encode_state
 
 log = logging.getLogger(__name__)
@@ -34,75 +36,21 @@ log = logging.getLogger(__name__)
 StateListener = Callable[[AuthorityState, AuthorityState], None]
 
 
-@dataclass(frozen=True)
-class IssuedSvid:
-    """A signed X509-SVID with the chain to present (leaf first, root excluded) and the roots it verifies against."""
-
-    spiffe_id: SpiffeId
-    chain: tuple[x509.Certificate, ...]
-    roots: tuple[x509.Certificate, ...]
-    issuer_key_id: str
-    # PEM of chain[1:], shared by every SVID of one signer so that encoding a chain costs one leaf.
-    tail_pem: bytes | None = None
-
-    @property
-    def leaf(self) -> x509.Certificate:
-        return self.chain[0]
-
-    @property
-    def not_after(self) -> dt.datetime:
-        return self.leaf.not_valid_after_utc
-
-    @property
-    def not_before(self) -> dt.datetime:
-        return self.leaf.not_valid_before_utc
-
-    def chain_pem(self) -> bytes:
-        """The chain as concatenated PEM, leaf first (what SDS ``tls_certificate.certificate_chain`` carries)."""
-        tail = self.tail_pem
-        if tail is None:
-            tail = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.chain[1:])
-        return self.leaf.public_bytes(serialization.Encoding.PEM) + tail
-
-
-@dataclass(frozen=True)
-class SigningContext:
-    """Everything signing with the active intermediate of one state repeats, computed once per state."""
-
-    state: AuthorityState
-    signer: CAEntry
-    profile: IssuerProfile
-    key_id: str
-    tail: tuple[x509.Certificate, ...]  # chain after the leaf: the signer, then any non-root CAs above it
-    tail_pem: bytes
-    roots: tuple[x509.Certificate, ...]
-
-    @classmethod
-    def of(cls, state: AuthorityState) -> SigningContext:
-        """Raises: NotReadyError: if no signing intermediate is active or its key is not available."""
-        signer = state.active(CAKind.INTERMEDIATE)
-        if signer.key is None:
-            raise NotReadyError("the signing intermediate's key is not available")
-        roots = state.roots
-        tail = (signer.cert, *[c for c in state.chain_above(signer) if c not in roots])
-        return cls(state, signer, IssuerProfile.of(signer.cert, signer.key), signer.key_id, tail,
-                   b"".join(c.public_bytes(serialization.Encoding.PEM) for c in tail), roots)
-
-
 class Authority:
     """Holds and changes the CA state of ``trust_domain``; signs workload certificates."""
 
-    def __init__(self, store: AuthorityStore, trust_domain: TrustDomain, settings: CASettings, clock: Clock) -> None:
+    def __init__(self, store: AuthorityStore, trust_domain: TrustDomain, settings: CASettings, clock: Clock, *,
+                 reactions: StateReactions | None = None) -> None:
         self._store = store
         self.trust_domain = trust_domain
         self.settings = settings
         self.clock = clock
         self._state: AuthorityState | None = None
         self._version: str | None = None
-        self._listeners: list[StateListener] = []
-        # A signer's chain is verified once against the roots (not per leaf): the leaf profile is fixed
-        # by our template, the chain is what can go wrong (a rotation that published nothing).
-        self._verified_signers: set[tuple[str, int]] = set()
+        # Where every StateChange goes; app.register_reactions fills it, in order.
+        self.reactions = reactions or StateReactions()
+        # The one issuer of leaves signed with this state's active intermediate.
+        self.issuer = Issuer(self, IssuancePolicy.of(settings))
         self._context: SigningContext | None = None
         # The bundle of one state, built once: SDS resolves it for every stream a bundle change pushes to.
         self._bundle: tuple[AuthorityState, TrustBundle] | None = None
@@ -124,19 +72,45 @@ class Authority:
         return self._state is not None
 
     def load(self) -> AuthorityState | None:
-        """Load the persisted state if there is one; never creates anything."""
+        """Load the persisted state if there is one; never creates anything.
+
+        Raises:
+            StorageError: if the stored CA belongs to another trust domain.
+        """
         record = self._store.read(AUTHORITY_RECORD)
         if record is None:
             return None
+        state = self._decode(record)
+        old, self._state, self._version = self._state, state, record.version
+        if old is not None and old.revision != state.revision:
+            self._publish(old, state, ChangeCause.LOADED)
+        return state
+
+    def receive(self, record: Record, *, cause: ChangeCause = ChangeCause.REPLICATED) -> bool:
+        """Take a record of the state that someone else wrote (a watch event from another replica).
+
+        Decodes it, checks the trust domain, ignores it unless its revision is newer than ours, then
+        swaps it in and publishes the change.  Returns whether it was taken.
+
+        Raises:
+            StorageError: if the record does not decode or belongs to another trust domain.
+        """
+        state = self._decode(record)
+        old = self._state
+        if old is not None and state.revision <= old.revision:
+            return False
+        self._state, self._version = state, record.version
+        if old is not None:
+            self._publish(old, state, cause)
+        return True
+
+    def _decode(self, record: Record) -> AuthorityState:
         state = decode_state(dict(record.data))
         if state.trust_domain != self.trust_domain:
             raise StorageError(
                 f"the stored CA belongs to trust domain {state.trust_domain}, but this daemon is configured "
                 f"for {self.trust_domain}; point data_dir elsewhere or fix trust_domain"
             )
-        old, self._state, self._version = self._state, state, record.version
-        if old is not None and old.revision != state.revision:
-            self._notify(old, state)
         return state
 
     def load_or_bootstrap(self, initial: AuthorityState | None = None) -> tuple[AuthorityState, bool]:
@@ -170,20 +144,17 @@ class Authority:
         new = dataclasses.replace(new, revision=old.revision + 1)
         record = self._store.write(AUTHORITY_RECORD, encode_state(new), expected_version=self._version)
         self._state, self._version = new, record.version
-        self._notify(old, new)
+        self._publish(old, new, ChangeCause.COMMITTED)
         return new
 
     def subscribe(self, listener: StateListener) -> Callable[[], None]:
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener)
+        """Add an (old, new) listener at the end of :attr:`reactions` (for tests and tools; the daemon
+        registers its reactions in ``app.register_reactions``)."""
+        return self.reactions.add(getattr(listener, "__qualname__", repr(listener)),
+                                  lambda change: listener(change.old, change.new))
 
-    def _notify(self, old: AuthorityState, new: AuthorityState) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(old, new)
-            except Exception:
-                # One broken consumer (a metrics hook, a file writer) must not stop SDS pushes.
-                log.exception("state listener %r failed", listener)
+    def _publish(self, old: AuthorityState, new: AuthorityState, cause: ChangeCause) -> None:
+        self.reactions.publish(StateChange(old, new, cause))
 
     # ---------------------------------------------------------- signing
 
@@ -214,42 +185,8 @@ class Authority:
         self, spiffe_id: SpiffeId, public_key: PublicKey, *, ttl: dt.timedelta | None = None,
         now: dt.datetime | None = None,
     ) -> IssuedSvid:
-        """Sign an X509-SVID for ``spiffe_id`` over ``public_key`` with the active signing intermediate.
-
-        The caller must already have established that the requester is entitled to ``spiffe_id``.
-
-        Raises:
-            NotReadyError: if no signing intermediate is active or the identity is of another trust domain.
-        """
-        self.check_member(spiffe_id)
-        now = now or self.clock.now()
-        context = self.signing_context()
-        leaf = build_svid_for(public_key, spiffe_id, context.profile, now=now, ttl=self.leaf_ttl(ttl),
-                              backdate=self.settings.backdate)
-        return self.assemble_svid(spiffe_id, leaf, context, now)
-
-    def check_member(self, spiffe_id: SpiffeId) -> None:
-        if not spiffe_id.is_member_of(self.trust_domain):
-            raise NotReadyError(f"this CA signs only for {self.trust_domain}, not for {spiffe_id}")
-
-    def leaf_ttl(self, requested: dt.timedelta | None = None) -> dt.timedelta:
-        return min(requested or self.settings.workload_ttl, self.settings.max_workload_ttl)
-
-    def assemble_svid(
-        self, spiffe_id: SpiffeId, leaf: x509.Certificate, context: SigningContext, now: dt.datetime
-    ) -> IssuedSvid:
-        """Wrap a leaf signed under ``context`` (here or in a signing-pool worker) into an :class:`IssuedSvid`."""
-        chain = (leaf, *context.tail)
-        self._check_signer_chain(context, chain, now)
-        return IssuedSvid(spiffe_id, chain, context.roots, context.key_id, context.tail_pem)
-
-    def _check_signer_chain(self, context: SigningContext, chain: tuple[x509.Certificate, ...],
-                            now: dt.datetime) -> None:
-        marker = (context.key_id, context.state.bundle_sequence)
-        if marker in self._verified_signers:
-            return
-        verify_svid(chain[0], chain[1:], context.roots, now=now)
-        self._verified_signers.add(marker)
+        """:meth:`Issuer.issue` of :attr:`issuer` at the authority clock's ``now`` (a shortcut for tools and tests)."""
+        return self.issuer.issue(spiffe_id, public_key, ttl=ttl, now=now or self.clock.now())
 
 
 def _entry_fields(entry: CAEntry) -> dict[str, object]:

@@ -13,6 +13,7 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from ca_service.clock import Clock
 from ca_service.errors import CAServiceError, ConflictError
@@ -27,6 +28,8 @@ from ca_service.services.workloads import BatchSigner, WorkloadCert, WorkloadReg
 from ca_service.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Bound on CA steps per pass.  After any downtime a pass needs at most: per intermediate kind
 # prepare + activate + 2 prunes, plus the four root phases; 16 leaves room and still stops a bug
@@ -92,9 +95,27 @@ class Reconciler:
             self._update_gauges()
             return report
 
+    @property
+    def state(self) -> AuthorityState:
+        return self.authority.state
+
+    async def apply(self, change: Callable[[AuthorityState], AuthorityState]) -> AuthorityState:
+        """Apply a CA-state change (a forced rotation) under the one lock, so it never interleaves with a
+        reconcile pass; reloads and retries on a CAS conflict.  Raises what ``change`` raises."""
+        async with self._lock:
+            return self.commit_change(change)
+
+    async def exclusive(self, work: Callable[[], T]) -> T:
+        """Run ``work`` (a change of the renewal schedule) under the same lock as :meth:`apply`."""
+        async with self._lock:
+            return work()
+
     def commit_change(self, change: Callable[[AuthorityState], AuthorityState], *, attempts: int = 3,
                       ) -> AuthorityState:
-        """Apply ``change`` to the current state and commit it, reloading and retrying on a CAS conflict."""
+        """Apply ``change`` to the current state and commit it, reloading and retrying on a CAS conflict.
+
+        The caller holds the lock (:meth:`apply` does).
+        """
         for attempt in range(attempts):
             try:
                 return self.authority.commit(change(self.authority.state))

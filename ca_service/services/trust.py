@@ -1,7 +1,8 @@
 """The trust store: every trust bundle this daemon delivers, kept apart per trust domain.
 
-Our own bundle comes from the authority; peer bundles come from federation (bundle endpoints or
-static files).  Consumers (SDS, bundle files, the bundle endpoint, metrics) subscribe to changes.
+Our own bundle comes from the authority (the assembly registers :meth:`TrustStore.on_state_change`
+as a state reaction); peer bundles come from federation (bundle endpoints or static files).
+Consumers (SDS, bundle files, metrics) subscribe to changes when they start.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from collections.abc import Callable, Mapping
 
 from ca_service.pki.bundle import TrustBundle
 from ca_service.pki.identity import TrustDomain
-from ca_service.rotation.state import AuthorityState
 from ca_service.services.authority import Authority
+from ca_service.services.state_changes import StateChange
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,10 @@ class TrustStore:
         self.own = authority.trust_domain
         self._peers: dict[TrustDomain, TrustBundle] = {}
         self._listeners: list[TrustListener] = []
-        authority.subscribe(self._on_authority_change)
 
-    def _on_authority_change(self, old: AuthorityState, new: AuthorityState) -> None:
-        if old.bundle_sequence != new.bundle_sequence:
+    def on_state_change(self, change: StateChange) -> None:
+        """State reaction: our own bundle changed when its sequence did."""
+        if change.bundle_changed:
             self._notify(frozenset({self.own}))
 
     def own_bundle(self) -> TrustBundle:

@@ -26,7 +26,8 @@ from ca_service.config import RotationSettings
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import KeyAlgorithm, PrivateKey, generate_private_key, load_private_key, private_key_to_pem
 from ca_service.rotation.renewal import renewal_time
-from ca_service.services.authority import Authority, IssuedSvid
+from ca_service.services.authority import Authority
+from ca_service.services.issuer import IssuedSvid, Issuer
 from ca_service.telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ class SignedSvid(NamedTuple):
 
 
 class BatchSigner(Protocol):
-    """Signs many identities at once, e.g. on a process pool (``signing_pool.SigningPool``)."""
+    """Signs many identities at once, e.g. on a process pool (``adapters.signing_pool.SigningPool``)."""
 
     async def issue_many(self, spiffe_ids: Sequence[SpiffeId], *, now: dt.datetime) -> list[SignedSvid]:
         ...
@@ -83,6 +84,7 @@ class WorkloadRegistry:
                  key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256, rng: random.Random | None = None,
                  telemetry: Telemetry | None = None) -> None:
         self._authority = authority
+        self._issuer = authority.issuer
         self._telemetry = telemetry
         self._issued: Counter | None = None  # the labelled child of telemetry.issued, once looked up
         self._rotation = rotation
@@ -100,6 +102,14 @@ class WorkloadRegistry:
         # then counted and logged as forced, not scheduled.  Cleared by the next certificate.
         self._forced: set[WorkloadKey] = set()
         self._last_due: dt.datetime | None = None  # the ``now`` of the previous due() call
+
+    @property
+    def issuer(self) -> Issuer:
+        return self._issuer
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
 
     def __len__(self) -> int:
         return len(self._certs)
@@ -162,7 +172,7 @@ class WorkloadRegistry:
     def _issue(self, node_id: str, spiffe_id: SpiffeId, now: dt.datetime, *, generation: int) -> WorkloadCert:
         started = time.perf_counter()
         key = generate_private_key(self._key_algorithm)
-        svid = self._authority.issue_svid(spiffe_id, key.public_key(), now=now)
+        svid = self._issuer.issue(spiffe_id, key.public_key(), now=now)
         self._count(time.perf_counter() - started)
         cert = self._install(node_id, spiffe_id, private_key_to_pem(key), svid, now, generation=generation)
         cert.__dict__["key"] = key  # seed the cached property: no need to parse the PEM just made

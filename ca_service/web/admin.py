@@ -15,15 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ca_service.errors import (
-    AuthenticationError,
-    CAServiceError,
-    ConflictError,
-    InvalidRequestError,
-    NotFoundError,
-    NotReadyError,
-    PolicyViolationError,
-)
+from ca_service.errors import CAServiceError, NotReadyError, error_status
 from ca_service.services.authority import Authority
 from ca_service.services.ports import RotationResult, Rotator
 from ca_service.services.trust import TrustStore
@@ -37,16 +29,6 @@ from ca_service.web.status import status_report
 
 log = logging.getLogger(__name__)
 
-# (exception class, HTTP status, audit result), first match wins: subclasses before their bases.
-_ERRORS: tuple[tuple[type[CAServiceError], int, str], ...] = (
-    (AuthenticationError, 401, "unauthenticated"),
-    (PolicyViolationError, 403, "forbidden"),
-    (InvalidRequestError, 400, "invalid"),
-    (NotFoundError, 404, "not-found"),
-    (ConflictError, 409, "conflict"),
-    (NotReadyError, 503, "not-ready"),
-    (CAServiceError, 500, "error"),
-)
 _OPAQUE = {401: "unauthorized", 403: "forbidden"}
 
 Handler = Callable[[web.Request, Caller, AuditRecord], Awaitable[tuple[dict[str, Any], AuditRecord]]]
@@ -89,7 +71,8 @@ class AdminApi:
                 doc, record = await handler(request, caller, record)
                 status = 200
             except CAServiceError as exc:
-                status, result = next((s, r) for cls, s, r in _ERRORS if isinstance(exc, cls))
+                row = error_status(exc)  # the one table (errors.ERROR_TABLE)
+                status, result = row.http_status, row.result
                 record = dataclasses.replace(record, result=result, detail=str(exc))
                 doc = {"error": _OPAQUE.get(status, str(exc))}
                 if isinstance(exc, BadFieldError):

@@ -29,6 +29,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 
 from ca_service.rotation.state import AuthorityState
 from ca_service.services.authority import Authority
+from ca_service.services.state_changes import StateChange
 from ca_service.services.trust import TrustStore
 from ca_service.services.workloads import WorkloadRegistry
 from ca_service.telemetry import Telemetry
@@ -56,6 +57,7 @@ class StateMetrics:
         self._registry = registry
         self._trust = trust
         self._unsubscribe: list[Callable[[], None]] = []
+        self._attached = False
         r = telemetry.registry
         self.info = Gauge("ca_info", "Always 1; the trust domain and CA mode as labels", ["trust_domain", "mode"],
                           registry=r)
@@ -79,15 +81,18 @@ class StateMetrics:
         self.ready = Gauge("ca_ready", "1 when /readyz answers ready", registry=r)
 
     def attach(self) -> None:
-        """Subscribe to the services and fill every gauge once."""
-        self._unsubscribe.append(self._authority.subscribe(self._on_commit))
+        """Subscribe to the trust store and fill every gauge once (state changes come through
+        :meth:`on_state_change`, which the assembly registers)."""
+        self._attached = True
         if self._trust is not None:
             self._unsubscribe.append(self._trust.subscribe(lambda _changed: self.refresh_trust()))
         self.refresh()
 
-    def _on_commit(self, old: AuthorityState, new: AuthorityState) -> None:
-        self.count_minted(old, new)
-        self.refresh_authority(new)
+    def on_state_change(self, change: StateChange) -> None:
+        """State reaction: count the CA certificates a change minted, refresh the CA gauges."""
+        if self._attached:
+            self.count_minted(change.old, change.new)
+            self.refresh_authority(change.new)
 
     def count_minted(self, old: AuthorityState, new: AuthorityState) -> None:
         """``ca_certificates_issued_total`` for every CA certificate a commit added (a rotation minted it)."""
@@ -97,6 +102,7 @@ class StateMetrics:
                 self.telemetry.issued.labels(kind=entry.kind.value, trust_domain=new.trust_domain.name).inc()
 
     def detach(self) -> None:
+        self._attached = False
         while self._unsubscribe:
             self._unsubscribe.pop()()
 

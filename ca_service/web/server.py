@@ -17,6 +17,7 @@ from ca_service.clock import Clock
 from ca_service.config import Settings
 from ca_service.services.authority import Authority
 from ca_service.services.ports import Rotator
+from ca_service.services.state_changes import StateChange
 from ca_service.services.trust import TrustStore
 from ca_service.services.workloads import WorkloadRegistry
 from ca_service.telemetry import Telemetry
@@ -88,12 +89,16 @@ class HttpSideport:
         self._registry, self._trust, self._rotator = registry, trust, rotator
         self._tls = SideportTls(settings.http.tls, authority) if settings.http.tls.enabled else None
         self._runner: web.AppRunner | None = None
-        self._unsubscribe_tls = None if self._tls is None else authority.subscribe(self._tls.on_authority_change)
         self.url = ""
 
     @property
     def address_file(self) -> Path:
         return self._settings.data_dir / ADDRESS_FILE
+
+    def on_state_change(self, change: StateChange) -> None:
+        """State reaction (registered by the assembly): new roots are trusted for client certificates."""
+        if self._tls is not None:
+            self._tls.on_state_change(change)
 
     def begin_shutdown(self) -> None:
         self.readiness.begin_shutdown()
@@ -128,9 +133,6 @@ class HttpSideport:
         self.begin_shutdown()
         if self._tls is not None:
             await self._tls.stop()
-        if self._unsubscribe_tls is not None:
-            self._unsubscribe_tls()
-            self._unsubscribe_tls = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -9,21 +9,17 @@ own trust bundle — the admin allow-list then decides by SPIFFE ID.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import datetime as dt
 import logging
-import os
 import ssl
-import tempfile
-from pathlib import Path
 
+from ca_service.adapters.tls_keys import load_chain_into
 from ca_service.config import TLSSettings
 from ca_service.pki.certs import certs_to_pem
 from ca_service.pki.identity import SpiffeId
-from ca_service.pki.keys import generate_private_key, private_key_to_pem
 from ca_service.rotation.state import AuthorityState
 from ca_service.services.authority import Authority
+from ca_service.services.serving import ServingCertificate, ServingPair
+from ca_service.services.state_changes import StateChange
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +31,11 @@ class SideportTls:
         self._settings = settings
         self._authority = authority
         self._context: ssl.SSLContext | None = None
-        self._renew_task: asyncio.Task[None] | None = None
-        self._renew_at: dt.datetime | None = None
+        self.serving: ServingCertificate | None = None
+        if settings.cert_file is None or settings.key_file is None:
+            self.serving = ServingCertificate(authority.issuer, SpiffeId(authority.trust_domain, SIDEPORT_PATH),
+                                              authority.clock, self._install,
+                                              name="side-port serving certificate")
 
     def context(self) -> ssl.SSLContext:
         if self._context is None:
@@ -48,57 +47,35 @@ class SideportTls:
             else:
                 self._trust_roots(ctx, self._authority.state)
             self._context = ctx
-            self._renew_at = self._load_serving_cert()
+            if self.serving is not None:
+                self.serving.issue()
+            else:
+                assert self._settings.cert_file is not None and self._settings.key_file is not None
+                ctx.load_cert_chain(str(self._settings.cert_file), str(self._settings.key_file))
         return self._context
+
+    def _install(self, pair: ServingPair) -> None:
+        assert self._context is not None
+        load_chain_into(self._context, pair.svid.chain, pair.key)
 
     def _trust_roots(self, ctx: ssl.SSLContext, state: AuthorityState) -> None:
         # Adding to a live context takes effect for new handshakes: a new root B is trusted as soon as
         # it is published (A → A+B).  OpenSSL cannot remove one; a retired root's certificates expire.
         ctx.load_verify_locations(cadata=certs_to_pem(state.roots).decode())
 
-    def on_authority_change(self, _old: AuthorityState, new: AuthorityState) -> None:
-        if self._context is not None and self._settings.client_ca_file is None:
-            self._trust_roots(self._context, new)
-
-    def _load_serving_cert(self) -> dt.datetime | None:
-        """Load the configured pair, or a fresh SVID of ours; returns when the SVID should be renewed."""
-        assert self._context is not None
-        if self._settings.cert_file is not None and self._settings.key_file is not None:
-            self._context.load_cert_chain(str(self._settings.cert_file), str(self._settings.key_file))
-            return None
-        key = generate_private_key(self._authority.settings.workload_key_algorithm)
-        svid = self._authority.issue_svid(SpiffeId(self._authority.trust_domain, SIDEPORT_PATH), key.public_key())
-        # ssl only loads from files: a private temporary directory, removed right after loading.
-        with tempfile.TemporaryDirectory(prefix="ca-sideport-") as tmp:
-            cert_path, key_path = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
-            cert_path.write_bytes(certs_to_pem(svid.chain))
-            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(private_key_to_pem(key))
-            self._context.load_cert_chain(str(cert_path), str(key_path))
-        log.info("side-port serving certificate issued",
-                 extra={"serial": f"{svid.leaf.serial_number:x}", "not_after": svid.not_after.isoformat()})
-        return svid.not_before + (svid.not_after - svid.not_before) / 2
+    def on_state_change(self, change: StateChange) -> None:
+        """State reaction: trust new roots for client certificates; re-issue under a new signer."""
+        if self._context is None:
+            return
+        if self._settings.client_ca_file is None:
+            self._trust_roots(self._context, change.new)
+        if self.serving is not None:
+            self.serving.on_state_change(change)
 
     def start_renewal(self) -> None:
-        if self._renew_at is not None and self._renew_task is None:
-            self._renew_task = asyncio.get_running_loop().create_task(self._renew_loop(), name="sideport-tls-renew")
-
-    async def _renew_loop(self) -> None:
-        renew_at = self._renew_at
-        while renew_at is not None:
-            delay = (renew_at - self._authority.clock.now()).total_seconds()
-            await asyncio.sleep(max(delay, 1.0))
-            try:
-                renew_at = self._load_serving_cert()
-            except Exception:
-                # Keep serving the current certificate and retry: the side-port must not die of this.
-                log.exception("renewing the side-port serving certificate failed; retrying in 60s")
-                renew_at = self._authority.clock.now() + dt.timedelta(seconds=60)
+        if self.serving is not None and self._context is not None:
+            self.serving.start_renewal()
 
     async def stop(self) -> None:
-        if self._renew_task is not None:
-            self._renew_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renew_task
-            self._renew_task = None
+        if self.serving is not None:
+            await self.serving.stop()

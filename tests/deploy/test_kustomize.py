@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
+from ca_service.adapters.signing_pool import CLOSE_GRACE
 from ca_service.config import ConfigError, load_settings
 from ca_service.rpc.sds_listeners import DEFAULT_GRACE
-from ca_service.services.signing_pool import CLOSE_GRACE
 from tests.deploy.daemon_config import PENDING_KEYS, PENDING_PROBLEMS, key_exists, strip_pending
 from tests.deploy.manifests import (
     KUSTOMIZE_DIR,

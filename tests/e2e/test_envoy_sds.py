@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ca_service.app import register_reactions
 from ca_service.clock import SystemClock
 from ca_service.config import GrpcListener, RotationSettings, Settings, TLSSettings
 from ca_service.pki.certs import certs_to_pem
@@ -53,6 +54,7 @@ class Stack:
         self.authority.load_or_bootstrap()
         self.registry = WorkloadRegistry(self.authority, RotationSettings(), SystemClock())
         self.trust = TrustStore(self.authority)
+        register_reactions(self.authority.reactions, trust=self.trust)
         self.uds = tmp_path / "var/run/secrets/workload-spiffe-uds/socket"
         self.telemetry = Telemetry()
         self.component = SdsComponent(

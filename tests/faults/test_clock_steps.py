@@ -5,6 +5,7 @@ every SVID handed out over SDS is valid at the daemon's current time. (issue 15,
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,6 +31,9 @@ class SteppedClock:
     def now(self) -> dt.datetime:
         return dt.datetime.now(dt.UTC) + self.offset
 
+    async def sleep(self, delay: dt.timedelta) -> None:
+        await asyncio.sleep(max(delay.total_seconds(), 0.0))  # durations run on real (monotonic) time
+
 
 @pytest.fixture
 async def daemon(tmp_path: Path) -> AsyncIterator[tuple[App, SteppedClock]]:
@@ -38,7 +42,7 @@ async def daemon(tmp_path: Path) -> AsyncIterator[tuple[App, SteppedClock]]:
         "data_dir": str(tmp_path / "data"), "http": {"address": "127.0.0.1:0"}, "ca": {"signing_workers": 0},
         "bundle_endpoint": {"enabled": False}, "rotation": {"tick_interval": "100ms"},
         "grpc": [{"address": "127.0.0.1:0", "trust_node_metadata": True}]})
-    app = build_app(settings, clock=clock)  # type: ignore[arg-type]
+    app = build_app(settings, clock=clock)
     await app.start()
     try:
         yield app, clock

@@ -12,13 +12,14 @@ from pathlib import Path
 from aiohttp import web
 from cryptography import x509
 
-from ca_service.clock import FakeClock
+from ca_service.adapters.tls_keys import load_chain_into
+from ca_service.app import register_reactions
 from ca_service.config import BundleEndpointSettings, BundleProfile, CASettings, PeerSettings
 from ca_service.federation.endpoint import BundleEndpoint
 from ca_service.federation.files import BundleFilePublisher
 from ca_service.federation.lastgood import LastGoodStore
 from ca_service.federation.peers import Federation
-from ca_service.federation.tls import load_chain_into, server_context
+from ca_service.federation.tls import server_context
 from ca_service.pki.identity import SpiffeId, TrustDomain
 from ca_service.pki.keys import PrivateKey, generate_private_key
 from ca_service.pki.templates import CAKind
@@ -28,6 +29,7 @@ from ca_service.services.authority import Authority
 from ca_service.services.trust import TrustStore
 from ca_service.storage.directory import DirectoryStore
 from ca_service.telemetry import Telemetry
+from tests.clock import FakeClock
 
 # Short enough for the test to wait for one poll, long enough that polls do not pile up.
 TEST_REFRESH = dt.timedelta(milliseconds=200)
@@ -106,6 +108,7 @@ async def start_region(name: str, base: Path, clock: FakeClock, *, reuse: Path |
     endpoint = BundleEndpoint(BundleEndpointSettings(address="127.0.0.1:0", refresh_hint=dt.timedelta(seconds=1)),
                               trust, authority, clock)
     files = BundleFilePublisher(trust, data_dir / "bundles")
+    register_reactions(authority.reactions, trust=trust, endpoint=endpoint)
     await endpoint.start()
     await files.start()
     return Region(name, data_dir, clock, authority, trust, Telemetry(), endpoint, files)

@@ -14,7 +14,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ca_service.app import build_app
-from ca_service.clock import FakeClock
 from ca_service.config import BundleEndpointSettings, BundleProfile, load_settings
 from ca_service.federation.endpoint import BundleEndpoint
 from ca_service.federation.files import BundleFilePublisher
@@ -22,6 +21,7 @@ from ca_service.federation.lastgood import LastGoodStore
 from ca_service.federation.peers import Federation, PeerPoller
 from ca_service.federation.sources import EndpointSource
 from ca_service.rpc.sds_listeners import SdsComponent
+from tests.clock import FakeClock
 from tests.conftest import START
 from tests.federation.regions import start_region
 
@@ -52,7 +52,7 @@ async def test_build_app_wires_bundle_files_federation_and_the_endpoint(tmp_path
         "data_dir": str(tmp_path / "d"), "trust_domain": "us.cluster.local",
         "bundle_endpoint": {"address": "127.0.0.1:0"}, "http": {"address": "127.0.0.1:0"},
         "grpc": [{"address": "127.0.0.1:0", "trust_node_metadata": True}]})
-    app = build_app(settings, clock=FakeClock(START))
+    app = build_app(settings, clock=FakeClock(START, real_sleeps=True))
     kinds = [type(c) for c in app.components]
     # Peers are restored (and bundle files written) before SDS hands out a validation context.
     federation = [k for k in kinds if k in (BundleFilePublisher, Federation, BundleEndpoint, SdsComponent)]
@@ -83,7 +83,7 @@ def _web_cert(tmp_path: Path) -> tuple[Path, Path]:
 
 
 async def test_an_https_web_endpoint_is_fetched_with_ordinary_tls_and_a_ca_file(tmp_path: Path):
-    clock = FakeClock(START)
+    clock = FakeClock(START, real_sleeps=True)
     eu = await start_region("eu", tmp_path, clock)
     us = await start_region("us", tmp_path, clock)
     cert_file, key_file = _web_cert(tmp_path)

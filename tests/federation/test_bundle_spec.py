@@ -15,11 +15,11 @@ import aiohttp
 import pytest
 from cryptography import x509
 
-from ca_service.clock import FakeClock
 from ca_service.config import BundleProfile, PeerSettings
 from ca_service.federation import policy
 from ca_service.federation.peers import backoff_delay
 from ca_service.pki.certs import cert_to_pem, certs_to_pem, fingerprint
+from tests.clock import FakeClock
 from tests.conftest import START
 from tests.federation.regions import Region, start_region
 from tests.waiting import wait_for
@@ -54,7 +54,7 @@ async def fetch_raw(url: str) -> tuple[str, Any]:
 
 @pytest.fixture
 async def us(tmp_path: Path) -> Region:
-    region = await start_region("us", tmp_path, FakeClock(START))
+    region = await start_region("us", tmp_path, FakeClock(START, real_sleeps=True))
     yield region  # type: ignore[misc]
     await region.stop()
 

@@ -12,7 +12,6 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from ca_service.clock import FakeClock
 from ca_service.config import BundleProfile, CASettings
 from ca_service.federation import policy
 from ca_service.federation.lastgood import LastGoodStore
@@ -24,6 +23,7 @@ from ca_service.pki.identity import SpiffeId, TrustDomain
 from ca_service.pki.keys import PrivateKey
 from ca_service.services.authority import Authority
 from ca_service.storage.directory import DirectoryStore
+from tests.clock import FakeClock
 from tests.conftest import START
 from tests.federation.regions import Region, RogueEndpoint, replace_sequence, start_region, svid_of
 
@@ -39,7 +39,7 @@ class Setup:
 
 @pytest.fixture
 async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
-    clock = FakeClock(START)
+    clock = FakeClock(START, real_sleeps=True)
     us = await start_region("us", tmp_path, clock)
     eu = await start_region("eu", tmp_path, clock)
     # The rogue server holds a genuine eu endpoint SVID: only its answers are bad.

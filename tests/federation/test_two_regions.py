@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ca_service.clock import FakeClock
 from ca_service.federation.policy import UNREACHABLE
 from ca_service.pki.certs import cert_to_pem, fingerprint
+from tests.clock import FakeClock
 from tests.conftest import START
 from tests.federation.regions import Region, start_region
 from tests.waiting import wait_for
@@ -18,7 +18,7 @@ from tests.waiting import wait_for
 
 @pytest.fixture
 async def regions(tmp_path: Path) -> AsyncIterator[tuple[Region, Region]]:
-    clock = FakeClock(START)
+    clock = FakeClock(START, real_sleeps=True)
     us = await start_region("us", tmp_path, clock)
     eu = await start_region("eu", tmp_path, clock)
     await us.federate([eu.peer_settings()])

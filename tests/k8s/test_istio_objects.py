@@ -9,7 +9,6 @@ import pytest
 from kubernetes import client
 from prometheus_client import CollectorRegistry
 
-from ca_service.clock import FakeClock
 from ca_service.config import Settings
 from ca_service.kube.cacerts_secret import CacertsSecretWriter, cacerts_files
 from ca_service.kube.client import MANAGED_BY, build_api_client
@@ -19,6 +18,7 @@ from ca_service.kube.trust_bundle import TrustBundleWriter, trust_bundle_data
 from ca_service.pki.cacerts import CA_KEY, CacertsError, check_cacerts
 from ca_service.services.authority import Authority
 from ca_service.storage.directory import DirectoryStore
+from tests.clock import FakeClock
 from tests.kube import Cluster
 from tests.waiting import wait_for
 

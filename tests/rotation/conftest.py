@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from rotation_kit import Env, make_env
 
-from ca_service.clock import FakeClock
 from ca_service.config import Settings
+from tests.clock import FakeClock
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ca_service.clock import FakeClock
 from ca_service.config import Settings
 from ca_service.rotation.planner import RotationPolicy
 from ca_service.services.authority import Authority
@@ -15,6 +14,7 @@ from ca_service.services.reconciler import Reconciler
 from ca_service.services.workloads import WorkloadRegistry
 from ca_service.storage.directory import DirectoryStore
 from ca_service.telemetry import Telemetry
+from tests.clock import FakeClock
 
 
 class FakeAckTracker:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from ca_service.adapters.scheduler import RotationScheduler
 from ca_service.clock import SystemClock
 from ca_service.config import Settings, load_settings
 from ca_service.errors import StorageError
@@ -24,7 +25,6 @@ from ca_service.rotation.planner import RotationPolicy
 from ca_service.rotation.state import AuthorityState, SlotState
 from ca_service.services.authority import Authority
 from ca_service.services.reconciler import Reconciler
-from ca_service.services.scheduler import RotationScheduler
 from ca_service.services.workloads import WorkloadRegistry
 from ca_service.storage.base import AUTHORITY_RECORD
 from ca_service.storage.codec import decode_state

@@ -36,7 +36,7 @@ async def test_a_namespace_rotation_renews_only_that_namespace_spread_over_the_w
         env: Env, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     before = issue_all(env)
-    rotator = RotationService(env.reconciler)
+    rotator = RotationService.of(env.reconciler)
     request = RotationRequest(RotationScope.NAMESPACE, reason="drill", namespace="shop")
 
     dry = await rotator.rotate(RotationRequest(RotationScope.NAMESPACE, reason="drill", namespace="shop",
@@ -65,7 +65,7 @@ async def test_a_namespace_rotation_renews_only_that_namespace_spread_over_the_w
 
 async def test_all_workloads_renews_every_workload_as_forced(env: Env) -> None:
     issue_all(env)
-    await RotationService(env.reconciler).rotate(RotationRequest(RotationScope.ALL_WORKLOADS, reason="drill"))
+    await RotationService.of(env.reconciler).rotate(RotationRequest(RotationScope.ALL_WORKLOADS, reason="drill"))
     env.clock.advance(env.reconciler.policy.reissue_window)
     await env.reconciler.reconcile()
     assert generations(env) == dict.fromkeys(SHOP + BANK, 2)
@@ -81,7 +81,7 @@ async def test_a_scope_without_its_target_is_refused_and_changes_nothing(
         env: Env, request_: RotationRequest, field: str) -> None:
     issue_all(env)
     with pytest.raises(InvalidRequestError, match=field):
-        await RotationService(env.reconciler).rotate(request_)
+        await RotationService.of(env.reconciler).rotate(request_)
     env.clock.advance(env.reconciler.policy.reissue_window)
     await env.reconciler.reconcile()
     assert generations(env) == dict.fromkeys(SHOP + BANK, 1)
@@ -89,7 +89,7 @@ async def test_a_scope_without_its_target_is_refused_and_changes_nothing(
 
 async def test_an_operators_root_rotation_reissues_every_workload_as_forced(env: Env) -> None:
     issue_all(env)
-    rotator = RotationService(env.reconciler)
+    rotator = RotationService.of(env.reconciler)
     await rotator.rotate(RotationRequest(RotationScope.ROOT, reason="suspected root key exposure"))
     env.clock.advance(env.reconciler.policy.min_propagation)  # no SDS streams: only the minimum time gates
     await env.reconciler.reconcile()

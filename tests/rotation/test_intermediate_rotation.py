@@ -7,7 +7,6 @@ import datetime as dt
 
 from rotation_kit import Env, make_env, metric
 
-from ca_service.clock import FakeClock
 from ca_service.config import Settings
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.templates import CAKind
@@ -15,6 +14,7 @@ from ca_service.rotation.planner import activation_time, prune_time
 from ca_service.rotation.state import SlotState
 from ca_service.services.ports import RotationRequest, RotationScope
 from ca_service.services.rotator import RotationService
+from tests.clock import FakeClock
 
 WORKLOAD = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/web")
 DAY = dt.timedelta(days=1)
@@ -147,7 +147,7 @@ async def test_every_ca_starts_ca_backdate_early_so_leaves_keep_their_full_backd
     env = make_env(dataclasses.replace(settings, ca=dataclasses.replace(settings.ca, backdate=backdate)), clock)
     assert {e.not_before for e in env.authority.state.entries} == {clock.now() - backdate}
     clock.advance(DAY)
-    await RotationService(env.reconciler).rotate(RotationRequest(RotationScope.INTERMEDIATE, reason="drill"))
+    await RotationService.of(env.reconciler).rotate(RotationRequest(RotationScope.INTERMEDIATE, reason="drill"))
     fresh = env.authority.state.active(CAKind.INTERMEDIATE)
     assert fresh.not_before == clock.now() - backdate
     leaf = env.registry.get_or_issue("node-1", WORKLOAD).svid

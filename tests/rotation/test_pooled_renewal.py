@@ -22,7 +22,8 @@ from cryptography import x509
 from envoy.service.secret.v3 import sds_pb2_grpc
 from rotation_kit import Env, metric
 
-from ca_service.app import build_app
+from ca_service.adapters.signing_pool import SigningPool, SigningPoolComponent, SigningPoolError
+from ca_service.app import build_app, register_reactions
 from ca_service.config import load_settings
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import load_private_key, public_key_der
@@ -31,7 +32,6 @@ from ca_service.pki.verify import verify_svid
 from ca_service.services.ports import RotationRequest, RotationScope
 from ca_service.services.reconciler import POOL_MIN_BATCH
 from ca_service.services.rotator import RotationService
-from ca_service.services.signing_pool import SigningPool, SigningPoolComponent, SigningPoolError
 from ca_service.services.workloads import SignedSvid, WorkloadCert
 from tests.rpc.sds_fixtures import node, read, request, secrets_of
 from tests.waiting import wait_for
@@ -54,7 +54,7 @@ class RecordingSigner:
 
 @pytest.fixture
 def pool(env: Env) -> Iterator[SigningPool]:
-    signing_pool = SigningPool(env.authority, workers=2)
+    signing_pool = SigningPool(env.authority.issuer, workers=2)
     yield signing_pool
     signing_pool.close()
 
@@ -156,7 +156,7 @@ async def test_after_an_intermediate_rotation_the_pool_signs_with_the_new_interm
     pool.warm_up()
     old = env.authority.state.active(CAKind.INTERMEDIATE).key_id
     assert pool.signer_key_id == old
-    await RotationService(env.reconciler).rotate(RotationRequest(RotationScope.INTERMEDIATE, reason="test"))
+    await RotationService.of(env.reconciler).rotate(RotationRequest(RotationScope.INTERMEDIATE, reason="test"))
     new = env.authority.state.active(CAKind.INTERMEDIATE).key_id
     assert new != old
     env.reconciler.signer = pool
@@ -178,12 +178,13 @@ async def test_two_passes_at_once_renew_each_certificate_once(env: Env, pool: Si
 
 async def test_the_component_warms_workers_rewarms_them_after_a_rotation_and_closes_on_stop(
         env: Env, pool: SigningPool) -> None:
-    component = SigningPoolComponent(pool, env.authority)
+    component = SigningPoolComponent(pool)
+    register_reactions(env.authority.reactions, pool=component)
     await component.start()
     try:
         await wait_for(lambda: pool.signer_key_id == env.authority.state.active(CAKind.INTERMEDIATE).key_id,
                        "workers holding the active intermediate", timeout=30)
-        await RotationService(env.reconciler).rotate(RotationRequest(RotationScope.INTERMEDIATE, reason="test"))
+        await RotationService.of(env.reconciler).rotate(RotationRequest(RotationScope.INTERMEDIATE, reason="test"))
         new = env.authority.state.active(CAKind.INTERMEDIATE).key_id
         await wait_for(lambda: pool.signer_key_id == new, "workers holding the new intermediate", timeout=30)
     finally:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from rotation_kit import Env, FakeAckTracker, make_env, metric, with_rotation
 
-from ca_service.clock import FakeClock
+from ca_service.adapters.cacerts_publisher import CacertsPublisher
+from ca_service.app import register_reactions
 from ca_service.config import Settings
 from ca_service.errors import NotReadyError
 from ca_service.pki.cacerts import ROOT_CERT, check_cacerts
@@ -18,10 +19,10 @@ from ca_service.pki.identity import SpiffeId
 from ca_service.pki.templates import CAKind
 from ca_service.rotation.planner import GateStatus, activation_time
 from ca_service.rotation.state import RootRotationPhase, SlotState
-from ca_service.services.cacerts_publisher import CacertsPublisher
 from ca_service.services.ports import RotationRequest, RotationScope
 from ca_service.services.rotator import RotationService
 from ca_service.storage.projected import read_projected
+from tests.clock import FakeClock
 
 WORKLOADS = [SpiffeId.parse(f"spiffe://cluster.local/ns/default/sa/w{i}") for i in range(5)]
 
@@ -82,7 +83,7 @@ async def test_an_ack_timeout_alerts_once_and_never_proceeds_until_an_operator_o
         gated.clock.advance(dt.timedelta(hours=1))
     assert phase(gated) is RootRotationPhase.PUBLISHED
     assert metric(gated.telemetry, "ca_root_rotation_ack_gate_timeouts_total") == 1
-    result = await RotationService(gated.reconciler).rotate(
+    result = await RotationService.of(gated.reconciler).rotate(
         RotationRequest(RotationScope.ROOT, reason="sidecar x is dead, INC-42"))
     assert phase(gated) is RootRotationPhase.SIGNING, result
 
@@ -163,6 +164,7 @@ async def test_istiod_cacerts_pass_istios_checks_at_every_step_and_consecutive_r
     gated: Env, tmp_path: Path,
 ) -> None:
     publisher = CacertsPublisher(gated.authority, tmp_path / "cacerts", gated.telemetry)
+    register_reactions(gated.authority.reactions, cacerts=publisher)
     await publisher.start()
     sets: list[set[bytes]] = []
 
@@ -204,7 +206,7 @@ async def test_in_intermediate_only_mode_rotation_is_reported_impossible_and_not
     await env.reconciler.reconcile()
     assert metric(env.telemetry, "ca_rotation_failures_total", kind="intermediate") == 1  # reported once
     with pytest.raises(NotReadyError):
-        await RotationService(env.reconciler).rotate(RotationRequest(RotationScope.ROOT, reason="x"))
+        await RotationService.of(env.reconciler).rotate(RotationRequest(RotationScope.ROOT, reason="x"))
 
 
 async def test_a_cas_conflict_reloads_and_converges_on_the_next_tick(settings: Settings, clock: FakeClock) -> None:

@@ -17,7 +17,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 from google.protobuf import struct_pb2
 
-from ca_service.clock import FakeClock
+from ca_service.app import register_reactions
 from ca_service.config import GrpcListener, RotationSettings
 from ca_service.pki.bundle import TrustBundle
 from ca_service.pki.identity import TrustDomain
@@ -29,6 +29,7 @@ from ca_service.services.authority import Authority
 from ca_service.services.trust import TrustStore
 from ca_service.services.workloads import WorkloadRegistry
 from ca_service.telemetry import Telemetry
+from tests.clock import FakeClock
 
 # Bounded wait for a response the server must send; a test fails instead of hanging.
 READ_TIMEOUT = 10.0
@@ -77,6 +78,7 @@ class SdsStack:
 async def sds(authority: Authority, clock: FakeClock, tmp_path: Path) -> AsyncIterator[SdsStack]:
     registry = WorkloadRegistry(authority, RotationSettings(), clock)
     trust = TrustStore(authority)
+    register_reactions(authority.reactions, trust=trust)
     telemetry = Telemetry()
     listeners = [
         GrpcListener(address="127.0.0.1:0", trust_node_metadata=True),

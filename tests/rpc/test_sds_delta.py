@@ -7,9 +7,9 @@ import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 
-from ca_service.clock import FakeClock
 from ca_service.pki.identity import SpiffeId
 from ca_service.rpc.sds_resources import SECRET_TYPE_URL
+from tests.clock import FakeClock
 from tests.rpc.sds_fixtures import SdsStack, node, peer_bundle, read
 
 EU = "spiffe://eu.cluster.local"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cryptography import x509
 
-from ca_service.clock import FakeClock
+from ca_service.app import register_reactions
 from ca_service.config import RotationSettings, Settings
 from ca_service.pki.certs import certs_to_pem, fingerprint
 from ca_service.pki.identity import SpiffeId
@@ -16,6 +16,7 @@ from ca_service.rpc.sds_resources import SecretCatalog
 from ca_service.services.authority import Authority
 from ca_service.services.trust import TrustStore
 from ca_service.services.workloads import WorkloadRegistry
+from tests.clock import FakeClock
 from tests.rpc.sds_fixtures import peer_bundle
 
 A = Caller(SpiffeId.parse("spiffe://cluster.local/ns/default/sa/a"), "node-a", "node-metadata", "default", "a")
@@ -24,6 +25,7 @@ B = Caller(SpiffeId.parse("spiffe://cluster.local/ns/default/sa/b"), "node-b", "
 
 def catalog_of(authority: Authority, clock: FakeClock) -> tuple[SecretCatalog, TrustStore, WorkloadRegistry]:
     trust = TrustStore(authority)
+    register_reactions(authority.reactions, trust=trust)
     registry = WorkloadRegistry(authority, RotationSettings(), clock)
     return SecretCatalog(registry, trust), trust, registry
 

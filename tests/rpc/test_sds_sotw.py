@@ -11,10 +11,10 @@ from cryptography import x509
 from envoy.extensions.transport_sockets.tls.v3 import tls_spiffe_validator_config_pb2 as spiffe_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 
-from ca_service.clock import FakeClock
 from ca_service.pki.certs import spiffe_id_of
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import load_private_key, private_key_to_pem
+from tests.clock import FakeClock
 from tests.rpc.sds_fixtures import SdsStack, node, peer_bundle, read, request, secrets_of
 
 A_ID = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/a")

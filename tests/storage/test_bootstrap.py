@@ -8,6 +8,7 @@ from pathlib import Path
 import profiles as p
 import pytest
 
+from ca_service import operations
 from ca_service.config import Settings
 from ca_service.errors import InvalidRequestError, NotReadyError
 from ca_service.pki.certs import cert_to_pem, load_certs
@@ -16,7 +17,6 @@ from ca_service.pki.keys import generate_private_key, private_key_to_pem
 from ca_service.pki.templates import CAKind, build_intermediate, build_root, build_svid
 from ca_service.pki.verify import verify_svid
 from ca_service.rotation.state import AuthorityMode
-from ca_service.services import operations
 from ca_service.storage.base import AUTHORITY_RECORD
 from ca_service.storage.directory import DirectoryStore
 

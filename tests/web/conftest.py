@@ -10,6 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from ca_service.app import register_reactions
 from ca_service.clock import SystemClock
 from ca_service.config import Settings, load_settings
 from ca_service.pki.identity import SpiffeId, TrustDomain
@@ -71,6 +72,7 @@ async def start_daemon(settings: Settings) -> Daemon:
     rotator = FakeRotator(authority, registry)
     sideport = HttpSideport(settings, authority, telemetry, clock, registry=registry, trust=trust, rotator=rotator,
                             readiness_checks={"grpc_serving": lambda: True})
+    register_reactions(authority.reactions, trust=trust, sideport=sideport)
     await sideport.start()
     return Daemon(settings, authority, registry, trust, telemetry, rotator, sideport, aiohttp.ClientSession())
 

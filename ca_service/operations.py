@@ -12,14 +12,13 @@ from typing import Any
 from ca_service.app import build_authority
 from ca_service.config import Settings
 from ca_service.errors import InvalidRequestError, NotReadyError
-from ca_service.pki.cacerts import build_cacerts, check_cacerts
 from ca_service.pki.certs import CertFacts, certs_to_pem, load_cert, load_certs
 from ca_service.pki.identity import SpiffeId
-from ca_service.pki.keys import generate_private_key, load_private_key, private_key_to_pem
-from ca_service.pki.templates import CAKind
+from ca_service.pki.keys import load_private_key, private_key_to_pem
 from ca_service.rotation.minting import bootstrap_state, import_root, intermediate_only_state
 from ca_service.rotation.state import AuthorityMode, AuthorityState
 from ca_service.services.authority import Authority
+from ca_service.services.cacerts import cacerts_files
 from ca_service.services.reports import entry_report
 from ca_service.storage.projected import write_projected
 
@@ -126,8 +125,8 @@ def issue(settings: Settings, spiffe_id: str, out: Path, *, ttl: dt.timedelta | 
     """Sign one SVID with a fresh key and write it (an operator tool: the operator is entitled to any ID)."""
     authority = _loaded(settings)
     identity = SpiffeId.parse(spiffe_id)
-    key = generate_private_key(settings.ca.workload_key_algorithm)
-    svid = authority.issue_svid(identity, key.public_key(), ttl=ttl)
+    key = authority.issuer.new_key()
+    svid = authority.issuer.issue(identity, key.public_key(), ttl=ttl, now=authority.clock.now())
     files = {"svid.pem": certs_to_pem(svid.chain), "svid-key.pem": private_key_to_pem(key),
              "bundle.pem": certs_to_pem(svid.roots)}
     out.mkdir(parents=True, exist_ok=True)
@@ -145,16 +144,6 @@ def _write_file(path: Path, data: bytes, mode: int) -> None:
     tmp.chmod(mode)
     tmp.write_bytes(data)
     tmp.replace(path)
-
-
-def cacerts_files(state: AuthorityState, now: dt.datetime) -> dict[str, bytes]:
-    """The checked ``cacerts`` set for the active istiod intermediate."""
-    entry = state.active(CAKind.ISTIOD_INTERMEDIATE)
-    if entry.key is None:
-        raise NotReadyError("the istiod intermediate's key is not available")
-    files = build_cacerts(entry.cert, entry.key, state.chain_above(entry), state.roots)
-    check_cacerts(files, now=now)
-    return files
 
 
 def export_cacerts(settings: Settings, directory: Path) -> dict[str, Any]:

@@ -10,32 +10,24 @@ state, ``root-cert.pem`` goes A -> A+B -> B across a root rotation: the only ord
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 from ca_service.clock import Clock
 from ca_service.errors import CAServiceError
-from ca_service.pki.cacerts import CA_KEY, build_cacerts, check_cacerts
-from ca_service.pki.certs import fingerprint
+from ca_service.pki.cacerts import CA_KEY
 from ca_service.pki.templates import CAKind
-from ca_service.rotation.state import AuthorityState, SlotState
+from ca_service.rotation.state import AuthorityState
 from ca_service.services.authority import Authority
+from ca_service.services.cacerts import cacerts_files, cacerts_signature
+from ca_service.services.state_changes import StateChange
 from ca_service.storage.projected import write_projected
 from ca_service.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
 
-def cacerts_signature(state: AuthorityState) -> tuple[str, tuple[bytes, ...]] | None:
-    """What the files depend on: the active istiod intermediate and the root set (None: nothing to write)."""
-    active = state.of_kind(CAKind.ISTIOD_INTERMEDIATE, SlotState.ACTIVE)
-    if not active or active[0].key is None:
-        return None
-    return active[0].key_id, tuple(fingerprint(c) for c in state.roots)
-
-
 class CacertsPublisher:
-    """Lifecycle component; writes on start and on every relevant authority change."""
+    """Lifecycle component; writes on start and, while running, on every relevant state change."""
 
     name = "istiod-cacerts"
 
@@ -46,20 +38,20 @@ class CacertsPublisher:
         self._telemetry = telemetry
         self._clock = clock or authority.clock
         self._written: tuple[str, tuple[bytes, ...]] | None = None
-        self._unsubscribe: Callable[[], None] | None = None
+        self._running = False
         self.writes = 0
 
     async def start(self) -> None:
         self.publish(self._authority.state)
-        self._unsubscribe = self._authority.subscribe(self._on_change)
+        self._running = True
 
     async def stop(self) -> None:
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
+        self._running = False
 
-    def _on_change(self, _old: AuthorityState, new: AuthorityState) -> None:
-        self.publish(new)
+    def on_state_change(self, change: StateChange) -> None:
+        """State reaction (registered by the assembly): rewrite the set if what it depends on changed."""
+        if self._running:
+            self.publish(change.new)
 
     def publish(self, state: AuthorityState) -> bool:
         """Write the set if it changed; returns whether it wrote.  Never raises: istiod keeps the last good set."""
@@ -71,10 +63,8 @@ class CacertsPublisher:
         if signature == self._written:
             return False
         entry = state.active(CAKind.ISTIOD_INTERMEDIATE)
-        assert entry.key is not None  # checked by cacerts_signature
         try:
-            files = build_cacerts(entry.cert, entry.key, state.chain_above(entry), state.roots)
-            check_cacerts(files, now=self._clock.now())
+            files = cacerts_files(state, self._clock.now())
             write_projected(self.directory, files, modes={CA_KEY: 0o600}, now=self._clock.now())
         except CAServiceError as exc:
             self._telemetry.rotation_failures.labels(kind=str(CAKind.ISTIOD_INTERMEDIATE)).inc()

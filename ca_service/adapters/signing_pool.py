@@ -5,9 +5,10 @@ generation plus an ECDSA signature per leaf.  One Python process uses one core, 
 :class:`concurrent.futures.ProcessPoolExecutor` whose workers load the signing intermediate once
 (initializer) and return DER bytes; the event loop only awaits, parses and wraps the results.
 
-The authority stays the one place that decides *what* is signed: the parent takes the
-:class:`~ca_service.services.authority.SigningContext` of the current state, the worker signs under it,
-and :meth:`Authority.assemble_svid` checks the signer chain as for an in-process issuance.
+The :class:`~ca_service.services.issuer.Issuer` stays the one place that decides *what* is signed:
+the parent asks it for a :class:`~ca_service.services.issuer.BatchPlan` (identities checked, TTL
+clamped, the current signer), the workers run only :func:`~ca_service.services.issuer.sign_leaf`
+under it, and :meth:`Issuer.assemble` checks the chain as for an in-process issuance.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import multiprocessing.connection
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
 from multiprocessing.process import BaseProcess
 
@@ -30,9 +31,10 @@ from cryptography.hazmat.primitives import serialization
 from ca_service.errors import NotReadyError
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import KeyAlgorithm, generate_private_key, load_private_key, private_key_to_pem
-from ca_service.pki.templates import CAKind, IssuerProfile, build_svid_for
+from ca_service.pki.templates import CAKind, IssuerProfile
 from ca_service.rotation.state import AuthorityState, SlotState
-from ca_service.services.authority import Authority, SigningContext
+from ca_service.services.issuer import Issuer, SigningContext, sign_leaf
+from ca_service.services.state_changes import StateChange
 from ca_service.services.workloads import SignedSvid
 
 log = logging.getLogger(__name__)
@@ -99,7 +101,7 @@ def _sign_chunk(
     for raw in spiffe_ids:
         started = time.perf_counter()
         key = generate_private_key(algorithm)
-        leaf = build_svid_for(key.public_key(), SpiffeId.parse(raw), profile, now=now, ttl=ttl, backdate=backdate)
+        leaf = sign_leaf(profile, key.public_key(), SpiffeId.parse(raw), now=now, ttl=ttl, backdate=backdate)
         out.append((leaf.public_bytes(serialization.Encoding.DER), private_key_to_pem(key),
                     time.perf_counter() - started))
     return out
@@ -123,14 +125,13 @@ class SigningPool:
     Call :meth:`close` on shutdown; a closed pool refuses work with :class:`SigningPoolError`.
     """
 
-    def __init__(self, authority: Authority, *, workers: int | None = None, chunk: int = DEFAULT_CHUNK,
-                 key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256) -> None:
+    def __init__(self, issuer: Issuer, *, workers: int | None = None, chunk: int = DEFAULT_CHUNK) -> None:
         if chunk < 1:
             raise ValueError(f"chunk must be at least 1, got {chunk}")
-        self._authority = authority
+        self.issuer = issuer
         self.workers = workers or default_workers()
         self._chunk = chunk
-        self._algorithm = key_algorithm
+        self._algorithm = issuer.policy.key_algorithm
         # The executor is swapped from the event loop (a storm) and from a warm-up thread (start-up,
         # an intermediate rotation), so the swap is guarded.
         self._lock = threading.Lock()
@@ -197,8 +198,8 @@ class SigningPool:
             future.result()
 
     def warm_up(self) -> None:
-        """:meth:`prepare` for the authority's current signer."""
-        self.prepare(self._authority.signing_context())
+        """:meth:`prepare` for the issuer's current signer."""
+        self.prepare(self.issuer.signing_context())
 
     async def issue_many(
         self, spiffe_ids: Sequence[SpiffeId], *, now: dt.datetime, ttl: dt.timedelta | None = None
@@ -206,21 +207,21 @@ class SigningPool:
         """A new key (PKCS#8 PEM) and SVID per identity, in order; the event loop stays free while workers sign.
 
         Raises:
-            NotReadyError: if the CA cannot sign (no active intermediate, an identity of another domain).
+            NotReadyError: if the CA cannot sign (no active intermediate).
+            PolicyViolationError: if an identity is of another trust domain.
             SigningPoolError: if the pool is closed or a worker died (the next call starts new workers).
         """
-        for spiffe_id in spiffe_ids:
-            self._authority.check_member(spiffe_id)
-        context = self._authority.signing_context()
+        plan = self.issuer.plan_batch(spiffe_ids, now=now, ttl=ttl)
+        context = plan.context
         executor = self._executor_for(context)
         loop = asyncio.get_running_loop()
-        leaf_ttl, backdate = self._authority.leaf_ttl(ttl), self._authority.settings.backdate
+        leaf_ttl, backdate = plan.ttl, plan.backdate
 
         async def one_chunk(chunk: Sequence[SpiffeId]) -> list[SignedSvid]:
             # Each chunk is wrapped as soon as it returns, overlapping the parent's share with the workers.
             signed = await loop.run_in_executor(executor, _sign_chunk, context.key_id, [str(s) for s in chunk], now,
                                                 leaf_ttl, backdate, self._algorithm)
-            return [SignedSvid(key_pem, self._authority.assemble_svid(
+            return [SignedSvid(key_pem, self.issuer.assemble(
                         spiffe_id, x509.load_der_x509_certificate(leaf), context, now), seconds)
                     for spiffe_id, (leaf, key_pem, seconds) in zip(chunk, signed, strict=True)]
 
@@ -270,10 +271,9 @@ class SigningPoolComponent:
 
     name = "signing-pool"
 
-    def __init__(self, pool: SigningPool, authority: Authority) -> None:
+    def __init__(self, pool: SigningPool) -> None:
         self.pool = pool
-        self._authority = authority
-        self._unsubscribe: Callable[[], None] | None = None
+        self._running = False
         # One warm-up at a time: a burst of rotations (20 forced at once) must not spawn a set of workers
         # per rotation.  A change seen while warming marks ``_rewarm``; the running warm-up then loops once
         # more for whatever signer is current by then (intermediate ones are skipped, never spawned).
@@ -281,11 +281,12 @@ class SigningPoolComponent:
         self._rewarm = False
 
     async def start(self) -> None:
-        self._unsubscribe = self._authority.subscribe(self._on_state)
+        self._running = True
         self._warm()
 
-    def _on_state(self, old: AuthorityState, new: AuthorityState) -> None:
-        if _active_signer(new) not in (None, self.pool.signer_key_id):
+    def on_state_change(self, change: StateChange) -> None:
+        """State reaction (registered by the assembly): a new active intermediate gets warm workers."""
+        if self._running and _active_signer(change.new) not in (None, self.pool.signer_key_id):
             self._warm()
 
     def _warm(self) -> None:
@@ -298,7 +299,7 @@ class SigningPoolComponent:
         while True:
             self._rewarm = False
             try:
-                context = self._authority.signing_context()
+                context = self.pool.issuer.signing_context()
             except NotReadyError:
                 return  # nothing to sign with (intermediate-only mode without a key): workers start on demand
             if context.key_id != self.pool.signer_key_id:
@@ -317,9 +318,7 @@ class SigningPoolComponent:
             log.exception("signing pool warm-up failed")
 
     async def stop(self) -> None:
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
+        self._running = False
         self._rewarm = False
         await asyncio.to_thread(self.pool.close)
         if self._warming is not None:

@@ -1,0 +1,202 @@
+"""The one Issuer: template -> sign -> verify the chain against the current roots.
+
+Every certificate this daemon signs for a caller goes through :class:`Issuer`: SDS (in process),
+the signing pool (its workers run only :func:`sign_leaf`, the template + signature; the parent plans
+the batch and assembles/verifies the results here), the CLI ``issue``, the serving certificates of
+our own listeners (with DNS SANs), and the coming CSR path (``issue(spiffe_id, public_key, ttl=...)``).
+
+The issuer does not decide *who* may have an identity: callers establish that first.  It decides
+*what* is signed (TTL clamp, backdate, trust domain) and checks the result chains to the roots.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from ca_service.errors import NotReadyError, PolicyViolationError
+from ca_service.pki.identity import SpiffeId, TrustDomain
+from ca_service.pki.keys import KeyAlgorithm, PrivateKey, PublicKey, generate_private_key
+from ca_service.pki.templates import CAKind, IssuerProfile, build_svid_for
+from ca_service.pki.verify import verify_svid
+from ca_service.rotation.state import AuthorityState, CAEntry
+from ca_service.settings import CASettings
+
+
+@dataclass(frozen=True)
+class IssuedSvid:
+    """A signed X509-SVID with the chain to present (leaf first, root excluded) and the roots it verifies against."""
+
+    spiffe_id: SpiffeId
+    chain: tuple[x509.Certificate, ...]
+    roots: tuple[x509.Certificate, ...]
+    issuer_key_id: str
+    # PEM of chain[1:], shared by every SVID of one signer so that encoding a chain costs one leaf.
+    tail_pem: bytes | None = None
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.chain[0]
+
+    @property
+    def not_after(self) -> dt.datetime:
+        return self.leaf.not_valid_after_utc
+
+    @property
+    def not_before(self) -> dt.datetime:
+        return self.leaf.not_valid_before_utc
+
+    def chain_pem(self) -> bytes:
+        """The chain as concatenated PEM, leaf first (what SDS ``tls_certificate.certificate_chain`` carries)."""
+        tail = self.tail_pem
+        if tail is None:
+            tail = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.chain[1:])
+        return self.leaf.public_bytes(serialization.Encoding.PEM) + tail
+
+
+@dataclass(frozen=True)
+class SigningContext:
+    """Everything signing with the active intermediate of one state repeats, computed once per state."""
+
+    state: AuthorityState
+    signer: CAEntry
+    profile: IssuerProfile
+    key_id: str
+    tail: tuple[x509.Certificate, ...]  # chain after the leaf: the signer, then any non-root CAs above it
+    tail_pem: bytes
+    roots: tuple[x509.Certificate, ...]
+
+    @classmethod
+    def of(cls, state: AuthorityState) -> SigningContext:
+        """Raises: NotReadyError: if no signing intermediate is active or its key is not available."""
+        signer = state.active(CAKind.INTERMEDIATE)
+        if signer.key is None:
+            raise NotReadyError("the signing intermediate's key is not available")
+        roots = state.roots
+        tail = (signer.cert, *[c for c in state.chain_above(signer) if c not in roots])
+        return cls(state, signer, IssuerProfile.of(signer.cert, signer.key), signer.key_id, tail,
+                   b"".join(c.public_bytes(serialization.Encoding.PEM) for c in tail), roots)
+
+
+@dataclass(frozen=True)
+class IssuancePolicy:
+    """What every leaf gets: default and maximum TTL, backdate, the key algorithm of keys we generate."""
+
+    workload_ttl: dt.timedelta = dt.timedelta(hours=24)
+    max_workload_ttl: dt.timedelta = dt.timedelta(hours=24)
+    backdate: dt.timedelta = dt.timedelta(minutes=5)
+    key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256
+
+    @classmethod
+    def of(cls, ca: CASettings) -> IssuancePolicy:
+        return cls(ca.workload_ttl, ca.max_workload_ttl, ca.backdate, ca.workload_key_algorithm)
+
+
+class SigningSource(Protocol):
+    """Where the issuer gets the current signer from (the authority)."""
+
+    @property
+    def trust_domain(self) -> TrustDomain: ...
+
+    def signing_context(self) -> SigningContext: ...
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What a batch of leaves is signed under (the signing pool ships it to its workers)."""
+
+    context: SigningContext
+    now: dt.datetime
+    ttl: dt.timedelta
+    backdate: dt.timedelta
+    key_algorithm: KeyAlgorithm
+
+
+def sign_leaf(profile: IssuerProfile, public_key: PublicKey, spiffe_id: SpiffeId, *, now: dt.datetime,
+              ttl: dt.timedelta, backdate: dt.timedelta, dns_names: Sequence[str] = ()) -> x509.Certificate:
+    """Template + signature of one leaf: the part a signing-pool worker runs, with no state of its own."""
+    return build_svid_for(public_key, spiffe_id, profile, now=now, ttl=ttl, backdate=backdate, dns_names=dns_names)
+
+
+class Issuer:
+    """Signs X509-SVIDs with the active signing intermediate and checks them against the current roots."""
+
+    def __init__(self, source: SigningSource, policy: IssuancePolicy) -> None:
+        self._source = source
+        self.policy = policy
+        # A signer's chain is verified once against the roots (not per leaf): the leaf profile is fixed
+        # by our template, the chain is what can go wrong (a rotation that published nothing).
+        self._verified_signers: set[tuple[str, int]] = set()
+
+    @property
+    def trust_domain(self) -> TrustDomain:
+        return self._source.trust_domain
+
+    def signing_context(self) -> SigningContext:
+        """The current signer (raises NotReadyError if there is none with a key)."""
+        return self._source.signing_context()
+
+    def new_key(self) -> PrivateKey:
+        return generate_private_key(self.policy.key_algorithm)
+
+    def check_member(self, spiffe_id: SpiffeId) -> None:
+        """Raises: PolicyViolationError: if ``spiffe_id`` is not of our trust domain (no retry will help)."""
+        if not spiffe_id.is_member_of(self.trust_domain):
+            raise PolicyViolationError(f"this CA signs only for {self.trust_domain}, not for {spiffe_id}")
+
+    def leaf_ttl(self, requested: dt.timedelta | None = None) -> dt.timedelta:
+        """The requested TTL (default: the workload TTL), clamped to the maximum."""
+        return min(requested or self.policy.workload_ttl, self.policy.max_workload_ttl)
+
+    def issue(self, spiffe_id: SpiffeId, public_key: PublicKey, *, ttl: dt.timedelta | None = None,
+              now: dt.datetime) -> IssuedSvid:
+        """Sign an X509-SVID for ``spiffe_id`` over ``public_key``; the caller is already known to be entitled.
+
+        Raises:
+            PolicyViolationError: if ``spiffe_id`` is of another trust domain.
+            NotReadyError: if no signing intermediate is active or its key is not available.
+            ChainVerificationError: if the signer does not chain to the current roots.
+        """
+        return self._issue(spiffe_id, public_key, ttl=ttl, now=now, dns_names=())
+
+    def issue_serving(self, spiffe_id: SpiffeId, public_key: PublicKey, *, dns_names: Sequence[str] = (),
+                      ttl: dt.timedelta | None = None, now: dt.datetime) -> IssuedSvid:
+        """A serving certificate of one of our listeners: an SVID that also names ``dns_names`` (the
+        host names clients dial and check).  Raises as :meth:`issue`."""
+        return self._issue(spiffe_id, public_key, ttl=ttl, now=now, dns_names=tuple(dns_names))
+
+    def _issue(self, spiffe_id: SpiffeId, public_key: PublicKey, *, ttl: dt.timedelta | None, now: dt.datetime,
+               dns_names: tuple[str, ...]) -> IssuedSvid:
+        self.check_member(spiffe_id)
+        context = self._source.signing_context()
+        leaf = sign_leaf(context.profile, public_key, spiffe_id, now=now, ttl=self.leaf_ttl(ttl),
+                         backdate=self.policy.backdate, dns_names=dns_names)
+        return self.assemble(spiffe_id, leaf, context, now)
+
+    def plan_batch(self, spiffe_ids: Sequence[SpiffeId], *, now: dt.datetime,
+                   ttl: dt.timedelta | None = None) -> BatchPlan:
+        """Check every identity and fix what a batch is signed under (the signing pool's first step).
+
+        Raises:
+            PolicyViolationError: if an identity is of another trust domain.
+            NotReadyError: if no signing intermediate is active or its key is not available.
+        """
+        for spiffe_id in spiffe_ids:
+            self.check_member(spiffe_id)
+        return BatchPlan(self._source.signing_context(), now, self.leaf_ttl(ttl), self.policy.backdate,
+                         self.policy.key_algorithm)
+
+    def assemble(self, spiffe_id: SpiffeId, leaf: x509.Certificate, context: SigningContext,
+                 now: dt.datetime) -> IssuedSvid:
+        """Wrap a leaf signed under ``context`` (here or in a signing-pool worker), checking the chain."""
+        chain = (leaf, *context.tail)
+        marker = (context.key_id, context.state.bundle_sequence)
+        if marker not in self._verified_signers:
+            verify_svid(chain[0], chain[1:], context.roots, now=now)
+            self._verified_signers.add(marker)
+        return IssuedSvid(spiffe_id, chain, context.roots, context.key_id, context.tail_pem)
