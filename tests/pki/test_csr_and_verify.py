@@ -162,7 +162,8 @@ def _rsa_csr(*, pss: bool, tamper: bool) -> x509.CertificateSigningRequest:
     builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).add_extension(
         x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(WORKLOAD))]), critical=False)
     rsa_padding = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32) if pss else padding.PKCS1v15()
-    der = bytearray(builder.sign(key, hashes.SHA256(), rsa_padding=rsa_padding).public_bytes(serialization.Encoding.DER))
+    signed = builder.sign(key, hashes.SHA256(), rsa_padding=rsa_padding)
+    der = bytearray(signed.public_bytes(serialization.Encoding.DER))
     if tamper:
         der[-5] ^= 0xFF
     return x509.load_der_x509_csr(bytes(der))
