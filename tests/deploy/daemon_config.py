@@ -19,19 +19,9 @@ from ca_service.settings import Settings
 PENDING_KEYS = frozenset({
     "grpc[].tls.dns_names",
     "istio_ca",
-    "istiod.cacerts_secret",
-    "istiod.root_cert_configmap",
-    "istiod.trust_bundle_configmap",
-    "storage.kubernetes.replica_id",
-    "storage.kubernetes.lease_name",
-    "storage.kubernetes.lease_duration",
-    "storage.kubernetes.renew_deadline",
-    "storage.kubernetes.retry_period",
 })
 # Problems the daemon reports today for values the pending work makes valid.
-PENDING_PROBLEMS = frozenset({
-    "storage.backend: kubernetes is not available in this version; use directory",
-})
+PENDING_PROBLEMS: frozenset[str] = frozenset()
 
 
 def _dataclass_of(tp: Any) -> tuple[Any, bool]:
