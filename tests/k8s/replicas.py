@@ -28,13 +28,15 @@ ISTIO_ON = {"cacerts_secret": {"enabled": True, "namespace": "istio-system"},
             "trust_bundle_configmap": {"enabled": True, "namespace": "istio-system"}}
 
 
-def replica_config(path: Path, kubeconfig: Path, namespace: str, replica: str, *, istio: bool = False,
+def replica_config(path: Path, kubeconfig: Path, namespace: str, replica: str, *,
+                   istio: bool | dict[str, Any] = False,
                    rotation: dict[str, Any] | None = None, **sections: Any) -> Path:
     doc: dict[str, Any] = {**FAST, **sections}
     doc["storage"] = {"backend": "kubernetes", "kubernetes": {
         "namespace": namespace, "secret_name": SECRET, "kubeconfig": str(kubeconfig), "replica_id": replica,
         "lease_name": LEASE, **LEASE_TIMINGS}}
-    doc["istiod"] = {**FAST.get("istiod", {}), **(ISTIO_ON if istio else {})}
+    switches = istio if isinstance(istio, dict) else ISTIO_ON if istio else {}
+    doc["istiod"] = {**FAST.get("istiod", {}), **switches}
     doc["rotation"] = {**FAST["rotation"], **(rotation or {})}
     path.write_text(json.dumps(doc))
     return path
