@@ -66,3 +66,14 @@ def test_the_checker_catches_a_forbidden_import(tmp_path: Path):
     bad.write_text("import json\nfrom cryptography import x509\nfrom ca_service.config import Settings\n"
                    "def f():\n    import yaml\n")
     assert core_violations(bad) == ["ca_service.config", "yaml"]
+
+
+def test_no_constructor_subscribes_to_anything():
+    """Reactions are wired in one visible place (app.register_reactions), never hidden in an __init__."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.FunctionDef) and node.name == "__init__":
+                calls = [c for c in ast.walk(node) if isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute)]
+                offenders += [f"{path.relative_to(PACKAGE)}:{c.lineno}" for c in calls if c.func.attr == "subscribe"]
+    assert offenders == []

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ca_service.pki.identity import TrustDomain
+from ca_service.rpc.sds_acks import AckLedger
 from ca_service.rpc.sds_resources import TRUST_SET, ChangeKey, bundle_key, svid_key
 from ca_service.services.workloads import WorkloadCert
 
@@ -32,10 +33,6 @@ class Shutdown:
 class StreamWatch:
     queue: asyncio.Queue[Any]
     keys: frozenset[ChangeKey] = frozenset()
-    # Bundle-sequence bookkeeping for the ACK gate.
-    receives_own_bundle: bool = False
-    acked_bundle_sequence: int = 0
-    pending: dict[str, int] = field(default_factory=dict)  # nonce -> own bundle sequence pushed with it
 
 
 class WatchHub:
@@ -46,6 +43,8 @@ class WatchHub:
         self._watches: set[StreamWatch] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        # The ACK gate's bookkeeping, one entry per open watch (the servicer records pushes and ACKs).
+        self.acks = AckLedger()
 
     def open(self) -> StreamWatch:
         self._loop = asyncio.get_running_loop()
@@ -53,11 +52,13 @@ class WatchHub:
         if self._closed:
             watch.queue.put_nowait(Shutdown())
         self._watches.add(watch)
+        self.acks.open(watch)
         return watch
 
     def close_watch(self, watch: StreamWatch) -> None:
         self.set_keys(watch, frozenset())
         self._watches.discard(watch)
+        self.acks.close(watch)
 
     def set_keys(self, watch: StreamWatch, keys: frozenset[ChangeKey]) -> None:
         for key in watch.keys - keys:
@@ -104,10 +105,10 @@ class WatchHub:
     # ------------------------------------------------------------ AckTracker
 
     def connected_streams(self) -> int:
-        return sum(1 for w in self._watches if w.receives_own_bundle)
+        return self.acks.connected_streams()
 
     def streams_behind(self, bundle_sequence: int) -> int:
-        return sum(1 for w in self._watches if w.receives_own_bundle and w.acked_bundle_sequence < bundle_sequence)
+        return self.acks.streams_behind(bundle_sequence)
 
     def lowest_acked_bundle_sequence(self) -> int | None:
         """This replica's ACK frontier (published for the cluster-wide gate); None without such streams."""

@@ -142,6 +142,8 @@ class SdsComponent:
             return grpc.ssl_server_credentials([pair], root_certificates=client_ca,
                                                require_client_auth=tls.require_client_cert)
         fetcher = _ServingCertFetcher(self, tls)
+        # The client CA follows our trust bundle (a new root is trusted for client certificates at once).
+        self._unsubscribe.append(self._trust.subscribe(lambda _: fetcher.refresh()))
         serving = ServingCertificate(self._registry.issuer, self.serving_id, self._registry.clock, fetcher.install,
                                      name="SDS serving certificate")
         serving.start_renewal()  # issues now: the credentials need a first pair
@@ -162,7 +164,6 @@ class _ServingCertFetcher:
         self._served: object = None
         self._pair: ServingPair | None = None
         self._latest: grpc.ServerCertificateConfiguration | None = None
-        component._unsubscribe.append(component._trust.subscribe(lambda _: self._refresh()))
 
     @property
     def config(self) -> grpc.ServerCertificateConfiguration:
@@ -171,9 +172,9 @@ class _ServingCertFetcher:
 
     def install(self, pair: ServingPair) -> None:
         self._pair = pair
-        self._refresh()
+        self.refresh()
 
-    def _refresh(self) -> None:
+    def refresh(self) -> None:
         if self._pair is not None:
             client_ca = self._component._client_ca(self._tls) if self._tls.require_client_cert else None
             key_and_chain = (self._pair.key_pem(), certs_to_pem(self._pair.svid.chain))

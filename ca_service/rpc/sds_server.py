@@ -2,15 +2,18 @@
 
 One servicer per listener (each listener has its own authenticator and policy); all share the
 catalog and the hub.  A stream is one reader task (woken only by client requests) feeding the same
-queue the hub pushes changes into, and one handler loop that sleeps on that queue.
+queue the hub pushes changes into, and one handler loop that sleeps on that queue.  The session
+(``sds_sessions``) decides what to send; this loop writes it, counts it, logs it and records pushes
+and ACKs in the hub's :class:`~ca_service.rpc.sds_acks.AckLedger`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -21,11 +24,14 @@ from google.protobuf import json_format  # type: ignore[import-untyped]  # no ty
 from ca_service.config import ListenerPolicy
 from ca_service.errors import CAServiceError, NotFoundError
 from ca_service.rpc.authn import Authenticator, CallCredentials, Caller, authenticate, check_policy
-from ca_service.rpc.sds_hub import Changed, Shutdown, WatchHub
+from ca_service.rpc.sds_hub import Changed, Shutdown, StreamWatch, WatchHub
 from ca_service.rpc.sds_resources import SECRET_TYPE_URL, SecretCatalog
-from ca_service.rpc.sds_sessions import DeltaSession, SotwSession
+from ca_service.rpc.sds_sessions import DeltaSession, SessionStep, SotwSession
 from ca_service.rpc.status import abort_with, status_for
 from ca_service.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +81,11 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[
             version_info=version, resources=[r.packed() for r in resolved], type_url=SECRET_TYPE_URL)
 
     async def _drive(self, requests: AsyncIterator[Any], context: Context, api: str,
-                     session_type: Callable[..., SotwSession | DeltaSession]) -> None:
+                     session_type: Callable[[SecretCatalog, Caller], SotwSession | DeltaSession]) -> None:
         watch = self._hub.open()
         reader = asyncio.create_task(_pump(requests, watch.queue))
         self._telemetry.sds_streams.labels(api).inc()
+        stream = _StreamRecord(api, watch)
         session: SotwSession | DeltaSession | None = None
         try:
             while True:
@@ -87,21 +94,46 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[
                     return
                 try:
                     if isinstance(item, Changed):
-                        responses = session.on_change(item.keys) if session is not None else []
+                        if session is None:
+                            continue
+                        step: SessionStep[Any] = session.on_change(item.keys)
                     else:
                         if session is None:
-                            caller = await self._caller(item.node, context)
-                            session = session_type(self._catalog, self._hub, watch, caller, self._telemetry)
-                        responses = session.on_request(item)
+                            session = session_type(self._catalog, await self._caller(item.node, context))
+                        step = session.on_request(item)
                 except CAServiceError as exc:
                     self._denied(exc)
                     await abort_with(context, exc, rpc=f"SDS {api}")
-                for response in responses:
+                self._hub.set_keys(watch, session.watched_keys)
+                self._record(stream, session, step)
+                for response in step.responses:
                     await context.write(response)
         finally:
             reader.cancel()
             self._hub.close_watch(watch)
             self._telemetry.sds_streams.labels(api).dec()
+
+    def _record(self, stream: _StreamRecord, session: SotwSession | DeltaSession, step: SessionStep[Any]) -> None:
+        """Metrics, logs and the ACK ledger for one session step (the session itself does none of these)."""
+        acks = self._hub.acks
+        if step.stale_nonce is not None:
+            log.debug("stale SDS nonce ignored", extra={"node": session.caller.node_id, "nonce": step.stale_nonce})
+        if step.ack is not None and step.ack.error is not None:
+            self._telemetry.sds_nacks.labels(stream.api).inc()
+            acks.nacked(stream.watch, step.ack.nonce)
+            # Envoy keeps the previous secret; resending the same content would be rejected again.
+            log.warning("SDS NACK", extra={"node": session.caller.node_id, "spiffe_id": str(session.caller.spiffe_id),
+                                           "api": stream.api, "error": step.ack.error,
+                                           "names": sorted(session.names)})
+        elif step.ack is not None:
+            self._telemetry.sds_ack_latency.observe(time.monotonic() - stream.pushed_at)
+            acks.acked(stream.watch)  # the last nonce: covers every earlier push on the stream
+        if step.pushed is not None:
+            stream.pushed_at = time.monotonic()
+            acks.pushed(stream.watch, step.pushed.nonce, step.pushed.own_bundle_sequence)
+            if stream.pushes is None:  # the labelled child, looked up at the stream's first push
+                stream.pushes = self._telemetry.sds_pushes.labels(stream.api)
+            stream.pushes.inc()
 
     async def _caller(self, node: base_pb2.Node, context: Context) -> Caller:
         credentials = CallCredentials(
@@ -125,6 +157,15 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[
 
     def _denied(self, exc: BaseException) -> None:
         self._telemetry.sds_denied.labels(status_for(exc)[0].name.lower()).inc()
+
+
+class _StreamRecord:
+    """What the servicer keeps per stream besides the session: push time, the pushes counter child."""
+
+    def __init__(self, api: str, watch: StreamWatch) -> None:
+        self.api, self.watch = api, watch
+        self.pushed_at = 0.0
+        self.pushes: Counter | None = None
 
 
 async def _pump(requests: AsyncIterator[Any], queue: asyncio.Queue[Any]) -> None:

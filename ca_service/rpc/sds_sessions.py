@@ -1,32 +1,52 @@
 """Per-stream SDS protocol state: state of the world (:class:`SotwSession`) and incremental (:class:`DeltaSession`).
 
-A session is plain data plus two pure-ish methods — ``on_request`` and ``on_change`` — returning the
-responses to send.  No I/O and no tasks here: the servicer owns the stream, the hub owns the wake-ups.
+A session is plain data plus two methods — ``on_request`` and ``on_change`` — returning a
+:class:`SessionStep`: the responses to send, what was pushed (nonce, own bundle sequence) and what the
+client ACKed or NACKed.  No I/O, no logging, no metrics and no tasks here: the servicer owns the
+stream, the metrics and the logs, the hub owns the wake-ups (it watches :attr:`watched_keys`) and its
+:class:`~ca_service.rpc.sds_acks.AckLedger` owns the ACK bookkeeping.  Resolution goes through the
+catalog given to the session (it may issue the caller's SVID; see README "not built yet").
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
-import time
 import uuid
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from envoy.service.discovery.v3 import discovery_pb2
 
 from ca_service.errors import NotFoundError
 from ca_service.rpc.authn import Caller
-from ca_service.rpc.sds_hub import StreamWatch, WatchHub
 from ca_service.rpc.sds_resources import SECRET_TYPE_URL, TRUST_SET, ChangeKey, Resolved, SecretCatalog
-from ca_service.telemetry import Telemetry
-
-if TYPE_CHECKING:
-    from prometheus_client import Counter
-
-log = logging.getLogger(__name__)
 
 WILDCARD = "*"
+
+R = TypeVar("R", discovery_pb2.DiscoveryResponse, discovery_pb2.DeltaDiscoveryResponse)
+
+
+@dataclass(frozen=True)
+class Pushed:
+    nonce: str
+    own_bundle_sequence: int  # 0: the push carried no bundle of our own trust domain
+
+
+@dataclass(frozen=True)
+class Acknowledged:
+    nonce: str
+    error: str | None = None  # set: a NACK (Envoy keeps its previous secret)
+
+
+@dataclass(frozen=True)
+class SessionStep(Generic[R]):
+    """What one request or change led to; the servicer writes, counts, logs and records ACKs."""
+
+    responses: list[R] = field(default_factory=list)
+    pushed: Pushed | None = None
+    ack: Acknowledged | None = None
+    stale_nonce: str | None = None  # a request answering an older push: ignored
 
 
 class _Session:
@@ -34,16 +54,20 @@ class _Session:
 
     api = ""
 
-    def __init__(self, catalog: SecretCatalog, hub: WatchHub, watch: StreamWatch, caller: Caller,
-                 telemetry: Telemetry) -> None:
-        self.catalog, self.hub, self.watch, self.caller, self.telemetry = catalog, hub, watch, caller, telemetry
+    def __init__(self, catalog: SecretCatalog, caller: Caller) -> None:
+        self.catalog, self.caller = catalog, caller
         self.names: set[str] = set()
         self.wildcard = False
         self.name_keys: dict[str, frozenset[ChangeKey]] = {}
         self.last_nonce = ""
-        self._pushed_at = 0.0
-        # The labelled child, looked up at the stream's first push rather than at every push.
-        self._pushes: Counter | None = None
+        self._started = False
+
+    @property
+    def watched_keys(self) -> frozenset[ChangeKey]:
+        """The change keys this stream depends on (the hub wakes it on these)."""
+        # A wildcard stream also watches the set of trust domains: a new peer is a new name for it.
+        keys: frozenset[ChangeKey] = frozenset({TRUST_SET}) if self.wildcard else frozenset()
+        return keys.union(*self.name_keys.values())
 
     def _subscribe(self, names: Iterable[str]) -> None:
         for name in names:
@@ -61,42 +85,22 @@ class _Session:
         self.name_keys[name] = resolved.keys if resolved is not None else self.catalog.keys_for(name)
         return resolved
 
-    def _sync_watch(self) -> None:
-        # A wildcard stream also watches the set of trust domains: a new peer is a new name for it.
-        keys: frozenset[ChangeKey] = frozenset({TRUST_SET}) if self.wildcard else frozenset()
-        self.hub.set_keys(self.watch, keys.union(*self.name_keys.values()))
-
     def _affected(self, keys: frozenset[ChangeKey]) -> list[str]:
         if self.wildcard and TRUST_SET in keys:
             self._subscribe(set(self.catalog.visible_names(self.caller)) - self.names)
         return sorted(n for n in self.names if self.name_keys.get(n, frozenset()) & keys)
 
-    def _new_nonce(self, resolved: list[Resolved]) -> str:
+    def _new_push(self, resolved: list[Resolved]) -> Pushed:
         self.last_nonce = uuid.uuid4().hex
-        self._pushed_at = time.monotonic()
-        own = max((r.own_bundle_sequence for r in resolved), default=0)
-        if own:
-            self.watch.receives_own_bundle = True
-            self.watch.pending[self.last_nonce] = own
-        if self._pushes is None:
-            self._pushes = self.telemetry.sds_pushes.labels(self.api)
-        self._pushes.inc()
-        return self.last_nonce
+        return Pushed(self.last_nonce, max((r.own_bundle_sequence for r in resolved), default=0))
 
-    def _ack_or_nack(self, nonce: str, error: str | None) -> None:
-        if error is not None:
-            self.telemetry.sds_nacks.labels(self.api).inc()
-            self.watch.pending.pop(nonce, None)
-            # Envoy keeps the previous secret; resending the same content would be rejected again.
-            log.warning("SDS NACK", extra={"node": self.caller.node_id, "spiffe_id": str(self.caller.spiffe_id),
-                                           "api": self.api, "error": error, "names": sorted(self.names)})
-            return
-        self.telemetry.sds_ack_latency.observe(time.monotonic() - self._pushed_at)
-        # Only the last nonce can be ACKed, and an ACK of it covers every earlier push on the stream.
-        if self.watch.pending:
-            seq = max(self.watch.pending.values())
-            self.watch.acked_bundle_sequence = max(self.watch.acked_bundle_sequence, seq)
-            self.watch.pending.clear()
+    def _answer(self, request: discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest,
+                ) -> Acknowledged | None:
+        """An ACK or NACK of our last push, if ``request`` answers it."""
+        nonce = request.response_nonce
+        if not nonce or nonce != self.last_nonce:
+            return None
+        return Acknowledged(nonce, request.error_detail.message if request.HasField("error_detail") else None)
 
 
 class SotwSession(_Session):
@@ -104,21 +108,17 @@ class SotwSession(_Session):
 
     api = "sotw"
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, catalog: SecretCatalog, caller: Caller) -> None:
+        super().__init__(catalog, caller)
         self._sent: dict[str, str] = {}
-        self._started = False
 
-    def on_request(self, request: discovery_pb2.DiscoveryRequest) -> list[discovery_pb2.DiscoveryResponse]:
+    def on_request(self, request: discovery_pb2.DiscoveryRequest) -> SessionStep[discovery_pb2.DiscoveryResponse]:
         nonce = request.response_nonce
         if self._started and nonce and nonce != self.last_nonce:
-            log.debug("stale SDS nonce ignored", extra={"node": self.caller.node_id, "nonce": nonce})
-            return []
-        if nonce and nonce == self.last_nonce:
-            nack = request.error_detail.message if request.HasField("error_detail") else None
-            self._ack_or_nack(nonce, nack)
-            if nack is not None:
-                return []
+            return SessionStep(stale_nonce=nonce)
+        ack = self._answer(request)
+        if ack is not None and ack.error is not None:
+            return SessionStep(ack=ack)  # resending the same content would be rejected again
         requested = set(request.resource_names)
         self.wildcard = not requested
         if self.wildcard:
@@ -130,10 +130,9 @@ class SotwSession(_Session):
         for gone in set(self._sent) - self.names:
             del self._sent[gone]
         resolved = [r for r in (self._resolve(n) for n in sorted(added)) if r is not None]
-        self._sync_watch()
-        return self._respond(resolved)
+        return self._respond(resolved, ack)
 
-    def on_change(self, keys: frozenset[ChangeKey]) -> list[discovery_pb2.DiscoveryResponse]:
+    def on_change(self, keys: frozenset[ChangeKey]) -> SessionStep[discovery_pb2.DiscoveryResponse]:
         out = []
         for name in self._affected(keys):
             try:
@@ -142,19 +141,20 @@ class SotwSession(_Session):
                 resolved = None  # SotW cannot withdraw one secret; Envoy keeps the last one
             if resolved is not None and self._sent.get(name) != resolved.version:
                 out.append(resolved)
-        self._sync_watch()
-        return self._respond(out)
+        return self._respond(out, None)
 
-    def _respond(self, resolved: list[Resolved]) -> list[discovery_pb2.DiscoveryResponse]:
+    def _respond(self, resolved: list[Resolved], ack: Acknowledged | None,
+                 ) -> SessionStep[discovery_pb2.DiscoveryResponse]:
         if not resolved:
             # Nothing new, or nothing exists yet (a peer trust domain not fetched yet): stay silent.
-            return []
+            return SessionStep(ack=ack)
         for r in resolved:
             self._sent[r.name] = r.version
         version = _digest(sorted(self._sent.items()))
-        return [discovery_pb2.DiscoveryResponse(
+        pushed = self._new_push(resolved)
+        return SessionStep([discovery_pb2.DiscoveryResponse(
             version_info=version, resources=[r.packed() for r in resolved], type_url=SECRET_TYPE_URL,
-            nonce=self._new_nonce(resolved))]
+            nonce=pushed.nonce)], pushed, ack)
 
 
 class DeltaSession(_Session):
@@ -162,18 +162,15 @@ class DeltaSession(_Session):
 
     api = "delta"
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, catalog: SecretCatalog, caller: Caller) -> None:
+        super().__init__(catalog, caller)
         self._known: dict[str, str] = {}  # what the client holds: name -> version
-        self._started = False
 
-    def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest) -> list[discovery_pb2.DeltaDiscoveryResponse]:
+    def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest,
+                   ) -> SessionStep[discovery_pb2.DeltaDiscoveryResponse]:
         if not self._started:
             self._known = dict(request.initial_resource_versions)
-        nonce = request.response_nonce
-        if nonce and nonce == self.last_nonce:
-            nack = request.error_detail.message if request.HasField("error_detail") else None
-            self._ack_or_nack(nonce, nack)
+        ack = self._answer(request)
         subscribe = set(request.resource_names_subscribe)
         if not self._started and (not subscribe or WILDCARD in subscribe):
             self.wildcard = True
@@ -184,16 +181,13 @@ class DeltaSession(_Session):
             self._known.pop(name, None)
         added = subscribe - self.names
         self._subscribe(added)
-        response = self._update(sorted(added))
-        self._sync_watch()
-        return response
+        return self._update(sorted(added), ack)
 
-    def on_change(self, keys: frozenset[ChangeKey]) -> list[discovery_pb2.DeltaDiscoveryResponse]:
-        response = self._update(self._affected(keys))
-        self._sync_watch()
-        return response
+    def on_change(self, keys: frozenset[ChangeKey]) -> SessionStep[discovery_pb2.DeltaDiscoveryResponse]:
+        return self._update(self._affected(keys), None)
 
-    def _update(self, names: list[str]) -> list[discovery_pb2.DeltaDiscoveryResponse]:
+    def _update(self, names: list[str], ack: Acknowledged | None,
+                ) -> SessionStep[discovery_pb2.DeltaDiscoveryResponse]:
         changed: list[Resolved] = []
         removed: list[str] = []
         for name in names:
@@ -206,11 +200,12 @@ class DeltaSession(_Session):
                 changed.append(resolved)
                 self._known[name] = resolved.version
         if not changed and not removed:
-            return []
+            return SessionStep(ack=ack)
         resources = [discovery_pb2.Resource(name=r.name, version=r.version, resource=r.packed()) for r in changed]
-        return [discovery_pb2.DeltaDiscoveryResponse(
+        pushed = self._new_push(changed)
+        return SessionStep([discovery_pb2.DeltaDiscoveryResponse(
             system_version_info=_digest(sorted(self._known.items())), resources=resources,
-            type_url=SECRET_TYPE_URL, removed_resources=removed, nonce=self._new_nonce(changed))]
+            type_url=SECRET_TYPE_URL, removed_resources=removed, nonce=pushed.nonce)], pushed, ack)
 
 
 def _digest(items: Iterable[tuple[str, str]]) -> str:

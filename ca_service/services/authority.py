@@ -27,7 +27,11 @@ from ca_service.pki.keys import PublicKey
 from ca_service.pki.templates import CAKind
 from ca_service.rotation.minting import bootstrap_state
 from ca_service.rotation.state import AuthorityState, CAEntry
-from ca_service.services.issuer import IssuancePolicy, IssuedSvid, Issuer, SigningContext
+from ca_service.services.issuer import IssuancePolicy, Issuer
+
+# Re-exported: IssuedSvid and SigningContext lived here before the Issuer existed.
+from ca_service.services.issuer import IssuedSvid as IssuedSvid
+from ca_service.services.issuer import SigningContext as SigningContext
 from ca_service.services.state_changes import ChangeCause, StateChange, StateReactions
 from ca_service.storage.base import AUTHORITY_RECORD, AuthorityStore, Record
 from ca_service.storage.codec import decode_state, encode_state

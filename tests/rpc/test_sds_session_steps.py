@@ -1,0 +1,76 @@
+"""The SDS session as a pure protocol state machine: requests in, steps (send / pushed / ACKed) out."""
+
+from __future__ import annotations
+
+from envoy.service.discovery.v3 import discovery_pb2
+from google.rpc import status_pb2  # type: ignore[import-untyped]
+
+from ca_service.pki.identity import SpiffeId
+from ca_service.rpc.authn import Caller
+from ca_service.rpc.sds_acks import AckLedger
+from ca_service.rpc.sds_resources import ROOTCA_NAME
+from ca_service.rpc.sds_sessions import DeltaSession, SotwSession
+from ca_service.services.authority import Authority
+from tests.clock import FakeClock
+from tests.rpc.test_sds_resources import catalog_of
+
+CALLER = Caller(SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/web"), "node-1", "test")
+
+
+def request(names: list[str], nonce: str = "", version: str = "", error: str | None = None,
+            ) -> discovery_pb2.DiscoveryRequest:
+    out = discovery_pb2.DiscoveryRequest(resource_names=names, response_nonce=nonce, version_info=version)
+    if error is not None:
+        out.error_detail.CopyFrom(status_pb2.Status(message=error))
+    return out
+
+
+def test_a_first_request_pushes_the_bundle_and_names_its_sequence(authority: Authority, clock: FakeClock):
+    catalog, _, _ = catalog_of(authority, clock)
+    session = SotwSession(catalog, CALLER)
+    step = session.on_request(request([ROOTCA_NAME]))
+    assert len(step.responses) == 1 and step.ack is None
+    assert step.pushed is not None and step.pushed.nonce == step.responses[0].nonce
+    assert step.pushed.own_bundle_sequence == authority.state.bundle_sequence
+    assert session.watched_keys  # the hub is told what to wake the stream on
+
+
+def test_an_ack_of_the_last_nonce_is_reported_and_sends_nothing(authority: Authority, clock: FakeClock):
+    catalog, _, _ = catalog_of(authority, clock)
+    session = SotwSession(catalog, CALLER)
+    first = session.on_request(request([ROOTCA_NAME]))
+    step = session.on_request(request([ROOTCA_NAME], first.responses[0].nonce, first.responses[0].version_info))
+    assert step.responses == [] and step.ack is not None and step.ack.error is None
+
+
+def test_a_nack_is_reported_with_its_error_and_a_stale_nonce_is_ignored(authority: Authority, clock: FakeClock):
+    catalog, _, _ = catalog_of(authority, clock)
+    session = SotwSession(catalog, CALLER)
+    first = session.on_request(request([ROOTCA_NAME]))
+    nack = session.on_request(request([ROOTCA_NAME], first.responses[0].nonce, error="bad secret"))
+    assert nack.ack is not None and nack.ack.error == "bad secret" and nack.responses == []
+    stale = session.on_request(request([ROOTCA_NAME], "an-old-nonce"))
+    assert stale.stale_nonce == "an-old-nonce" and stale.responses == [] and stale.ack is None
+
+
+def test_a_delta_session_reports_its_push_too(authority: Authority, clock: FakeClock):
+    catalog, _, _ = catalog_of(authority, clock)
+    step = DeltaSession(catalog, CALLER).on_request(
+        discovery_pb2.DeltaDiscoveryRequest(resource_names_subscribe=[ROOTCA_NAME]))
+    assert step.pushed is not None and step.pushed.own_bundle_sequence == authority.state.bundle_sequence
+
+
+def test_the_ack_ledger_counts_a_stream_behind_until_it_acks_the_sequence():
+    ledger, stream = AckLedger(), object()
+    ledger.open(stream)
+    assert ledger.connected_streams() == 0  # no own bundle pushed yet: nothing to wait for
+    ledger.pushed(stream, "n1", 3)
+    assert (ledger.connected_streams(), ledger.streams_behind(3)) == (1, 1)
+    ledger.nacked(stream, "n1")
+    ledger.acked(stream)
+    assert ledger.streams_behind(3) == 1  # a NACKed push is not an ACK
+    ledger.pushed(stream, "n2", 3)
+    ledger.acked(stream)
+    assert ledger.streams_behind(3) == 0 and ledger.streams_behind(4) == 1
+    ledger.close(stream)
+    assert ledger.connected_streams() == 0
