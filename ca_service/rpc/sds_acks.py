@@ -53,3 +53,8 @@ class AckLedger:
 
     def streams_behind(self, bundle_sequence: int) -> int:
         return sum(1 for e in self._streams.values() if e.receives_own_bundle and e.acked < bundle_sequence)
+
+    def lowest_acked(self) -> int | None:
+        """The lowest own bundle sequence ACKed by every stream that receives it (a replica's ACK frontier);
+        None without such streams."""
+        return min((e.acked for e in self._streams.values() if e.receives_own_bundle), default=None)

@@ -112,7 +112,7 @@ class WatchHub:
 
     def lowest_acked_bundle_sequence(self) -> int | None:
         """This replica's ACK frontier (published for the cluster-wide gate); None without such streams."""
-        return min((w.acked_bundle_sequence for w in self._watches if w.receives_own_bundle), default=None)
+        return self.acks.lowest_acked()
 
 
 def _in_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
