@@ -52,7 +52,8 @@ class IstioObjects:
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._unsubscribe: Callable[[], None] | None = None
-        self.writes = 0  # rounds that wrote every object (tests wait on it)
+        self.rounds = 0  # triggers handled, whether or not this replica led (tests wait on these)
+        self.writes = 0  # rounds that wrote every object
 
     async def start(self) -> None:
         self._unsubscribe = self._trust.subscribe(self.on_trust)
@@ -86,17 +87,23 @@ class IstioObjects:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
-            if not self._is_leader():
-                await self._stop_root_cert()
-                continue
             try:
-                await self._write_all()
-            except (CAServiceError, ValueError) as exc:
-                log.warning("Istio objects not written; retrying", extra={"cause": str(exc)[:300],
-                                                                          "retry_in_s": RETRY_DELAY})
-                asyncio.get_running_loop().call_later(RETRY_DELAY, self._dirty.set)
-                continue
-            self.writes += 1
+                await self._round()
+            finally:
+                self.rounds += 1
+
+    async def _round(self) -> None:
+        if not self._is_leader():
+            await self._stop_root_cert()
+            return
+        try:
+            await self._write_all()
+        except (CAServiceError, ValueError) as exc:
+            log.warning("Istio objects not written; retrying", extra={"cause": str(exc)[:300],
+                                                                      "retry_in_s": RETRY_DELAY})
+            asyncio.get_running_loop().call_later(RETRY_DELAY, self._dirty.set)
+            return
+        self.writes += 1
 
     async def _write_all(self) -> None:
         state = self._authority.state
