@@ -2,6 +2,8 @@
 
 Both rates go through the same :class:`SigningPool` path (worker key generation + signing, parent
 wrapping), so their ratio is the scaling the pool buys; the in-process rate is printed alongside.
+The Go reference's SDS path on one goroutine and on one per core (GOMAXPROCS = cores) runs in between,
+for ``one_worker_over_go`` and ``all_cores_over_go``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench.common import START, Result, fresh_authority
+from bench.go_reference import GoReference
+from bench.issuance import SPIFFE_ID, go_reference, make_csr
 from ca_service.adapters.signing_pool import SigningPool
 from ca_service.pki.identity import SpiffeId
 from ca_service.services.authority import Authority
@@ -68,16 +72,31 @@ def run(quick: bool) -> Result:
     cores = len(os.sched_getaffinity(0))
     authority = fresh_authority()
     ids = [SpiffeId.parse(f"spiffe://cluster.local/ns/storm/sa/sa-{i}") for i in range(count)]
-    one = many = 0.0
-    # Alternate 1-worker and N-worker rounds so that noise from neighbours hits both alike.
-    for _ in range(1 if quick else 2):
-        one = max(one, _pool_rate(authority, 1, ids, rounds))
-        many = max(many, _pool_rate(authority, cores, ids, rounds))
+    go = go_reference(authority, make_csr(SPIFFE_ID), START)
+    one = many = go_one = go_many = 0.0
+    # Alternate 1-worker and N-worker rounds (ours and Go's) so that noise from neighbours hits all alike.
+    try:
+        for _ in range(1 if quick else 2):
+            one = max(one, _pool_rate(authority, 1, ids, rounds))
+            many = max(many, _pool_rate(authority, cores, ids, rounds))
+            if isinstance(go, GoReference):
+                go_one = max(go_one, go.rate("sds", seconds=0.3 if quick else 1.5)[0])
+                go_many = max(go_many, go.rate("sds", seconds=0.3 if quick else 1.5, workers=cores)[0])
+    finally:
+        if isinstance(go, GoReference):
+            go.close()
     reference = max(_reference_scaling(cores, 0.3 if quick else 1.5) for _ in range(1 if quick else 2))
     result = Result("cores")
     result.metrics.update({"cores": float(cores), "storm_size": float(count), "one_worker_ops_s": one,
                            "all_cores_ops_s": many, "all_over_one": many / one,
                            "raw_sign_all_over_one": reference, "scaling_vs_raw_sign": (many / one) / reference})
+    if isinstance(go, GoReference):
+        # Go's SDS path on one goroutine per core (GOMAXPROCS = cores): what istiod's signer gives a storm.
+        result.metrics.update({"go_one_core_ops_s": go_one, "go_all_cores_ops_s": go_many,
+                               "go_all_over_one": go_many / go_one, "one_worker_over_go": one / go_one,
+                               "all_cores_over_go": many / go_many})
+    else:
+        result.notes.append(go)
     result.target(f"{cores} cores >= 1.7x one core for a signing storm", "all_over_one", ">=", 1.7)
     if cores < 2:
         result.notes.append("only one usable core: the scaling target cannot be measured here")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import random
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -81,6 +82,12 @@ async def _open(stub: sds_pb2_grpc.SecretDiscoveryServiceStub, node: base_pb2.No
             except TimeoutError:
                 call.cancel()
                 worker.retries += 1
+            except grpc.aio.AioRpcError as exc:
+                # Shed by the daemon's stream admission (issue 15): back off and retry, as Envoy does.
+                if exc.code() not in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+                    raise
+                worker.retries += 1
+                await asyncio.sleep(random.uniform(0, 1.0))
 
 
 async def _stream(stub: sds_pb2_grpc.SecretDiscoveryServiceStub, node: base_pb2.Node, stream: StreamState,

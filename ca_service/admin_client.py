@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import ssl
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -86,6 +87,21 @@ def call(settings: Settings, method: str, path: str, body: dict[str, Any] | None
 
 def status(settings: Settings, *, url: str | None = None) -> dict[str, Any]:
     return call(settings, "GET", "/admin/v1/status", url=url)
+
+
+def certificates(settings: Settings, *, filters: dict[str, str | None], url: str | None = None) -> dict[str, Any]:
+    query = urllib.parse.urlencode({k: v for k, v in filters.items() if v is not None})
+    return call(settings, "GET", "/admin/v1/certificates" + (f"?{query}" if query else ""), url=url)
+
+
+def render_certificates(doc: dict[str, Any]) -> str:
+    lines = [f"{'SERIAL':<34} {'SPIFFE ID':<50} {'NOT AFTER':<26} {'PATH':<9} CALLER (METHOD)"]
+    for c in doc["certificates"]:
+        lines.append(f"{c['serial']:<34} {c['spiffe_id']:<50} {c['not_after']:<26} {c['path']:<9} "
+                     f"{c['caller']} ({c['method']})")
+    lines.append(f"{doc['matched']} live certificate(s) matched" + (", list truncated" if doc["truncated"] else "")
+                 + (f"; {doc['dropped_by_capacity']} dropped by capacity" if doc["dropped_by_capacity"] else ""))
+    return "\n".join(lines)
 
 
 def rotate(settings: Settings, *, scope: str, reason: str, spiffe_id: str | None = None,

@@ -22,8 +22,10 @@ from ca_service.federation.endpoint import BundleEndpoint
 from ca_service.federation.files import BundleFilePublisher
 from ca_service.federation.lastgood import LastGoodStore
 from ca_service.federation.peers import Federation
+from ca_service.process_limits import install_accept_error_handler, raise_open_file_limit
 from ca_service.rotation.planner import RotationPolicy
 from ca_service.rotation.state import AuthorityState
+from ca_service.rpc.istio_ca_wiring import IstioCA, build_istio_ca
 from ca_service.rpc.sds_listeners import SdsComponent
 from ca_service.services.authority import Authority
 from ca_service.services.ports import AckTracker
@@ -122,16 +124,20 @@ class App:
         # Every bundle we deliver (own + federated peers); SDS, bundle files and the endpoint read it.
         self.trust = TrustStore(self.authority)
         self.registry = WorkloadRegistry(self.authority, settings.rotation, self.clock,
-                                         key_algorithm=settings.ca.workload_key_algorithm, telemetry=self.telemetry)
+                                         key_algorithm=settings.ca.workload_key_algorithm, telemetry=self.telemetry,
+                                         node_grace=settings.sds.node_grace)
         # Set by build_app; tests that build an App by hand may leave them unset.
         self.reconciler: Reconciler | None = None
         self.rotator: RotationService | None = None
         self.sds: SdsComponent | None = None
+        self.istio_ca: IstioCA | None = None
         # Run first thing in stop(), before any component stops: readiness turns false while every
         # listener still answers, so load balancers move away before connections are refused.
         self.shutdown_hooks: list[Callable[[], None]] = []
 
     async def start(self) -> None:
+        raise_open_file_limit()
+        install_accept_error_handler(self.telemetry.connections_refused)
         state, created = await self._load_or_bootstrap()
         log.info(
             "CA %s", "bootstrapped" if created else "loaded",
@@ -193,7 +199,10 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
         cluster = Replication(settings, replica_id(settings))
         store = cluster.store
     app = App(settings, clock=clock, store=store)
-    sds = SdsComponent(settings.grpc, registry=app.registry, trust=app.trust, telemetry=app.telemetry)
+    # The Istio CA API rides on every SDS listener's server; its serving certificates carry tls.dns_names.
+    app.istio_ca = istio = build_istio_ca(settings, app.authority, app.registry, app.telemetry, app.clock)
+    sds = SdsComponent(settings.grpc, registry=app.registry, trust=app.trust, telemetry=app.telemetry,
+                       limits=settings.sds, services=[istio.service.register])
     app.sds = sds
     pool = build_signing_pool(settings, app)
     if cluster is not None:
@@ -204,7 +213,7 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
                                 leader=cluster.is_leader if cluster is not None else None)
     app.rotator = RotationService.of(app.reconciler)
     sideport = HttpSideport(settings, app.authority, app.telemetry, app.clock, registry=app.registry,
-                            trust=app.trust, rotator=app.rotator,
+                            trust=app.trust, rotator=app.rotator, ledger=istio.ledger,
                             readiness_checks={"grpc_serving": lambda: len(sds.bound_addresses) == len(settings.grpc)})
     app.shutdown_hooks.append(sideport.begin_shutdown)
     # Start order: side-port first (it stops last, so /readyz says 503 while the others drain), then
@@ -249,5 +258,6 @@ def build_federation(settings: Settings, app: App) -> list[Component]:
                    app.telemetry, app.clock),
     ]
     if settings.bundle_endpoint.enabled:
-        components.append(BundleEndpoint(settings.bundle_endpoint, app.trust, app.authority, app.clock))
+        components.append(BundleEndpoint(settings.bundle_endpoint, app.trust, app.authority, app.clock,
+                                         refused=app.telemetry.connections_refused))
     return components

@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,7 +17,7 @@ from ca_service import admin_client, operations
 from ca_service import app as app_module
 from ca_service.config import Settings, load_settings, parse_duration
 from ca_service.errors import CAServiceError, ConfigError
-from ca_service.logs import configure_logging
+from ca_service.logs import configure_logging, escape, truncate
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -83,6 +85,9 @@ def _admin_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     rotate.add_argument("--spiffe-id", help="with --scope workload")
     rotate.add_argument("--namespace", help="with --scope namespace")
     rotate.add_argument("--dry-run", action="store_true", help="report what would be rotated; change nothing")
+    certs = admin_sub.add_parser("certificates", parents=[common], help="live certificates the daemon issued")
+    for flag in ("--namespace", "--service-account", "--spiffe-id", "--issuer"):
+        certs.add_argument(flag, help=f"only those with this {flag[2:].replace('-', ' ')}")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -175,6 +180,11 @@ def _cmd_admin(args: argparse.Namespace, settings: Settings) -> int:
     if args.admin_command == "status":
         doc = admin_client.status(settings, url=args.url)
         _emit(args, doc, admin_client.render_status(doc))
+    elif args.admin_command == "certificates":
+        filters = {"namespace": args.namespace, "service_account": args.service_account,
+                   "spiffe_id": args.spiffe_id, "issuer": args.issuer}
+        doc = admin_client.certificates(settings, filters=filters, url=args.url)
+        _emit(args, doc, admin_client.render_certificates(doc))
     else:
         doc = admin_client.rotate(settings, scope=args.scope, reason=args.reason, spiffe_id=args.spiffe_id,
                                   namespace=args.namespace, dry_run=args.dry_run, url=args.url)
@@ -206,7 +216,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args, settings)
     except CAServiceError as exc:
-        sys.stderr.write(f"ca-service {args.command}: {exc}\n")
+        sys.stderr.write(f"ca-service {args.command}: {escape(str(exc))}\n")
+        return 1
+    except OSError as exc:
+        # A busy port, a read-only file, a full disk: the OS said no, and says where (the address or path).
+        sys.stderr.write(f"ca-service {args.command}: {escape(_describe_os_error(exc))}\n")
         return 1
     except KeyboardInterrupt:
         return 130
+    except RuntimeError as exc:
+        bind = _GRPC_BIND_FAILURE.match(str(exc))
+        if bind is None:
+            return _internal_error(args, exc)
+        sys.stderr.write(f"ca-service {args.command}: cannot listen on {escape(bind[1])}: "
+                         "address already in use or not available (gRPC listener)\n")
+        return 1
+    except Exception as exc:
+        return _internal_error(args, exc)
+
+
+# grpc.aio reports a failed bind only as this RuntimeError; the log line before it has the errno.
+_GRPC_BIND_FAILURE = re.compile(r"^Failed to bind to address (\S+?);")
+
+
+def _internal_error(args: argparse.Namespace, exc: Exception) -> int:
+    # A bug: one line for the operator, the traceback only at debug level.
+    logging.getLogger(__name__).debug("%s failed", args.command, exc_info=exc)
+    sys.stderr.write(f"ca-service {args.command}: internal error ({type(exc).__name__}: "
+                     f"{escape(truncate(str(exc), 300))}); rerun with --log-level debug for details\n")
+    return 1
+
+
+def _describe_os_error(exc: OSError) -> str:
+    if exc.strerror and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc) or type(exc).__name__

@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import math
 import os
+import re
 import socket
 import types
 import typing
@@ -23,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from ca_service.config_file import check_yaml_shape, read_config_document
 from ca_service.errors import ConfigError, InvalidRequestError
 from ca_service.pki.identity import SpiffeId, TrustDomain
 from ca_service.settings import (
@@ -60,6 +63,9 @@ __all__ = [
 ]
 
 ENV_PREFIX = "CA_SERVICE_"
+# A DNS name a serving certificate may carry: LDH labels (a leading "*." wildcard allowed), at most 253.
+_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+_DNS_NAME = re.compile(rf"^(?=.{{1,253}}$)(\*\.)?{_LABEL}(\.{_LABEL})*$")
 # Each worker holds a copy of the signing key and ~40 MB; past the core count more only add switching.
 MAX_SIGNING_WORKERS = 64
 
@@ -82,12 +88,14 @@ def _convert(tp: Any, value: Any, key: str, problems: _Problems) -> Any:
             problems.add(key, f"expected a list, got {type(value).__name__}")
             return ()
         (item_tp, _) = typing.get_args(tp)
-        return tuple(_convert(item_tp, v, f"{key}[{i}]", problems) for i, v in enumerate(value))
+        items = (_convert(item_tp, v, f"{key}[{i}]", problems) for i, v in enumerate(value))
+        # A failed item is already a problem; dropping it keeps validate() from meeting a None.
+        return tuple(item for item in items if item is not None)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key, problems)
     try:
         return _scalar(tp, value)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:
         problems.add(key, str(exc))
         return None
 
@@ -108,13 +116,16 @@ def _scalar(tp: Any, value: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise ValueError(f"{value!r} is not a number")
-        return float(value)
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError(f"{value!r} is not a finite number")
+        return number
     if tp is str:
-        if not isinstance(value, str):
+        if not isinstance(value, str) or "\x00" in value:
             raise ValueError(f"{value!r} is not a string")
         return value
     if tp is Path:
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, str) or not value or "\x00" in value:
             raise ValueError(f"{value!r} is not a path")
         return Path(value)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
@@ -134,14 +145,24 @@ def _build(cls: Any, value: Any, key: str, problems: _Problems) -> Any:
         return cls()
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    for unknown in sorted(set(value) - names):
+    for unknown in sorted(str(k) for k in set(value) - names):
         problems.add(f"{key}.{unknown}" if key else str(unknown), f"unknown key (known: {', '.join(sorted(names))})")
     kwargs = {}
     for name in names & set(value):
-        converted = _convert(hints[name], value[name], f"{key}.{name}" if key else name, problems)
+        sub = f"{key}.{name}" if key else name
+        if value[name] is None and not _nullable(hints[name]):
+            # `key:` with nothing after it: YAML null, which only an optional setting can hold.
+            problems.add(sub, "is empty; give a value or remove the key for the default")
+            continue
+        converted = _convert(hints[name], value[name], sub, problems)
         if converted is not None or value[name] is None:
             kwargs[name] = converted
     return cls(**kwargs)
+
+
+def _nullable(tp: Any) -> bool:
+    """Whether ``None`` is a value of ``tp`` (``X | None``), or stands for an empty section (a dataclass)."""
+    return type(None) in typing.get_args(tp) or dataclasses.is_dataclass(tp)
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -155,8 +176,10 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         for part in path[:-1]:
             node = node.setdefault(part, {})
         try:
+            if raw:
+                check_yaml_shape(raw)  # an alias bomb in a variable must fail as fast as one in the file
             node[path[-1]] = yaml.safe_load(raw) if raw else raw
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError):
             node[path[-1]] = raw
         if isinstance(node[path[-1]], int | float | bool) and path[-1] in _STRINGY:
             node[path[-1]] = raw
@@ -206,23 +229,15 @@ def load_settings(
     return settings
 
 
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
 def _read_yaml(path: Path, problems: _Problems) -> dict[str, Any]:
     try:
-        text = path.read_text()
-    except OSError as exc:
-        problems.add("config", f"cannot read {path}: {exc.strerror}")
+        return read_config_document(path)
+    except ValueError as exc:
+        problems.add("config", str(exc))
         return {}
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        problems.add("config", f"{path} is not valid YAML: {exc}")
-        return {}
-    if doc is None:
-        return {}
-    if not isinstance(doc, dict):
-        problems.add("config", f"{path} must hold a mapping at the top level")
-        return {}
-    return doc
 
 
 def _check_td(key: str, value: str, problems: _Problems) -> None:
@@ -233,8 +248,58 @@ def _check_td(key: str, value: str, problems: _Problems) -> None:
 
 
 def _check_file(key: str, path: Path | None, problems: _Problems) -> None:
-    if path is not None and not os.access(path, os.R_OK):
+    if path is None:
+        return
+    if not os.access(path, os.R_OK):
         problems.add(key, f"file {path} does not exist or is not readable")
+    elif path.is_dir():
+        problems.add(key, f"{path} is a directory, not a file")
+
+
+def _check_writable_file(key: str, path: Path, problems: _Problems) -> None:
+    """A file we create or append to: not a directory, and its directory (or nearest existing parent) writable."""
+    if path.is_dir():
+        problems.add(key, f"{path} is a directory, not a file")
+        return
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            problems.add(key, f"{path} is not writable")
+        return
+    _check_writable_dir(key, path.parent, problems)
+
+
+def _check_writable_dir(key: str, path: Path, problems: _Problems) -> None:
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        problems.add(key, f"{existing} is not a directory")
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problems.add(key, f"{existing} is not writable")
+
+
+def _check_logging(s: LoggingSettings, problems: _Problems) -> None:
+    if s.level.lower() not in _LOG_LEVELS:
+        problems.add("logging.level", f"{s.level!r} is not one of: {', '.join(_LOG_LEVELS)}")
+    # Below these a useful line (a SPIFFE ID, a serial) would be cut or a real incident hidden.
+    if not 64 <= s.max_field_chars <= 65536:
+        problems.add("logging.max_field_chars", "must be between 64 and 65536")
+    if s.repeat_burst < 1:
+        problems.add("logging.repeat_burst", "must be at least 1")
+    if s.repeat_window <= dt.timedelta(0):
+        problems.add("logging.repeat_window", "must be positive")
+
+
+def _check_paths(s: Settings, problems: _Problems) -> None:
+    token = s.http.admin.token_file
+    if token is not None and token.exists():
+        _check_file("http.admin.token_file", token, problems)
+    if s.http.admin.audit_log is not None:
+        _check_writable_file("http.admin.audit_log", s.http.admin.audit_log, problems)
+    if s.istiod.cacerts_dir is not None:
+        _check_writable_dir("istiod.cacerts_dir", s.istiod.cacerts_dir, problems)
+    if s.data_dir.exists() and not s.data_dir.is_dir():
+        problems.add("data_dir", f"{s.data_dir} is not a directory")
 
 
 def validate(s: Settings) -> list[str]:
@@ -270,7 +335,8 @@ def validate(s: Settings) -> list[str]:
     if not 0 <= r.jitter_fraction < min(r.renew_fraction, 1 - r.renew_fraction):
         problems.add("rotation.jitter_fraction", f"{r.jitter_fraction} must be >= 0 and leave the renewal "
                      "point inside the lifetime")
-    for name in ("tick_interval", "misfire_grace", "root_ack_timeout"):
+    # A zero reissue window or propagation wait would reissue/rotate with no time for anyone to see it.
+    for name in ("tick_interval", "misfire_grace", "root_ack_timeout", "reissue_window", "root_min_propagation"):
         if getattr(r, name) <= dt.timedelta(0):
             problems.add(f"rotation.{name}", "must be positive")
     if r.root_ack_timeout < r.root_min_propagation:
@@ -285,15 +351,58 @@ def validate(s: Settings) -> list[str]:
     _check_address("http.address", s.http.address, problems)
     _claim(addresses, s.http.address, "http.address", problems)
     _check_tls("http.tls", s.http.tls, problems)
-    _check_file("http.admin.token_file", s.http.admin.token_file if s.http.admin.token_file and
-                s.http.admin.token_file.exists() else None, problems)
+    _check_paths(s, problems)
+    _check_logging(s.logging, problems)
     for i, pattern in enumerate(s.http.admin.allowed_spiffe_ids):
         _check_id_pattern(f"http.admin.allowed_spiffe_ids[{i}]", pattern, problems)
+    if s.bundle_endpoint.refresh_hint <= dt.timedelta(0):
+        problems.add("bundle_endpoint.refresh_hint", "must be positive (peers poll at this interval)")
     if s.bundle_endpoint.enabled:
         _check_bundle_endpoint(s.bundle_endpoint, problems)
         _claim(addresses, s.bundle_endpoint.address, "bundle_endpoint.address", problems)
     _check_peers(s, problems)
+    _check_istio_ca(s, problems)
+    _check_limits(s, problems)
     return problems
+
+
+def _check_istio_ca(s: Settings, problems: _Problems) -> None:
+    ica = s.istio_ca
+    ids = [c.cluster_id for c in ica.clusters]
+    if len(set(ids)) != len(ids) or "" in ids:
+        problems.add("istio_ca.clusters", "cluster_id values must be non-empty and unique")
+    for i, cluster in enumerate(ica.clusters):
+        _check_file(f"istio_ca.clusters[{i}].kubeconfig", cluster.kubeconfig, problems)
+    for i, account in enumerate(ica.trusted_node_accounts):
+        if account.count("/") != 1 or "" in account.split("/"):
+            problems.add(f"istio_ca.trusted_node_accounts[{i}]", f"{account!r} is not <namespace>/<service account>")
+    if ica.clusters and not ica.token_audiences:
+        problems.add("istio_ca.token_audiences", "must name at least one audience when clusters are configured")
+    if ica.rate_limit_per_identity <= 0 or ica.rate_limit_burst < 1:
+        problems.add("istio_ca.rate_limit_per_identity", "rate must be positive and rate_limit_burst >= 1")
+    for name in ("max_in_flight", "audit_capacity"):
+        if getattr(ica, name) < 1:
+            problems.add(f"istio_ca.{name}", "must be at least 1")
+    if ica.review_cache_ttl < dt.timedelta(0):
+        problems.add("istio_ca.review_cache_ttl", "must be >= 0 (0: no caching)")
+
+
+
+def _check_limits(s: Settings, problems: _Problems) -> None:
+    """Every connection and SDS bound must be positive (0 would refuse everything; negative is a typo)."""
+    m = s.http.metrics.max_identity_series
+    if m < 0:
+        problems.add("http.metrics.max_identity_series", "must be >= 0 (0: aggregates only)")
+    values: dict[str, float] = {}
+    for prefix, limits in (("http.connections", s.http.connections),
+                           ("bundle_endpoint.connections", s.bundle_endpoint.connections)):
+        values[f"{prefix}.max_connections"] = limits.max_connections
+        values[f"{prefix}.header_timeout"] = limits.header_timeout.total_seconds()
+    for name, value in vars(s.sds).items():
+        values[f"sds.{name}"] = value.total_seconds() if isinstance(value, dt.timedelta) else value
+    for key, value in values.items():
+        if value <= 0:
+            problems.add(key, "must be positive")
 
 
 def _check_kubernetes(s: Settings, problems: _Problems) -> None:
@@ -342,6 +451,10 @@ def _check_tls(key: str, tls: TLSSettings, problems: _Problems) -> None:
         _check_file(f"{key}.{name}", getattr(tls, name), problems)
     if tls.require_client_cert and not tls.enabled:
         problems.add(f"{key}.require_client_cert", "needs tls.enabled: true")
+    for i, name in enumerate(tls.dns_names):
+        if not _DNS_NAME.match(name):
+            problems.add(f"{key}.dns_names[{i}]",
+                         f"{name[:100]!r} is not a lowercase DNS name (IDNs in their xn-- form)")
 
 
 def _check_policy(key: str, policy: ListenerPolicy, problems: _Problems) -> None:
@@ -379,6 +492,8 @@ def _check_peers(s: Settings, problems: _Problems) -> None:
         if peer.trust_domain in seen:
             problems.add(f"{key}.trust_domain", f"{peer.trust_domain} is configured twice")
         seen.add(peer.trust_domain)
+        if peer.refresh_hint is not None and peer.refresh_hint <= dt.timedelta(0):
+            problems.add(f"{key}.refresh_hint", "must be positive")
         if peer.profile is BundleProfile.STATIC:
             if peer.bundle_file is None:
                 problems.add(f"{key}.bundle_file", "profile static needs bundle_file")

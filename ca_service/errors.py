@@ -29,6 +29,10 @@ class InvalidRequestError(CAServiceError):
     """The request is malformed (bad CSR, bad SPIFFE ID, unknown field)."""
 
 
+class RequestTooLargeError(InvalidRequestError):
+    """The request is larger than the limit for its kind (a body, a message); nothing of it was processed."""
+
+
 class NotFoundError(CAServiceError):
     """The named resource does not exist."""
 
@@ -37,8 +41,24 @@ class PolicyViolationError(CAServiceError):
     """The request is well formed but not allowed (wrong identity, CA requested, key too weak)."""
 
 
+class CSRRejectedError(PolicyViolationError):
+    """A CSR asks for something the caller is not entitled to; ``rule`` names the rule it broke."""
+
+    def __init__(self, rule: str, message: str) -> None:
+        self.rule = rule
+        super().__init__(f"{message} (rule: {rule})")
+
+
 class AuthenticationError(CAServiceError):
     """The caller could not be identified."""
+
+
+class OverloadedError(CAServiceError):
+    """Too many requests (one identity's rate, or the daemon's in-flight cap); retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
 
 
 class StorageError(CAServiceError):
@@ -66,10 +86,19 @@ class ErrorStatus:
 # the whole operation; a foreign trust domain is a policy violation, never "retry later".
 ERROR_TABLE: tuple[ErrorStatus, ...] = (
     ErrorStatus(AuthenticationError, "UNAUTHENTICATED", 401, "unauthenticated", "caller could not be authenticated"),
+    # A CSR asking for more than its caller's identity is a bad request (as istiod and istio-csr answer),
+    # not a denial; before PolicyViolationError, its base.
+    ErrorStatus(CSRRejectedError, "INVALID_ARGUMENT", 400, "csr-rejected", "certificate request refused"),
     ErrorStatus(PolicyViolationError, "PERMISSION_DENIED", 403, "forbidden", "caller is not entitled to this resource"),
     ErrorStatus(NotFoundError, "NOT_FOUND", 404, "not-found", "no such resource"),
+    ErrorStatus(RequestTooLargeError, "RESOURCE_EXHAUSTED", 413, "too-large", "request too large"),
     ErrorStatus(InvalidRequestError, "INVALID_ARGUMENT", 400, "invalid", "malformed request"),
     ErrorStatus(ConflictError, "ABORTED", 409, "conflict", "conflicting change, retry"),
+    # The state could not be written (read-only or full disk, API server down): nothing changed; retry
+    # once it is fixed.  After ConflictError, its subclass.
+    ErrorStatus(StorageError, "UNAVAILABLE", 503, "storage-unavailable", "state storage unavailable, retry later"),
+    # Rate limit or in-flight cap: the gRPC edge adds a retry-after hint (OverloadedError.retry_after).
+    ErrorStatus(OverloadedError, "RESOURCE_EXHAUSTED", 429, "overloaded", "overloaded, retry later"),
     ErrorStatus(NotReadyError, "UNAVAILABLE", 503, "not-ready", "not ready, retry later"),
     ErrorStatus(CAServiceError, "INTERNAL", 500, "error", "internal error"),
 )

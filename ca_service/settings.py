@@ -13,22 +13,36 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ca_service.pki.csr import CsrKeyType
 from ca_service.pki.identity import TrustDomain
 from ca_service.pki.keys import KeyAlgorithm
+from ca_service.pki.templates import LeafEncoder
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# No setting is sensibly longer than a root's lifetime; 100 years also stays far inside timedelta's
+# range, so "99999999999d" is a clear error instead of an OverflowError.
+MAX_DURATION_SECONDS = 100 * 365 * 86400
 
 
 def parse_duration(value: object) -> dt.timedelta:
-    """``90s``, ``15m``, ``24h``, ``30d`` (also ``500ms``); a bare number is seconds."""
+    """``90s``, ``15m``, ``24h``, ``30d`` (also ``500ms``); a bare number is seconds.
+
+    Raises:
+        ValueError: for anything else, including infinite, NaN and durations beyond 100 years.
+    """
+    seconds: float | None = None
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return dt.timedelta(seconds=value)
-    if isinstance(value, str):
+        seconds = float(value)
+    elif isinstance(value, str):
         match = _DURATION.match(value)
         if match:
-            return dt.timedelta(seconds=float(match[1]) * _UNITS[match[2]])
-    raise ValueError(f"{value!r} is not a duration (use e.g. 90s, 15m, 24h, 30d)")
+            seconds = float(match[1]) * _UNITS[match[2]]
+    if seconds is None:
+        raise ValueError(f"{value!r} is not a duration (use e.g. 90s, 15m, 24h, 30d)")
+    if not abs(seconds) <= MAX_DURATION_SECONDS:  # also false for NaN
+        raise ValueError(f"{value!r} is not a duration of at most 100 years")
+    return dt.timedelta(seconds=seconds)
 
 
 def format_duration(delta: dt.timedelta) -> str:
@@ -61,6 +75,9 @@ class CASettings:
     # Processes that generate keys and sign in a renewal storm; None: one per core, 0: sign in the
     # daemon's own process only (the signing intermediate's key then never reaches another process).
     signing_workers: int | None = None
+    # How leaves are encoded: "template" (per-signer pre-encoded DER, the same bytes, about twice as
+    # fast) or "builder" (cryptography's CertificateBuilder, the reference the template is tested against).
+    leaf_encoder: LeafEncoder = LeafEncoder.TEMPLATE
 
 
 @dataclass(frozen=True)
@@ -91,6 +108,9 @@ class TLSSettings:
     key_file: Path | None = None
     client_ca_file: Path | None = None
     require_client_cert: bool = False
+    # DNS SANs of the self-issued serving certificate (gRPC listeners): istio-agent checks the name it
+    # dials (e.g. ca-service.istio-system.svc) against it.
+    dns_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -112,10 +132,56 @@ class AdminSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    # Per-identity expiry series (the soonest-expiring identities only): each is two series, and at
+    # 100k identities a full set made every scrape O(n).  Aggregates cover the rest.
+    max_identity_series: int = 100
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """One HTTP listener's protection against idle and slow clients (file descriptors are finite)."""
+
+    # Far above what Prometheus, kubelet probes and operators open; far below the fd limit, so one
+    # flooded listener cannot take the descriptors another needs.
+    max_connections: int = 256
+    # A request's headers (and a TLS handshake) must arrive within this; an idle keep-alive
+    # connection is closed after it.  A 1-byte-per-second client is cut here.
+    header_timeout: dt.timedelta = dt.timedelta(seconds=10)
+
+
+@dataclass(frozen=True)
 class HttpSettings:
     address: str = "127.0.0.1:15014"
     admin: AdminSettings = field(default_factory=AdminSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+
+
+@dataclass(frozen=True)
+class SdsLimits:
+    """Bounds on what SDS clients may cost the daemon (issue 15: storms, floods, oversize requests)."""
+
+    # Per gRPC listener.  Each Envoy holds one connection; beyond this new connections are refused.
+    max_connections: int = 20000
+    # TLS/HTTP2 handshake and connection preface must complete within this.
+    handshake_timeout: dt.timedelta = dt.timedelta(seconds=10)
+    # A connection with no open stream (Envoy always keeps one) is closed after this.
+    idle_timeout: dt.timedelta = dt.timedelta(minutes=5)
+    # Largest request message; an Envoy DiscoveryRequest with Istio metadata is a few KiB.
+    max_request_bytes: int = 256 * 1024
+    max_node_id_bytes: int = 1024
+    max_node_metadata_bytes: int = 64 * 1024
+    max_resource_name_bytes: int = 1024
+    max_resource_names: int = 256
+    # A node with no open stream for this long is forgotten: SVIDs dropped, no more renewals.  Long
+    # enough for an Envoy restart or a reconnect to another replica and back.
+    node_grace: dt.timedelta = dt.timedelta(minutes=5)
+    # New streams admitted per second (token bucket) and the burst above it.  A storm beyond this is
+    # told RESOURCE_EXHAUSTED and retries with backoff instead of all failing at once.
+    admission_rate: float = 500.0
+    admission_burst: int = 1000
 
 
 class BundleProfile(enum.StrEnum):
@@ -132,6 +198,8 @@ class BundleEndpointSettings:
     cert_file: Path | None = None  # https_web only
     key_file: Path | None = None
     refresh_hint: dt.timedelta = dt.timedelta(minutes=5)
+    # Peers poll every few minutes: a small cap leaves the fds for SDS and the side-port.
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
 @dataclass(frozen=True)
@@ -184,6 +252,33 @@ class IstiodSettings:
     trust_bundle_configmap: TrustBundleConfigMapSettings = field(default_factory=TrustBundleConfigMapSettings)
 
 
+@dataclass(frozen=True)
+class IstioCluster:
+    cluster_id: str = "Kubernetes"  # istio-agent's ClusterID (its default is "Kubernetes")
+    kubeconfig: Path | None = None  # None: in-cluster service-account config
+
+
+@dataclass(frozen=True)
+class IstioCASettings:
+    token_audiences: tuple[str, ...] = ("istio-ca",)
+    # Empty: Kubernetes JWT authentication is off (only peer certificates on mTLS listeners).
+    clusters: tuple[IstioCluster, ...] = ()
+    # Positive TokenReview results are reused this long (never past the token's exp): a pod's renewal
+    # burst then costs one review, while a deleted service account is refused within a minute.
+    review_cache_ttl: dt.timedelta = dt.timedelta(seconds=60)
+    trusted_node_accounts: tuple[str, ...] = ()  # "<namespace>/<service account>", e.g. istio-system/ztunnel
+    allowed_key_types: tuple[CsrKeyType, ...] = tuple(CsrKeyType)
+    # istio-agent renews once per ~12 h; 10/s with a burst of 20 per identity leaves room for every pod
+    # of a 20-replica deployment restarting at once, and stops one identity from starving the rest.
+    rate_limit_per_identity: float = 10.0
+    rate_limit_burst: int = 20
+    # Requests being authenticated or signed at once; beyond it RESOURCE_EXHAUSTED, so SDS and health
+    # keep the event loop.  256 is ~0.2 s of signing on two cores.
+    max_in_flight: int = 256
+    # Live certificates remembered by the issuance ledger (oldest dropped first beyond it); ~300 bytes each.
+    audit_capacity: int = 200_000
+
+
 class StorageBackend(enum.StrEnum):
     DIRECTORY = "directory"
     KUBERNETES = "kubernetes"
@@ -218,6 +313,13 @@ class LogFormat(enum.StrEnum):
 class LoggingSettings:
     level: str = "info"
     format: LogFormat = LogFormat.TEXT
+    # Client-supplied text (NACK details, node ids, reasons) can be megabytes: every argument and
+    # field of a log line is cut here; 256 keeps a SPIFFE ID or a PEM serial whole.
+    max_field_chars: int = 256
+    # Lines of one message template per logger per window before the rest are counted, not written:
+    # enough for a real incident's first lines, not enough for a client to fill the disk.
+    repeat_burst: int = 20
+    repeat_window: dt.timedelta = dt.timedelta(seconds=10)
 
 
 def _default_grpc() -> tuple[GrpcListener, ...]:
@@ -233,10 +335,12 @@ class Settings:
     rotation: RotationSettings = field(default_factory=RotationSettings)
     grpc: tuple[GrpcListener, ...] = field(default_factory=_default_grpc)
     http: HttpSettings = field(default_factory=HttpSettings)
+    sds: SdsLimits = field(default_factory=SdsLimits)
     bundle_endpoint: BundleEndpointSettings = field(default_factory=BundleEndpointSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
     istiod: IstiodSettings = field(default_factory=IstiodSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    istio_ca: IstioCASettings = field(default_factory=IstioCASettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
     @property

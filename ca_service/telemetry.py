@@ -9,10 +9,15 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from ca_service.logs import SuppressedLogsCollector
+
 # Signing a P-256 leaf takes ~0.1 ms; RSA-3072 keygen can take a second.  Buckets cover both.
 _SIGN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # Push-to-ACK: Envoy ACKs within milliseconds on loopback; minutes means a stuck sidecar.
 _ACK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+# CreateCertificate: ~1 ms signed in process, up to seconds with a cold TokenReview or a queue in a herd.
+_CSR_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class Telemetry:
@@ -23,12 +28,9 @@ class Telemetry:
                                ["kind", "trust_domain", "serial"], registry=r)
         self.ca_not_before = Gauge("ca_certificate_not_before_timestamp_seconds", "notBefore of a CA certificate",
                                    ["kind", "trust_domain", "serial"], registry=r)
-        # Workloads: per identity (not per pod) to keep cardinality bounded.
-        labels = ["trust_domain", "namespace", "service_account"]
-        self.workload_expiry = Gauge("ca_workload_certificate_expiry_timestamp_seconds",
-                                     "Earliest notAfter among live SVIDs of an identity", labels, registry=r)
-        self.workload_issued = Gauge("ca_workload_certificate_issued_timestamp_seconds",
-                                     "notBefore of the earliest-expiring live SVID of an identity", labels, registry=r)
+        # Workload expiry (ca_workload_svids_expiring, ca_workload_namespace_earliest_expiry_timestamp_seconds,
+        # ca_workload_certificate_{expiry,issued}_timestamp_seconds) is collected straight from the
+        # registry's expiry index at scrape time by web.metrics.WorkloadExpiryCollector.
         self.next_rotation = Gauge("ca_next_rotation_timestamp_seconds", "When the next rotation of a kind is due",
                                    ["kind"], registry=r)
         self.rotations = Counter("ca_rotations", "Rotations performed", ["kind", "reason"], registry=r)
@@ -47,6 +49,23 @@ class Telemetry:
         # Set only by web.metrics.StateMetrics.refresh_workloads (at scrape time), nowhere else.
         self.sds_live_svids = Gauge("ca_sds_live_svids", "Workload SVIDs held for connected nodes", registry=r)
         self.sds_denied = Counter("ca_sds_requests_denied", "SDS requests refused", ["reason"], registry=r)
+        self.sds_shed = Counter("ca_sds_streams_shed", "New SDS streams refused by admission control (rate)",
+                                registry=r)
+        self.nodes_forgotten = Counter("ca_sds_nodes_forgotten", "Nodes forgotten after node_grace without a stream",
+                                       registry=r)
+        self.connections_refused = Counter("ca_connections_refused", "Connections closed at accept: listener full "
+                                           "or out of file descriptors", ["listener", "reason"], registry=r)
+        # Istio CA API (CreateCertificate).
+        self.istio_ca_requests = Counter("ca_istio_ca_requests", "CreateCertificate calls by outcome (gRPC code)",
+                                         ["code"], registry=r)
+        self.istio_ca_rejections = Counter("ca_istio_ca_rejections", "CreateCertificate calls refused, by reason",
+                                           ["reason"], registry=r)
+        self.istio_ca_latency = Histogram("ca_istio_ca_request_duration_seconds", "CreateCertificate latency",
+                                          buckets=_CSR_BUCKETS, registry=r)
+        self.token_reviews = Counter("ca_token_reviews", "Kubernetes TokenReview calls by result", ["result"],
+                                     registry=r)
+        self.token_review_cache_hits = Counter("ca_token_review_cache_hits",
+                                               "Bearer tokens accepted from the review cache", registry=r)
         # Trust bundles.
         self.bundle_roots = Gauge("ca_trust_bundle_roots", "Roots in a trust domain's bundle", ["trust_domain"],
                                   registry=r)
@@ -65,3 +84,5 @@ class Telemetry:
         # Scheduler.
         self.job_errors = Counter("ca_scheduler_job_errors", "Scheduler job runs that raised", ["job"], registry=r)
         self.job_misses = Counter("ca_scheduler_job_misses", "Scheduler job runs missed", ["job"], registry=r)
+        # Logging: ca_log_suppressed_total (the repeat limit of ca_service.logs is process-wide).
+        r.register(SuppressedLogsCollector())

@@ -27,6 +27,8 @@ CONTRACT_METRICS = frozenset({
     "ca_certificate_not_before_timestamp_seconds",
     "ca_workload_certificate_expiry_timestamp_seconds",
     "ca_workload_certificate_issued_timestamp_seconds",
+    "ca_workload_namespace_earliest_expiry_timestamp_seconds",
+    "ca_workload_svids_expiring",
     "ca_next_rotation_timestamp_seconds",
     "ca_rotations_total",
     "ca_rotation_failures_total",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 import typing
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,11 @@ def test_the_example_documents_every_key() -> None:
 
 
 ERRORS: dict[str, tuple[str, dict[str, str], str]] = {
+    "if a serving DNS name is not a DNS name, should name grpc[0].tls.dns_names[0]":
+        ("grpc:\n- address: 127.0.0.1:0\n  tls: {enabled: true, dns_names: ['a b']}\n", {},
+         "grpc[0].tls.dns_names[0]: 'a b' is not a lowercase DNS name"),
+    "if a trusted node account is not <ns>/<sa>, should name it":
+        ("istio_ca: {trusted_node_accounts: [ztunnel]}\n", {}, "istio_ca.trusted_node_accounts[0]"),
     "if the trust domain is uppercase, should name trust_domain": ("trust_domain: Cluster.Local\n", {},
                                                                    "trust_domain: trust domain 'Cluster.Local'"),
     "if the workload TTL reaches the intermediate TTL, should name ca.workload_ttl":
@@ -139,10 +145,14 @@ def test_a_file_without_read_permission_is_reported(tmp_path: Path, monkeypatch:
     path = tmp_path / "secret.yaml"
     path.write_text("trust_domain: x\n")
 
-    def denied(self: Path, *args: object, **kwargs: object) -> str:
-        raise PermissionError(13, "Permission denied", str(self))
+    real_open = os.open
 
-    monkeypatch.setattr(Path, "read_text", denied)
+    def denied(target: object, *args: object, **kwargs: object) -> int:
+        if str(target) == str(path):
+            raise PermissionError(13, "Permission denied", str(target))
+        return real_open(target, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", denied)
     with pytest.raises(ConfigError, match=r"config: cannot read .*secret.yaml: Permission denied"):
         load_settings(path, environ={})
 
@@ -213,3 +223,15 @@ def test_the_kubernetes_backend_with_a_missing_kubeconfig_is_refused(tmp_path: P
         load_settings(environ={}, overrides={"data_dir": str(tmp_path), "storage": {
             "backend": "kubernetes", "kubernetes": {"kubeconfig": str(tmp_path / "missing")}}})
     assert any(p.startswith("storage.kubernetes.kubeconfig:") for p in info.value.problems)
+
+
+@pytest.mark.parametrize("override", [
+    {"sds": {"admission_rate": 0}}, {"sds": {"max_node_id_bytes": -1}}, {"sds": {"node_grace": "0s"}},
+    {"http": {"connections": {"max_connections": 0}}}, {"bundle_endpoint": {"connections": {"header_timeout": 0}}},
+    {"http": {"metrics": {"max_identity_series": -1}}},
+])
+def test_a_limit_that_is_zero_or_negative_is_refused_with_its_key(tmp_path: Path, override: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(environ={}, overrides={"data_dir": str(tmp_path), **override})
+    key = next(iter(override))
+    assert key in str(raised.value)

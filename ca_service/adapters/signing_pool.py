@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from ca_service.errors import NotReadyError
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import KeyAlgorithm, generate_private_key, load_private_key, private_key_to_pem
-from ca_service.pki.templates import CAKind, IssuerProfile
+from ca_service.pki.templates import CAKind, IssuerProfile, LeafEncoder
 from ca_service.rotation.state import AuthorityState, SlotState
 from ca_service.services.issuer import Issuer, SigningContext, sign_leaf
 from ca_service.services.state_changes import StateChange
@@ -86,7 +86,7 @@ def _init_worker(key_id: str, cert_pem: bytes, key_pem: bytes) -> None:
 
 def _sign_chunk(
     key_id: str, spiffe_ids: Sequence[str], now: dt.datetime, ttl: dt.timedelta, backdate: dt.timedelta,
-    algorithm: KeyAlgorithm,
+    algorithm: KeyAlgorithm, encoder: LeafEncoder = LeafEncoder.TEMPLATE,
 ) -> list[tuple[bytes, bytes, float]]:
     """In a worker: a fresh key and a signed leaf per identity, as (leaf DER, PKCS#8 PEM key, seconds).
 
@@ -101,7 +101,8 @@ def _sign_chunk(
     for raw in spiffe_ids:
         started = time.perf_counter()
         key = generate_private_key(algorithm)
-        leaf = sign_leaf(profile, key.public_key(), SpiffeId.parse(raw), now=now, ttl=ttl, backdate=backdate)
+        leaf = sign_leaf(profile, key.public_key(), SpiffeId.parse(raw), now=now, ttl=ttl, backdate=backdate,
+                         encoder=encoder)
         out.append((leaf.public_bytes(serialization.Encoding.DER), private_key_to_pem(key),
                     time.perf_counter() - started))
     return out
@@ -220,7 +221,7 @@ class SigningPool:
         async def one_chunk(chunk: Sequence[SpiffeId]) -> list[SignedSvid]:
             # Each chunk is wrapped as soon as it returns, overlapping the parent's share with the workers.
             signed = await loop.run_in_executor(executor, _sign_chunk, context.key_id, [str(s) for s in chunk], now,
-                                                leaf_ttl, backdate, self._algorithm)
+                                                leaf_ttl, backdate, self._algorithm, plan.encoder)
             return [SignedSvid(key_pem, self.issuer.assemble(
                         spiffe_id, x509.load_der_x509_certificate(leaf), context, now), seconds)
                     for spiffe_id, (leaf, key_pem, seconds) in zip(chunk, signed, strict=True)]

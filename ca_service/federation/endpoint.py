@@ -19,6 +19,7 @@ import logging
 import ssl
 
 from aiohttp import web
+from prometheus_client import Counter
 
 from ca_service.adapters.tls_keys import load_chain_into
 from ca_service.clock import Clock
@@ -30,6 +31,7 @@ from ca_service.services.issuer import IssuedSvid
 from ca_service.services.serving import ServingCertificate, ServingPair
 from ca_service.services.state_changes import StateChange
 from ca_service.services.trust import TrustStore
+from ca_service.web.connections import CappedTCPSite, runner_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ class BundleEndpoint:
     name = "bundle-endpoint"
 
     def __init__(self, settings: BundleEndpointSettings, trust: TrustStore, authority: Authority,
-                 clock: Clock) -> None:
+                 clock: Clock, *, refused: Counter | None = None) -> None:
         if settings.profile is BundleProfile.STATIC:
             raise ValueError("a bundle endpoint is https_spiffe or https_web")
         self.settings = settings
@@ -61,6 +63,7 @@ class BundleEndpoint:
                                           name="bundle endpoint SVID")
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self._refused = refused  # ca_connections_refused, when the daemon counts
 
     @property
     def svid(self) -> IssuedSvid | None:
@@ -90,10 +93,11 @@ class BundleEndpoint:
             self.serving.start_renewal()
         app = web.Application()
         app.router.add_get(BUNDLE_PATH, self._serve_bundle)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, **runner_kwargs(self.settings.connections))
         await self._runner.setup()
         host, _, port = self.settings.address.rpartition(":")
-        site = web.TCPSite(self._runner, host, int(port), ssl_context=self._ssl)
+        site = CappedTCPSite(self._runner, host, int(port), ssl_context=self._ssl, limits=self.settings.connections,
+                             name="bundle_endpoint", refused=self._refused)
         await site.start()
         server = site._server  # aiohttp exposes the bound socket only through the asyncio server
         sockets = getattr(server, "sockets", None) or []

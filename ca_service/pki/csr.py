@@ -1,71 +1,118 @@
 """CSR checks.  The identity comes from the authenticated caller; the CSR only contributes a public key.
 
 A CSR is accepted only if it could not make us sign anything beyond "this key is <entitled SPIFFE ID>":
-cert-manager istio-csr and istiod apply the same rule.
+cert-manager istio-csr and istiod apply the same rule.  Every rejection names its rule
+(:attr:`CSRRejectedError.rule`), so the log says which one a client broke.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import enum
 from collections.abc import Collection
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from ca_service.errors import InvalidRequestError, PolicyViolationError
+from ca_service.errors import CSRRejectedError, InvalidRequestError
 from ca_service.pki.identity import SpiffeId
-from ca_service.pki.keys import KeyAlgorithm, PublicKey, algorithm_of
+from ca_service.pki.keys import KeyAlgorithm, PublicKey
 
-DEFAULT_ALLOWED_ALGORITHMS = frozenset(KeyAlgorithm)
 # istio-agent may put an Organization in the subject (its --org option); nothing else is tolerated.
 _TOLERATED_SUBJECT_OIDS = frozenset({NameOID.ORGANIZATION_NAME})
+# An RSA-4096 CSR is ~1.7 KB of PEM; anything 20x that is not a CSR we want to parse.
+MAX_CSR_PEM_BYTES = 32 * 1024
 
 
-class CSRRejectedError(PolicyViolationError):
-    """A CSR asks for something the caller is not entitled to."""
+class CsrKeyType(enum.StrEnum):
+    """Key types a workload may bring in a CSR (``istio_ca.allowed_key_types``)."""
+
+    EC_P256 = "EC_P256"
+    EC_P384 = "EC_P384"
+    RSA_2048 = "RSA_2048"
+    RSA_3072 = "RSA_3072"
+    RSA_4096 = "RSA_4096"
+
+
+DEFAULT_ALLOWED_KEY_TYPES = frozenset(CsrKeyType)
+_CURVES = {"secp256r1": CsrKeyType.EC_P256, "secp384r1": CsrKeyType.EC_P384}
+_RSA_SIZES = {2048: CsrKeyType.RSA_2048, 3072: CsrKeyType.RSA_3072, 4096: CsrKeyType.RSA_4096}
+
+
+
+
+class InvalidCSRError(InvalidRequestError):
+    """A CSR is malformed; ``rule`` names what is wrong with it."""
+
+    def __init__(self, rule: str, message: str) -> None:
+        self.rule = rule
+        super().__init__(f"{message} (rule: {rule})")
 
 
 def parse_csr(pem: bytes | str) -> x509.CertificateSigningRequest:
     """Parse a PEM CSR.
 
     Raises:
-        InvalidRequestError: if it is not a PEM certificate request.
+        InvalidCSRError: if it is larger than :data:`MAX_CSR_PEM_BYTES` (rule ``csr-size``) or not a PEM
+            certificate request (rule ``csr-syntax``).
     """
-    data = pem.encode() if isinstance(pem, str) else pem
+    data = pem.encode(errors="replace") if isinstance(pem, str) else pem
+    if len(data) > MAX_CSR_PEM_BYTES:
+        raise InvalidCSRError("csr-size", f"CSR of {len(data)} bytes exceeds {MAX_CSR_PEM_BYTES}")
     try:
         return x509.load_pem_x509_csr(data)
     except ValueError:
-        raise InvalidRequestError("CSR is not a valid PEM certificate request") from None
+        raise InvalidCSRError("csr-syntax", "CSR is not a valid PEM certificate request") from None
+
+
+def csr_key_type(key: object) -> CsrKeyType:
+    """The :class:`CsrKeyType` of a CSR's public key.
+
+    Raises:
+        CSRRejectedError: rule ``key-type`` for any other curve, RSA size or algorithm.
+    """
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name in _CURVES:
+            return _CURVES[key.curve.name]
+        raise CSRRejectedError("key-type", f"elliptic curve {key.curve.name} is not allowed; use P-256 or P-384")
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size in _RSA_SIZES:
+            return _RSA_SIZES[key.key_size]
+        raise CSRRejectedError("key-type", f"RSA key size {key.key_size} is not allowed; use 2048, 3072 or 4096")
+    raise CSRRejectedError("key-type", f"key type {type(key).__name__} is not allowed; use ECDSA or RSA")
 
 
 def check_csr(
     csr: x509.CertificateSigningRequest, entitled: SpiffeId,
-    allowed_algorithms: Collection[KeyAlgorithm] = DEFAULT_ALLOWED_ALGORITHMS,
+    allowed_algorithms: Collection[KeyAlgorithm | CsrKeyType] = DEFAULT_ALLOWED_KEY_TYPES,
 ) -> PublicKey:
     """Check ``csr`` against the identity the caller is entitled to, and return its public key.
 
     Raises:
-        InvalidRequestError: if the signature does not verify (the requester does not hold the key).
-        CSRRejectedError: if the key type or size is not allowed; it requests a CA (basicConstraints
-            CA:TRUE); it carries any extension other than subjectAltName and basicConstraints CA:FALSE;
-            its SAN holds anything but exactly the entitled SPIFFE ID; its subject holds anything but an
-            Organization.
+        InvalidCSRError: rule ``signature`` if the signature does not verify (the requester does not hold
+            the key).
+        CSRRejectedError: rule ``key-type`` if the key type or size is not allowed; ``ca-request`` if it
+            requests a CA (basicConstraints CA:TRUE); ``critical-extension`` / ``extension`` for
+            any extension other than subjectAltName and basicConstraints CA:FALSE; ``san-dns``,
+            ``san-ip``, ``san-email``, ``san-uri``, ``san-other`` if its SAN holds anything but exactly
+            the entitled SPIFFE ID; ``subject`` if its subject holds anything but an Organization.
     """
     if not csr.is_signature_valid:
-        raise InvalidRequestError("CSR signature does not verify")
+        raise InvalidCSRError("signature", "CSR signature does not verify")
     public_key = csr.public_key()
-    try:
-        algorithm = algorithm_of(public_key)  # type: ignore[arg-type]
-    except PolicyViolationError as exc:
-        raise CSRRejectedError(f"CSR key rejected: {exc}") from None
-    if algorithm not in allowed_algorithms:
-        raise CSRRejectedError(f"CSR key algorithm {algorithm} is not allowed here")
+    key_type = csr_key_type(public_key)
+    allowed = {CsrKeyType[a.name] for a in allowed_algorithms}
+    if key_type not in allowed:
+        raise CSRRejectedError("key-type", f"CSR key algorithm {key_type} is not allowed here")
     for ext in csr.extensions:
         _check_extension(ext, entitled)
     extra = [attr for attr in csr.subject if attr.oid not in _TOLERATED_SUBJECT_OIDS]
     if extra:
         raise CSRRejectedError(
-            f"CSR subject {csr.subject.rfc4514_string()!r} names something other than the caller; leave it empty"
-        )
+            "subject",
+            f"CSR subject {csr.subject.rfc4514_string()[:200]!r} names something other than the caller; "
+            "leave it empty")
     return public_key  # type: ignore[return-value]
 
 
@@ -73,13 +120,49 @@ def _check_extension(ext: x509.Extension[x509.ExtensionType], entitled: SpiffeId
     value = ext.value
     if isinstance(value, x509.BasicConstraints):
         if value.ca:
-            raise CSRRejectedError("CSR requests a CA certificate (basicConstraints CA:TRUE)")
+            raise CSRRejectedError("ca-request", "CSR requests a CA certificate (basicConstraints CA:TRUE)")
         return
     if isinstance(value, x509.SubjectAlternativeName):
-        names = list(value)
-        wanted = x509.UniformResourceIdentifier(str(entitled))
-        if names != [wanted]:
-            shown = ", ".join(getattr(n, "value", str(n)) for n in names) or "nothing"
-            raise CSRRejectedError(f"CSR names {shown}; the caller is entitled only to {entitled}")
+        _check_names(list(value), entitled)
         return
-    raise CSRRejectedError(f"CSR carries extension {ext.oid.dotted_string} ({ext.oid._name}), which is not allowed")
+    # Unknown to us: a critical one we could not honour, a non-critical one we would silently drop;
+    # both are refused so a client never believes it got something it did not.
+    rule = "critical-extension" if ext.critical else "extension"
+    raise CSRRejectedError(rule, f"CSR carries extension {ext.oid.dotted_string} ({ext.oid._name}), which is "
+                                 "not allowed")
+
+
+_SAN_RULES: tuple[tuple[type[x509.GeneralName], str], ...] = (
+    (x509.DNSName, "san-dns"), (x509.IPAddress, "san-ip"), (x509.RFC822Name, "san-email"),
+    (x509.UniformResourceIdentifier, "san-uri"),
+)
+
+
+def _check_names(names: list[x509.GeneralName], entitled: SpiffeId) -> None:
+    wanted = x509.UniformResourceIdentifier(str(entitled))
+    for name in names:
+        if name == wanted:
+            continue
+        rule = next((r for cls, r in _SAN_RULES if isinstance(name, cls)), "san-other")
+        shown = str(getattr(name, "value", name))[:200]
+        raise CSRRejectedError(rule, f"CSR names {shown!r}; the caller is entitled only to {entitled}")
+    if names != [wanted]:
+        raise CSRRejectedError("san-uri", f"CSR must name {entitled} exactly once; the caller is entitled only "
+                                          "to it")
+
+
+def resolve_ttl(validity_seconds: int, *, default: dt.timedelta, maximum: dt.timedelta) -> dt.timedelta:
+    """The lifetime to issue for a requested ``validity_duration`` (seconds), as istiod decides it.
+
+    ``<= 0`` means "the default".  Above ``maximum`` is refused rather than capped: istiod answers
+    INVALID_ARGUMENT so the client learns its setting is wrong (cert-manager istio-csr caps silently).
+
+    Raises:
+        InvalidCSRError: rule ``ttl`` if ``validity_seconds`` exceeds ``maximum``.
+    """
+    if validity_seconds <= 0:
+        return default
+    if validity_seconds > maximum.total_seconds():
+        raise InvalidCSRError("ttl", f"requested validity {validity_seconds}s exceeds the maximum "
+                                     f"{int(maximum.total_seconds())}s")
+    return dt.timedelta(seconds=validity_seconds)

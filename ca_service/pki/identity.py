@@ -26,6 +26,8 @@ class InvalidSpiffeIdError(InvalidRequestError):
     """A trust domain or SPIFFE ID breaks a rule of the SPIFFE-ID spec."""
 
 
+# The length checks encode with 'surrogatepass': a lone surrogate (JSON allows "\ud800") must be
+# counted and then refused as a character, not crash the check with UnicodeEncodeError.
 def _quote(value: str) -> str:
     return repr(value if len(value) <= 120 else value[:117] + "...")
 
@@ -49,7 +51,7 @@ class TrustDomain:
             raise InvalidSpiffeIdError("trust domain is empty")
         if "://" in name:
             raise InvalidSpiffeIdError(f"trust domain {_quote(name)} must be a bare name, not a URI")
-        if len(name.encode()) > MAX_TRUST_DOMAIN_BYTES:
+        if len(name.encode("utf-8", "surrogatepass")) > MAX_TRUST_DOMAIN_BYTES:
             raise InvalidSpiffeIdError(f"trust domain {_quote(name)} is longer than {MAX_TRUST_DOMAIN_BYTES} bytes")
         for what, char in (("a port", ":"), ("userinfo", "@"), ("a path", "/"), ("a query", "?"), ("a fragment", "#")):
             if char in name:
@@ -92,7 +94,7 @@ class SpiffeId:
             raise TypeError("trust_domain must be a TrustDomain")
         path = self.path
         whole = str(self)
-        if len(whole.encode()) > MAX_SPIFFE_ID_BYTES:
+        if len(whole.encode("utf-8", "surrogatepass")) > MAX_SPIFFE_ID_BYTES:
             raise InvalidSpiffeIdError(f"SPIFFE ID {_quote(whole)} is longer than {MAX_SPIFFE_ID_BYTES} bytes")
         if not path:
             return
@@ -124,7 +126,7 @@ class SpiffeId:
             raise TypeError(f"SPIFFE ID must be a str, got {type(value).__name__}")
         if not value:
             raise InvalidSpiffeIdError("SPIFFE ID is empty")
-        if len(value.encode()) > MAX_SPIFFE_ID_BYTES:
+        if len(value.encode("utf-8", "surrogatepass")) > MAX_SPIFFE_ID_BYTES:
             raise InvalidSpiffeIdError(f"SPIFFE ID {_quote(value)} is longer than {MAX_SPIFFE_ID_BYTES} bytes")
         if not value.startswith(SCHEME):
             raise InvalidSpiffeIdError(f"SPIFFE ID {_quote(value)} must start with {SCHEME!r}")

@@ -17,11 +17,19 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ca_service.pki.identity import SpiffeId, TrustDomain
 from ca_service.pki.keys import PrivateKey, PublicKey, key_id, signature_hash
+from ca_service.pki.leaf_der import LeafTemplate, TemplateNotApplicable
 
 # Backdating notBefore absorbs clock skew between us and the relying party; Istio and SPIRE both
 # backdate by a few minutes for the same reason.
 DEFAULT_BACKDATE = dt.timedelta(minutes=5)
 ORGANIZATION = "ca-service"
+
+
+class LeafEncoder(enum.StrEnum):
+    """How a workload leaf is encoded (``ca.leaf_encoder``); both give the same DER bytes."""
+
+    TEMPLATE = "template"  # per-signer pre-encoded DER (pki/leaf_der.py): the fast path
+    BUILDER = "builder"  # cryptography's CertificateBuilder: the reference path
 
 
 class CAKind(enum.StrEnum):
@@ -140,11 +148,18 @@ class IssuerProfile:
     not_after: dt.datetime
     key: PrivateKey
     digest: hashes.SHA256 | hashes.SHA384
+    # None when the signer's key has no template (then every leaf goes through the builder).
+    template: LeafTemplate | None = None
 
     @classmethod
     def of(cls, issuer: x509.Certificate, issuer_key: PrivateKey) -> IssuerProfile:
-        return cls(issuer.subject, _aki(issuer), issuer.not_valid_before_utc, issuer.not_valid_after_utc,
-                   issuer_key, signature_hash(issuer_key))
+        name, aki, digest = issuer.subject, _aki(issuer), signature_hash(issuer_key)
+        try:
+            template: LeafTemplate | None = LeafTemplate.for_signer(name, aki, issuer_key, digest, _LEAF_EXTENSIONS)
+        except TemplateNotApplicable:
+            template = None
+        return cls(name, aki, issuer.not_valid_before_utc, issuer.not_valid_after_utc, issuer_key, digest,
+                   template)
 
 
 def _leaf_usage(is_rsa: bool) -> x509.KeyUsage:
@@ -159,6 +174,10 @@ _LEAF_USAGE = {False: _leaf_usage(False), True: _leaf_usage(True)}
 _LEAF_EKU = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
 _LEAF_BASIC = x509.BasicConstraints(ca=False, path_length=None)
 _EMPTY_NAME = x509.Name([])
+# The constant leaf extensions (value, critical) in order, per "leaf key is RSA": the builder adds
+# them and the DER template pre-encodes them from this one table.
+_LEAF_EXTENSIONS: dict[bool, tuple[tuple[x509.ExtensionType, bool], ...]] = {
+    is_rsa: ((_LEAF_BASIC, True), (_LEAF_USAGE[is_rsa], True), (_LEAF_EKU, False)) for is_rsa in (False, True)}
 
 
 def build_svid(
@@ -172,7 +191,8 @@ def build_svid(
 
 def build_svid_for(
     public_key: PublicKey, spiffe_id: SpiffeId, issuer: IssuerProfile, *, now: dt.datetime, ttl: dt.timedelta,
-    backdate: dt.timedelta = DEFAULT_BACKDATE, dns_names: Sequence[str] = (),
+    backdate: dt.timedelta = DEFAULT_BACKDATE, encoder: LeafEncoder = LeafEncoder.TEMPLATE,
+    dns_names: Sequence[str] = (),
 ) -> x509.Certificate:
     """Workload X509-SVID (``dns_names``: extra DNS SANs of a serving certificate; the SPIFFE spec allows
     other SAN types next to the one URI SAN).
@@ -180,24 +200,46 @@ def build_svid_for(
     Empty subject with exactly one URI SAN (marked critical because the subject is empty, RFC 5280
     4.2.1.6), CA:FALSE, keyUsage digitalSignature (+keyEncipherment for RSA keys, which TLS 1.2 RSA key
     transport needs), EKU serverAuth+clientAuth, SKI/AKI.  notAfter is clamped to the issuer's.
+    ``encoder`` picks the DER template or the builder; both give the same bytes, and whatever the
+    template does not cover (see :meth:`LeafTemplate.tbs`) goes to the builder, which then decides.
     """
     _require_aware(now)
     if not spiffe_id.path:
         raise ValueError(f"{spiffe_id} names a trust domain, not a workload")
     # The same clamp as _clamp, on the issuer's precomputed validity.
     not_before, not_after = max(now - backdate, issuer.not_before), min(now + ttl, issuer.not_after)
+    serial = x509.random_serial_number()
+    # The template encodes the workload profile (one URI SAN); serving certificates with DNS SANs are rare
+    # (one per listener per half-life) and take the builder.
+    if encoder is LeafEncoder.TEMPLATE and issuer.template is not None and not dns_names:
+        try:
+            return issuer.template.build(public_key, str(spiffe_id), serial=serial, not_before=not_before,
+                                         not_after=not_after)
+        except TemplateNotApplicable:
+            pass
+    return build_leaf_with_builder(public_key, str(spiffe_id), issuer, serial=serial, not_before=not_before,
+                                   not_after=not_after, dns_names=dns_names)
+
+
+def build_leaf_with_builder(
+    public_key: PublicKey, uri: str, issuer: IssuerProfile, *, serial: int, not_before: dt.datetime,
+    not_after: dt.datetime, dns_names: Sequence[str] = (),
+) -> x509.Certificate:
+    """The reference encoding of a workload leaf, on ``cryptography``'s CertificateBuilder."""
     is_rsa = not hasattr(public_key, "curve")
     builder = (
         x509.CertificateBuilder()
         .subject_name(_EMPTY_NAME).issuer_name(issuer.name)
-        .serial_number(x509.random_serial_number()).public_key(public_key)
+        .serial_number(serial).public_key(public_key)
         .not_valid_before(not_before).not_valid_after(not_after)
-        .add_extension(_LEAF_BASIC, critical=True)
-        .add_extension(_LEAF_USAGE[is_rsa], critical=True)
-        .add_extension(_LEAF_EKU, critical=False)
+    )
+    for extension, critical in _LEAF_EXTENSIONS[is_rsa]:
+        builder = builder.add_extension(extension, critical=critical)
+    builder = (
+        builder
         .add_extension(x509.SubjectKeyIdentifier(key_id(public_key)), critical=False)
         .add_extension(issuer.aki, critical=False)
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id)),
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri),
                                                      *(x509.DNSName(name) for name in dns_names)]), critical=True)
     )
     return builder.sign(issuer.key, issuer.digest)

@@ -55,6 +55,6 @@ class AckLedger:
         return sum(1 for e in self._streams.values() if e.receives_own_bundle and e.acked < bundle_sequence)
 
     def lowest_acked(self) -> int | None:
-        """The lowest own bundle sequence ACKed by every stream that receives it (a replica's ACK frontier);
-        None without such streams."""
+        """The lowest own bundle sequence ACKed by the streams that receive it (this replica's ACK frontier,
+        published for the cluster-wide gate); None without such streams."""
         return min((e.acked for e in self._streams.values() if e.receives_own_bundle), default=None)

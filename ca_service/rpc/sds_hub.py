@@ -12,7 +12,7 @@ import asyncio
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ca_service.pki.identity import TrustDomain
 from ca_service.rpc.sds_acks import AckLedger
@@ -33,12 +33,23 @@ class Shutdown:
 class StreamWatch:
     queue: asyncio.Queue[Any]
     keys: frozenset[ChangeKey] = frozenset()
+    node_id: str | None = None  # set once the stream's caller is authenticated
+
+
+class NodeTracker(Protocol):
+    """Told when a node gains its first open stream and loses its last (the registry forgets idle nodes)."""
+
+    def node_connected(self, node_id: str) -> None: ...
+
+    def node_disconnected(self, node_id: str) -> None: ...
 
 
 class WatchHub:
     """Maps change keys to watching streams; implements :class:`AckTracker`."""
 
-    def __init__(self) -> None:
+    def __init__(self, nodes: NodeTracker | None = None) -> None:
+        self._nodes = nodes
+        self._streams_of: dict[str, int] = {}  # node id -> open streams
         self._by_key: dict[ChangeKey, set[StreamWatch]] = defaultdict(set)
         self._watches: set[StreamWatch] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -59,6 +70,28 @@ class WatchHub:
         self.set_keys(watch, frozenset())
         self._watches.discard(watch)
         self.acks.close(watch)
+        node_id, watch.node_id = watch.node_id, None
+        if node_id is not None:
+            left = self._streams_of.pop(node_id) - 1
+            if left:
+                self._streams_of[node_id] = left
+            elif self._nodes is not None:
+                self._nodes.node_disconnected(node_id)
+
+    def attach_node(self, watch: StreamWatch, node_id: str) -> None:
+        """Record that ``watch`` is a stream of ``node_id`` (once per watch)."""
+        watch.node_id = node_id
+        self._streams_of[node_id] = self._streams_of.get(node_id, 0) + 1
+        if self._streams_of[node_id] == 1 and self._nodes is not None:
+            self._nodes.node_connected(node_id)
+
+    def touch_node(self, node_id: str) -> None:
+        """A node used a one-shot call (FetchSecrets): without an open stream its grace period starts now."""
+        if node_id not in self._streams_of and self._nodes is not None:
+            self._nodes.node_disconnected(node_id)
+
+    def open_streams(self, node_id: str) -> int:
+        return self._streams_of.get(node_id, 0)
 
     def set_keys(self, watch: StreamWatch, keys: frozenset[ChangeKey]) -> None:
         for key in watch.keys - keys:

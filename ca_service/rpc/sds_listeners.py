@@ -19,11 +19,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
-from envoy.service.secret.v3 import sds_pb2_grpc
 
 from ca_service.config import GrpcListener, TLSSettings
 from ca_service.pki.certs import certs_to_pem
 from ca_service.pki.identity import SpiffeId
+from ca_service.rpc.admission import StreamAdmission
 from ca_service.rpc.authn import (
     Authenticator,
     AuthenticatorChain,
@@ -32,19 +32,41 @@ from ca_service.rpc.authn import (
 )
 from ca_service.rpc.sds_hub import WatchHub
 from ca_service.rpc.sds_resources import SecretCatalog
-from ca_service.rpc.sds_server import SdsServicer
+from ca_service.rpc.sds_server import SdsServicer, add_sds_servicer
 from ca_service.services.serving import ServingCertificate, ServingPair
 from ca_service.services.state_changes import StateChange
 from ca_service.services.trust import TrustStore
 from ca_service.services.workloads import WorkloadRegistry
+from ca_service.settings import SdsLimits
 from ca_service.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
+# More services on every listener's server (the Istio CA API): called with the server and its listener.
+ServiceRegistration = Callable[[grpc.aio.Server, GrpcListener], None]
+
 UNIX_SCHEME = "unix://"
 SERVING_PATH = "/ca-service/sds"
+# grpc core cancels (status CANCELLED, no retry hint) calls that wait for the application beyond 1,000
+# pending; a herd of istio-agents must reach our admission control instead, which answers
+# RESOURCE_EXHAUSTED with retry-after.  A pending call costs a few hundred bytes.
+PENDING_CALLS = 50_000
 # Long enough for Envoy to read the end of stream and reconnect to another replica; short enough for a restart.
 DEFAULT_GRACE = dt.timedelta(seconds=5)
+
+
+def server_options(limits: SdsLimits) -> list[tuple[str, int]]:
+    """gRPC core options that bound what one client can hold: connections, handshakes, idle sockets, message size."""
+    def ms(delta: dt.timedelta) -> int:
+        return int(delta.total_seconds() * 1000)
+    return [
+        ("grpc.max_receive_message_length", limits.max_request_bytes),
+        ("grpc.max_allowed_incoming_connections", limits.max_connections),
+        ("grpc.server_handshake_timeout_ms", ms(limits.handshake_timeout)),
+        ("grpc.max_connection_idle_ms", ms(limits.idle_timeout)),
+        ("grpc.server.max_pending_requests", PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS),
+    ]
 
 
 class SdsComponent:
@@ -53,14 +75,19 @@ class SdsComponent:
     name = "sds"
 
     def __init__(self, listeners: Sequence[GrpcListener], *, registry: WorkloadRegistry, trust: TrustStore,
-                 telemetry: Telemetry, grace: dt.timedelta = DEFAULT_GRACE) -> None:
+                 telemetry: Telemetry, grace: dt.timedelta = DEFAULT_GRACE, limits: SdsLimits | None = None,
+                 services: Sequence[ServiceRegistration] = ()) -> None:
         self._listeners = tuple(listeners)
+        self._limits = limits or SdsLimits()
+        self.services = list(services)
         self._registry = registry
         self._trust = trust
         self._telemetry = telemetry
         self._grace = grace
         self.catalog = SecretCatalog(registry, trust)
-        self.hub = WatchHub()
+        self.hub = WatchHub(nodes=registry)
+        # One admission bucket for the daemon: a storm spread over listeners is still one storm.
+        self.admission = StreamAdmission(self._limits, shed=telemetry.sds_shed)
         self.bound_addresses: list[str] = []  # "host:port" or "unix:///path", in listener order
         self._servers: list[grpc.aio.Server] = []
         self._unsubscribe: list[Callable[[], None]] = []
@@ -75,8 +102,10 @@ class SdsComponent:
     async def start(self) -> None:
         self._unsubscribe = [self._registry.subscribe(self.hub.on_workload), self._trust.subscribe(self.hub.on_trust)]
         for listener in self._listeners:
-            server = grpc.aio.server()
-            sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(self._servicer(listener), server)
+            server = grpc.aio.server(options=server_options(self._limits))
+            add_sds_servicer(self._servicer(listener), server)
+            for register in self.services:  # the Istio CA API beside SDS on every listener
+                register(server, listener)
             address = self._bind(server, listener)
             await server.start()
             if listener.address.startswith(UNIX_SCHEME):
@@ -116,7 +145,8 @@ class SdsComponent:
         if listener.trust_node_metadata:
             authenticators.append(NodeMetadataAuthenticator(self._trust.own))
         return SdsServicer(self.catalog, self.hub, AuthenticatorChain(authenticators), policy=listener.policy,
-                           telemetry=self._telemetry, peer_certificate_verified=verified)
+                           telemetry=self._telemetry, peer_certificate_verified=verified, limits=self._limits,
+                           admission=self.admission)
 
     def _bind(self, server: grpc.aio.Server, listener: GrpcListener) -> str:
         address = listener.address
@@ -144,8 +174,9 @@ class SdsComponent:
         fetcher = _ServingCertFetcher(self, tls)
         # The client CA follows our trust bundle (a new root is trusted for client certificates at once).
         self._unsubscribe.append(self._trust.subscribe(lambda _: fetcher.refresh()))
+        # dns_names: the host names clients dial and verify (istio-agent checks the CA's name).
         serving = ServingCertificate(self._registry.issuer, self.serving_id, self._registry.clock, fetcher.install,
-                                     name="SDS serving certificate")
+                                     dns_names=tls.dns_names, name="SDS serving certificate")
         serving.start_renewal()  # issues now: the credentials need a first pair
         self.serving.append(serving)
         # grpc-stubs type the fetcher without its documented None ("unchanged") return.

@@ -13,21 +13,24 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 from google.protobuf import json_format  # type: ignore[import-untyped]  # no types-protobuf in the venv
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
 from ca_service.config import ListenerPolicy
-from ca_service.errors import CAServiceError, NotFoundError
+from ca_service.errors import CAServiceError, InvalidRequestError, NotFoundError
+from ca_service.rpc.admission import RequestLimitError, StreamAdmission, check_request
 from ca_service.rpc.authn import Authenticator, CallCredentials, Caller, authenticate, check_policy
 from ca_service.rpc.sds_hub import Changed, Shutdown, StreamWatch, WatchHub
 from ca_service.rpc.sds_resources import SECRET_TYPE_URL, SecretCatalog
 from ca_service.rpc.sds_sessions import DeltaSession, SessionStep, SotwSession
 from ca_service.rpc.status import abort_with, status_for
+from ca_service.settings import SdsLimits
 from ca_service.telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -37,14 +40,60 @@ log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
+# Requests of one stream read ahead of the handler.  The reader stops here until the handler has
+# answered (and written, which waits on the client's flow-control window), so a client that sends
+# without reading is held by gRPC's own window instead of growing a queue in the server.
+MAX_PENDING_REQUESTS = 4
+
 
 class _EndOfStream:
     """The client half-closed (or the connection went away)."""
 
 
+class _Malformed:
+    """A request frame that is not a valid protobuf message of the method's type."""
+
+
+MALFORMED = _Malformed()
+_MALFORMED_ERROR = InvalidRequestError("request frame is not a valid protobuf message")
+
+
+def _tolerant(message_type: Any) -> Callable[[bytes], Any]:
+    """A deserializer that turns a bad frame into :data:`MALFORMED` for the handler to refuse with
+    INVALID_ARGUMENT; grpc's own would end a stream with OK (or a unary call with UNKNOWN)."""
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return message_type.FromString(raw)
+        except DecodeError:
+            return MALFORMED
+    return deserialize
+
+
+def add_sds_servicer(servicer: SdsServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` like ``sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server``, but
+    with deserializers that let the handlers refuse malformed frames themselves."""
+    request, delta = discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest
+    handlers = {
+        "DeltaSecrets": grpc.stream_stream_rpc_method_handler(
+            servicer.DeltaSecrets, request_deserializer=_tolerant(delta),
+            response_serializer=discovery_pb2.DeltaDiscoveryResponse.SerializeToString),
+        "StreamSecrets": grpc.stream_stream_rpc_method_handler(
+            servicer.StreamSecrets, request_deserializer=_tolerant(request),
+            response_serializer=discovery_pb2.DiscoveryResponse.SerializeToString),
+        "FetchSecrets": grpc.unary_unary_rpc_method_handler(
+            servicer.FetchSecrets, request_deserializer=_tolerant(request),
+            response_serializer=discovery_pb2.DiscoveryResponse.SerializeToString),
+    }
+    service = "envoy.service.secret.v3.SecretDiscoveryService"
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+
+
 class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[misc]
     def __init__(self, catalog: SecretCatalog, hub: WatchHub, authenticator: Authenticator, *,
-                 policy: ListenerPolicy, telemetry: Telemetry, peer_certificate_verified: bool) -> None:
+                 policy: ListenerPolicy, telemetry: Telemetry, peer_certificate_verified: bool,
+                 limits: SdsLimits | None = None, admission: StreamAdmission | None = None) -> None:
+        self._limits = limits or SdsLimits()
+        self._admission = admission
         self._catalog = catalog
         self._hub = hub
         self._authenticator = authenticator
@@ -63,18 +112,23 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[
         self, request: discovery_pb2.DiscoveryRequest, context: Context
     ) -> discovery_pb2.DiscoveryResponse:
         try:
+            if request is MALFORMED:
+                raise _MALFORMED_ERROR
+            check_request(request, self._limits)
             caller = await self._caller(request.node, context)
             if not request.resource_names:
                 raise NotFoundError("FetchSecrets needs explicit resource names")
             resolved = []
-            for name in request.resource_names:
-                item = self._catalog.resolve(caller, name)
-                if item is None:
-                    raise NotFoundError(f"secret {name!r} does not exist (yet)")
-                resolved.append(item)
+            try:
+                for name in request.resource_names:
+                    item = self._catalog.resolve(caller, name)
+                    if item is None:
+                        raise NotFoundError(f"secret {name!r} does not exist (yet)")
+                    resolved.append(item)
+            finally:
+                self._hub.touch_node(caller.node_id)  # no stream: what it was issued ages out after node_grace
         except CAServiceError as exc:
-            self._denied(exc)
-            await abort_with(context, exc, rpc="FetchSecrets")
+            await self._refuse(context, exc, rpc="FetchSecrets")
         self._telemetry.sds_pushes.labels("fetch").inc()
         version = ",".join(r.version for r in resolved)
         return discovery_pb2.DiscoveryResponse(
@@ -82,36 +136,56 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[
 
     async def _drive(self, requests: AsyncIterator[Any], context: Context, api: str,
                      session_type: Callable[[SecretCatalog, Caller], SotwSession | DeltaSession]) -> None:
+        if self._admission is not None and not self._admission.admit():
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, StreamAdmission.MESSAGE)
         watch = self._hub.open()
-        reader = asyncio.create_task(_pump(requests, watch.queue))
+        slots = asyncio.Semaphore(MAX_PENDING_REQUESTS)
+        reader = asyncio.create_task(_pump(requests, watch.queue, slots))
         self._telemetry.sds_streams.labels(api).inc()
-        stream = _StreamRecord(api, watch)
-        session: SotwSession | DeltaSession | None = None
         try:
-            while True:
-                item = await watch.queue.get()
-                if isinstance(item, Shutdown | _EndOfStream):
-                    return
-                try:
-                    if isinstance(item, Changed):
-                        if session is None:
-                            continue
-                        step: SessionStep[Any] = session.on_change(item.keys)
-                    else:
-                        if session is None:
-                            session = session_type(self._catalog, await self._caller(item.node, context))
-                        step = session.on_request(item)
-                except CAServiceError as exc:
-                    self._denied(exc)
-                    await abort_with(context, exc, rpc=f"SDS {api}")
-                self._hub.set_keys(watch, session.watched_keys)
-                self._record(stream, session, step)
-                for response in step.responses:
-                    await context.write(response)
+            await self._serve(watch, slots, context, _StreamRecord(api, watch), session_type)
         finally:
             reader.cancel()
             self._hub.close_watch(watch)
             self._telemetry.sds_streams.labels(api).dec()
+
+    async def _serve(self, watch: StreamWatch, slots: asyncio.Semaphore, context: Context, stream: _StreamRecord,
+                     session_type: Callable[[SecretCatalog, Caller], SotwSession | DeltaSession]) -> None:
+        session: SotwSession | DeltaSession | None = None
+        while True:
+            item = await watch.queue.get()
+            if isinstance(item, Shutdown | _EndOfStream):
+                return
+            try:
+                if item is MALFORMED:
+                    raise _MALFORMED_ERROR
+                if isinstance(item, Changed):
+                    if session is None:
+                        continue
+                    step: SessionStep[Any] = session.on_change(item.keys)
+                else:
+                    check_request(item, self._limits)
+                    if session is None:
+                        caller = await self._caller(item.node, context)
+                        self._hub.attach_node(watch, caller.node_id)
+                        session = session_type(self._catalog, caller)
+                    step = session.on_request(item)
+            except CAServiceError as exc:
+                await self._refuse(context, exc, rpc=f"SDS {stream.api}")
+            self._hub.set_keys(watch, session.watched_keys)
+            self._record(stream, session, step)
+            for response in step.responses:
+                await context.write(response)
+            if not isinstance(item, Changed):
+                slots.release()  # answered and written: the reader may take the next request
+
+    async def _refuse(self, context: Context, exc: CAServiceError, *, rpc: str) -> NoReturn:
+        self._denied(exc)
+        if isinstance(exc, RequestLimitError):
+            # Our own numbers only (no client input): clear to the client, bounded in the log.
+            log.warning("%s refused: %s", rpc, exc, extra={"peer": context.peer()})
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        await abort_with(context, exc, rpc=rpc)
 
     def _record(self, stream: _StreamRecord, session: SotwSession | DeltaSession, step: SessionStep[Any]) -> None:
         """Metrics, logs and the ACK ledger for one session step (the session itself does none of these)."""
@@ -168,10 +242,17 @@ class _StreamRecord:
         self.pushes: Counter | None = None
 
 
-async def _pump(requests: AsyncIterator[Any], queue: asyncio.Queue[Any]) -> None:
-    """Move client requests into the stream's queue; a broken read ends the stream like a half-close."""
+async def _pump(requests: AsyncIterator[Any], queue: asyncio.Queue[Any], slots: asyncio.Semaphore) -> None:
+    """Move client requests into the stream's queue, at most MAX_PENDING_REQUESTS ahead of the handler;
+    a broken read ends the stream like a half-close."""
+    iterator = aiter(requests)
     try:
-        async for request in requests:
+        while True:
+            await slots.acquire()
+            try:
+                request = await anext(iterator)
+            except StopAsyncIteration:
+                break
             queue.put_nowait(request)
     except grpc.aio.AioRpcError:
         pass

@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from ca_service.errors import ERROR_TABLE, error_status
+from ca_service.errors import ERROR_TABLE, OverloadedError, error_status
 
 log = logging.getLogger(__name__)
 
@@ -33,5 +33,7 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseExcep
         log.error("%s failed", rpc, exc_info=exc, extra={"peer": context.peer()})
     else:
         log.warning("%s refused: %s", rpc, exc, extra={"peer": context.peer(), "status": code.name})
-    await context.abort(code, message)
+    # gRPC has no standard retry hint for RESOURCE_EXHAUSTED; "retry-after" (seconds) mirrors HTTP's.
+    trailing = (("retry-after", str(max(1, round(exc.retry_after)))),) if isinstance(exc, OverloadedError) else ()
+    await context.abort(code, message, trailing_metadata=trailing)
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from ca_service.errors import NotReadyError, PolicyViolationError
 from ca_service.pki.identity import SpiffeId, TrustDomain
 from ca_service.pki.keys import KeyAlgorithm, PrivateKey, PublicKey, generate_private_key
-from ca_service.pki.templates import CAKind, IssuerProfile, build_svid_for
+from ca_service.pki.templates import CAKind, IssuerProfile, LeafEncoder, build_svid_for
 from ca_service.pki.verify import verify_svid
 from ca_service.rotation.state import AuthorityState, CAEntry
 from ca_service.settings import CASettings
@@ -91,10 +91,11 @@ class IssuancePolicy:
     max_workload_ttl: dt.timedelta = dt.timedelta(hours=24)
     backdate: dt.timedelta = dt.timedelta(minutes=5)
     key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256
+    encoder: LeafEncoder = LeafEncoder.TEMPLATE  # ca.leaf_encoder: the DER template or the reference builder
 
     @classmethod
     def of(cls, ca: CASettings) -> IssuancePolicy:
-        return cls(ca.workload_ttl, ca.max_workload_ttl, ca.backdate, ca.workload_key_algorithm)
+        return cls(ca.workload_ttl, ca.max_workload_ttl, ca.backdate, ca.workload_key_algorithm, ca.leaf_encoder)
 
 
 class SigningSource(Protocol):
@@ -115,12 +116,15 @@ class BatchPlan:
     ttl: dt.timedelta
     backdate: dt.timedelta
     key_algorithm: KeyAlgorithm
+    encoder: LeafEncoder = LeafEncoder.TEMPLATE
 
 
 def sign_leaf(profile: IssuerProfile, public_key: PublicKey, spiffe_id: SpiffeId, *, now: dt.datetime,
-              ttl: dt.timedelta, backdate: dt.timedelta, dns_names: Sequence[str] = ()) -> x509.Certificate:
+              ttl: dt.timedelta, backdate: dt.timedelta, dns_names: Sequence[str] = (),
+              encoder: LeafEncoder = LeafEncoder.TEMPLATE) -> x509.Certificate:
     """Template + signature of one leaf: the part a signing-pool worker runs, with no state of its own."""
-    return build_svid_for(public_key, spiffe_id, profile, now=now, ttl=ttl, backdate=backdate, dns_names=dns_names)
+    return build_svid_for(public_key, spiffe_id, profile, now=now, ttl=ttl, backdate=backdate, dns_names=dns_names,
+                          encoder=encoder)
 
 
 class Issuer:
@@ -175,7 +179,7 @@ class Issuer:
         self.check_member(spiffe_id)
         context = self._source.signing_context()
         leaf = sign_leaf(context.profile, public_key, spiffe_id, now=now, ttl=self.leaf_ttl(ttl),
-                         backdate=self.policy.backdate, dns_names=dns_names)
+                         backdate=self.policy.backdate, dns_names=dns_names, encoder=self.policy.encoder)
         return self.assemble(spiffe_id, leaf, context, now)
 
     def plan_batch(self, spiffe_ids: Sequence[SpiffeId], *, now: dt.datetime,
@@ -189,7 +193,7 @@ class Issuer:
         for spiffe_id in spiffe_ids:
             self.check_member(spiffe_id)
         return BatchPlan(self._source.signing_context(), now, self.leaf_ttl(ttl), self.policy.backdate,
-                         self.policy.key_algorithm)
+                         self.policy.key_algorithm, self.policy.encoder)
 
     def assemble(self, spiffe_id: SpiffeId, leaf: x509.Certificate, context: SigningContext,
                  now: dt.datetime) -> IssuedSvid:

@@ -28,6 +28,7 @@ from ca_service.pki.keys import KeyAlgorithm, PrivateKey, generate_private_key, 
 from ca_service.rotation.renewal import renewal_time
 from ca_service.services.authority import Authority
 from ca_service.services.issuer import IssuedSvid, Issuer
+from ca_service.services.workload_expiry import ExpiryIndex, entry_for
 from ca_service.telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WorkloadKey = tuple[str, SpiffeId]  # (node id, SPIFFE ID)
+# Mirrors settings.SdsLimits.node_grace: an Envoy restart or a reconnect to another replica and back.
+DEFAULT_NODE_GRACE = dt.timedelta(minutes=5)
 WorkloadListener = Callable[["WorkloadCert"], None]
 
 
@@ -82,9 +85,13 @@ class WorkloadRegistry:
 
     def __init__(self, authority: Authority, rotation: RotationSettings, clock: Clock, *,
                  key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256, rng: random.Random | None = None,
-                 telemetry: Telemetry | None = None) -> None:
+                 telemetry: Telemetry | None = None, node_grace: dt.timedelta = DEFAULT_NODE_GRACE) -> None:
         self._authority = authority
         self._issuer = authority.issuer
+        self._node_grace = node_grace
+        # Nodes with SVIDs and no open stream, since when (the SDS hub reports it); forgotten after grace.
+        self._idle_since: dict[str, dt.datetime] = {}
+        self._by_node: dict[str, set[SpiffeId]] = {}
         self._telemetry = telemetry
         self._issued: Counter | None = None  # the labelled child of telemetry.issued, once looked up
         self._rotation = rotation
@@ -92,6 +99,8 @@ class WorkloadRegistry:
         self._key_algorithm = key_algorithm
         self._rng = rng or random.SystemRandom()
         self._certs: dict[WorkloadKey, WorkloadCert] = {}
+        # Kept in step with _certs so /metrics reads aggregates without walking every SVID.
+        self.expiry = ExpiryIndex()
         # (renew_at, token, key): a heap entry is live only while its token is the key's current one,
         # so re-issuing or rescheduling just pushes a new entry and the old one is skipped when popped.
         self._heap: list[tuple[dt.datetime, int, WorkloadKey]] = []
@@ -191,7 +200,12 @@ class WorkloadRegistry:
         renew_at = renewal_time(svid.not_before, svid.not_after, fraction=self._rotation.renew_fraction,
                                 jitter_fraction=self._rotation.jitter_fraction, draw=self._rng.random())
         cert = WorkloadCert(node_id, spiffe_id, key_pem, svid, max(renew_at, now), generation)
+        previous = self._certs.get((node_id, spiffe_id))
+        if previous is not None:
+            self.expiry.remove(entry_for(previous))
         self._certs[(node_id, spiffe_id)] = cert
+        self._by_node.setdefault(node_id, set()).add(spiffe_id)
+        self.expiry.add(entry_for(cert))
         self._forced.discard(cert.workload_key)
         self._schedule(cert.workload_key, cert.renew_at)
         for listener in list(self._listeners):
@@ -201,12 +215,37 @@ class WorkloadRegistry:
                 log.exception("workload listener %r failed", listener)
         return cert
 
+    # ------------------------------------------------------------ node liveness (NodeTracker)
+
+    def node_connected(self, node_id: str) -> None:
+        self._idle_since.pop(node_id, None)
+
+    def node_disconnected(self, node_id: str) -> None:
+        if node_id in self._by_node:  # a node that holds nothing has nothing to forget
+            self._idle_since[node_id] = self._clock.now()
+
+    def forget_idle_nodes(self, now: dt.datetime) -> list[str]:
+        """Drop every SVID of nodes without a stream for longer than the grace period; returns their ids."""
+        gone = [n for n, since in self._idle_since.items() if now - since >= self._node_grace]
+        for node_id in gone:
+            for spiffe_id in list(self._by_node.get(node_id, ())):
+                self.forget(node_id, spiffe_id)
+            self._idle_since.pop(node_id, None)
+        if gone:
+            if self._telemetry is not None:
+                self._telemetry.nodes_forgotten.inc(len(gone))
+            log.info("forgot disconnected nodes", extra={"count": len(gone),
+                                                         "grace_s": self._node_grace.total_seconds()})
+        return gone
+
     def due(self, now: dt.datetime) -> list[WorkloadCert]:
         """Certificates whose renewal time has come (stale heap entries of re-issued ones are dropped).
 
+        Nodes idle past their grace period are forgotten first, so they are never renewed again.
         If the clock went back since the last call (an NTP step, a VM restored from a snapshot), SVIDs
         issued before the step that are not valid yet are due now as well.
         """
+        self.forget_idle_nodes(now)
         if self._last_due is not None and now < self._last_due:
             self._reschedule_not_yet_valid(now)
         self._last_due = now
@@ -241,7 +280,15 @@ class WorkloadRegistry:
 
     def forget(self, node_id: str, spiffe_id: SpiffeId) -> None:
         """Drop a workload nobody streams any more (its heap entry goes stale and is skipped)."""
-        self._certs.pop((node_id, spiffe_id), None)
+        gone = self._certs.pop((node_id, spiffe_id), None)
+        if gone is not None:
+            self.expiry.remove(entry_for(gone))
+        ids = self._by_node.get(node_id)
+        if ids is not None:
+            ids.discard(spiffe_id)
+            if not ids:
+                del self._by_node[node_id]
+                self._idle_since.pop(node_id, None)
         self._tokens.pop((node_id, spiffe_id), None)
         self._forced.discard((node_id, spiffe_id))
 

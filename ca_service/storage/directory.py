@@ -46,8 +46,13 @@ class DirectoryStore:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot create state directory {self.directory}: {exc.strerror}") from None
-        self._check_directory_mode()
-        self._remove_stale_temp_files()
+        try:
+            self._check_directory_mode()
+            self._remove_stale_temp_files()
+        except OSError as exc:
+            # A group/other-readable directory we may not chmod (another owner, a read-only mount).
+            raise StorageError(f"state directory {self.directory} is not usable: {exc.strerror}; it must be a "
+                               "directory of the daemon's user with mode 0700") from None
 
     def describe(self) -> str:
         return f"directory {self.directory.resolve()}"
@@ -157,8 +162,11 @@ def _decode(name: str, path: Path, raw: bytes) -> Record:
     try:
         body = json.loads(raw)
         data = {k: base64.b64decode(v, validate=True) for k, v in body["data"].items()}
-        version = str(body["version"])
-    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        version = body["version"]
+        # The next write computes version + 1: anything but a plain counter would fail there instead.
+        if not isinstance(version, str) or not version.isdigit() or not version.isascii():
+            raise ValueError(f"version {version!r} is not a counter")
+    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
         # Cannot happen through our writer (rename is atomic); means the file was edited or the disk lies.
         raise StorageError(f"{path} is corrupt ({exc}); restore it from backup") from None
     return Record(name, data, version)

@@ -14,17 +14,20 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ca_service.errors import CAServiceError, NotReadyError, error_status
 from ca_service.services.authority import Authority
+from ca_service.services.issuance_ledger import IssuanceLedger
 from ca_service.services.ports import RotationResult, Rotator
 from ca_service.services.trust import TrustStore
 from ca_service.services.workloads import WorkloadRegistry
 from ca_service.telemetry import Telemetry
 from ca_service.web.audit import AuditLog, AuditRecord
 from ca_service.web.auth import AdminAuth, Caller
+from ca_service.web.certificates import certificates_report
 from ca_service.web.metrics import StateMetrics
-from ca_service.web.requests import BadFieldError, parse_rotate_body
+from ca_service.web.requests import BadFieldError, BodyTooLargeError, parse_rotate_body, read_bounded
 from ca_service.web.status import status_report
 
 log = logging.getLogger(__name__)
@@ -48,8 +51,9 @@ def result_to_json(result: RotationResult) -> dict[str, Any]:
 class AdminApi:
     def __init__(self, authority: Authority, telemetry: Telemetry, auth: AdminAuth, audit: AuditLog,
                  metrics: StateMetrics, *, rotator: Rotator | None = None, trust: TrustStore | None = None,
-                 registry: WorkloadRegistry | None = None) -> None:
+                 registry: WorkloadRegistry | None = None, ledger: IssuanceLedger | None = None) -> None:
         self._authority = authority
+        self._ledger = ledger
         self._telemetry = telemetry
         self._auth = auth
         self._audit = audit
@@ -60,7 +64,8 @@ class AdminApi:
 
     def routes(self) -> list[web.RouteDef]:
         return [web.get("/admin/v1/status", self._wrap("status", self._status)),
-                web.post("/admin/v1/rotate", self._wrap("rotate", self._rotate))]
+                web.post("/admin/v1/rotate", self._wrap("rotate", self._rotate)),
+                web.get("/admin/v1/certificates", self._wrap("certificates", self._certificates))]
 
     def _wrap(self, action: str, handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def endpoint(request: web.Request) -> web.Response:
@@ -75,7 +80,7 @@ class AdminApi:
                 status, result = row.http_status, row.result
                 record = dataclasses.replace(record, result=result, detail=str(exc))
                 doc = {"error": _OPAQUE.get(status, str(exc))}
-                if isinstance(exc, BadFieldError):
+                if isinstance(exc, BadFieldError | BodyTooLargeError):
                     doc["field"] = exc.field
                 log.warning("admin %s refused", action, extra={"caller": record.caller, "status": status,
                                                                "cause": str(exc), "remote": record.remote})
@@ -97,9 +102,16 @@ class AdminApi:
         report = status_report(self._authority, self._telemetry, trust=self._trust, registry=self._registry)
         return report, dataclasses.replace(record, result="ok")
 
+    async def _certificates(self, request: web.Request, _caller: Caller, record: AuditRecord
+                            ) -> tuple[dict[str, Any], AuditRecord]:
+        if self._ledger is None:
+            raise NotReadyError("the issuance ledger is not running in this daemon")
+        doc = certificates_report(self._ledger, self._authority.clock.now(), request.query)
+        return doc, dataclasses.replace(record, result="ok", extra={"filters": doc["filters"]})
+
     async def _rotate(self, request: web.Request, caller: Caller, record: AuditRecord
                       ) -> tuple[dict[str, Any], AuditRecord]:
-        body = await request.read()
+        body = await read_bounded(request)
         rotation = parse_rotate_body(body, self._authority.trust_domain, caller=caller.name)
         record = dataclasses.replace(record, scope=rotation.scope.value, reason=rotation.reason,
                                      extra={"dry_run": rotation.dry_run, "spiffe_id": rotation.spiffe_id,
@@ -114,3 +126,45 @@ class AdminApi:
                                      affected_serials=result.affected_serials, new_serials=result.new_serials,
                                      detail=result.detail)
         return result_to_json(result), record
+
+
+class ParserErrorAudit:
+    """Stands in for aiohttp's server logger (``AppRunner(logger=...)``): a request the HTTP parser
+    refused (bad request line, oversized header, non-HTTP bytes) never reaches a handler, so this is
+    where it gets its audit line, and one log line instead of a traceback."""
+
+    def __init__(self, audit: AuditLog, metrics: StateMetrics) -> None:
+        self._audit = audit
+        self._metrics = metrics
+
+    def _refused(self, remote: object, exc: BaseException | None) -> None:
+        detail = f"{type(exc).__name__}: {exc}" if exc is not None else "bad request"
+        self._audit.write(AuditRecord(caller="anonymous", action="http", result="bad-request",
+                                      detail=detail[:MAX_AUDIT_DETAIL], remote=str(remote or "")))
+        self._metrics.admin_requests.labels("http", "bad-request").inc()
+        log.warning("HTTP request refused by the parser", extra={"remote": remote, "cause": detail})
+
+    def exception(self, msg: str, *args: object, exc_info: object = None, **kw: object) -> None:
+        if not self._is_parser_refusal(msg, exc_info):
+            _AIOHTTP_SERVER_LOG.exception(msg, *args, exc_info=exc_info, **kw)  # type: ignore[arg-type]
+            return
+        self._refused(args[0] if args else "", exc_info if isinstance(exc_info, BaseException) else None)
+
+    def debug(self, msg: str, *args: object, exc_info: object = None, **kw: object) -> None:
+        if not self._is_parser_refusal(msg, exc_info):
+            _AIOHTTP_SERVER_LOG.debug(msg, *args, exc_info=exc_info, **kw)  # type: ignore[arg-type]
+            return
+        self._refused(args[0] if args else "", exc_info if isinstance(exc_info, BaseException) else None)
+
+    @staticmethod
+    def _is_parser_refusal(msg: str, exc_info: object) -> bool:
+        # aiohttp's handle_error() logs "Error handling request from %s" with the parser's exception.
+        return msg.startswith("Error handling request") and isinstance(exc_info, HttpProcessingError)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_AIOHTTP_SERVER_LOG, name)
+
+
+_AIOHTTP_SERVER_LOG = logging.getLogger("aiohttp.server")
+# Parser messages quote the offending bytes; the audit line keeps enough to recognise them.
+MAX_AUDIT_DETAIL = 512

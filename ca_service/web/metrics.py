@@ -8,8 +8,9 @@ recomputed from the services by :class:`StateMetrics`:
   rotation lands, also for anything that reads the registry without scraping;
 - and again at scrape time, because two facts have no event: a workload SVID dropped by
   ``WorkloadRegistry.forget`` and a peer bundle refresh that changed nothing.  The workload part is
-  recomputed *only* at scrape time: it is O(live SVIDs), and doing it per issued SVID would make a
-  start with N sidecars O(N²).
+  read at scrape time from the registry's :class:`~ca_service.services.workload_expiry.ExpiryIndex`,
+  which the registry keeps sorted as SVIDs come and go, so a scrape costs O(log n + namespaces +
+  ``max_identity_series``) at any fleet size and never walks the live SVIDs on the event loop.
 
 Each recompute clears the gauge and sets it again, so the series of a pruned CA certificate or a
 departed identity disappear instead of lingering with a stale value.  Nothing awaits between clear
@@ -18,15 +19,21 @@ and set, so a scrape never sees a half-filled gauge.
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import platform
+import threading
 from collections.abc import Callable
 from importlib import metadata
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Metric, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.registry import Collector
 
+from ca_service.clock import Clock, SystemClock
 from ca_service.rotation.state import AuthorityState
 from ca_service.services.authority import Authority
 from ca_service.services.state_changes import StateChange
@@ -42,17 +49,76 @@ def _version() -> str:
         return "unknown"
 
 
-def identity_labels(spiffe_id_path: str, kubernetes: tuple[str, str] | None) -> tuple[str, str]:
-    """(namespace, service_account); a non-Kubernetes ID keeps its path as service_account so it stays distinct."""
-    return kubernetes if kubernetes is not None else ("", spiffe_id_path)
+# The windows of ca_workload_svids_expiring: 6 h is the critical alert's horizon (a renewal at half a 24 h
+# lifetime has failed for 6 h by then), 1 h the "act now" one.
+EXPIRY_WINDOWS = ((dt.timedelta(hours=1), "1h"), (dt.timedelta(hours=6), "6h"))
+
+
+_IDENTITY = ["trust_domain", "namespace", "service_account"]
+
+
+class WorkloadExpiryCollector(Collector):
+    """Workload expiry families built at scrape time from the registry's expiry index.
+
+    A custom collector rather than labelled Gauges: clearing and re-creating a few hundred labelled
+    children per scrape cost more than reading the index itself.
+    """
+
+    def __init__(self, registry: WorkloadRegistry, clock: Clock, max_identity_series: int) -> None:
+        self._registry, self._clock, self._max = registry, clock, max_identity_series
+        self._snapshot: list[Metric] = list(self._families())
+        self._owner = threading.get_ident()  # the event loop's thread, where the index changes
+
+    def describe(self) -> list[Metric]:
+        return list(self._families())
+
+    def snapshot(self) -> None:
+        """Read the index now, on the event loop: a render in another thread returns this copy, since the
+        index may change under it there."""
+        self._owner = threading.get_ident()
+        self._snapshot = self._read()
+
+    def collect(self) -> list[Metric]:
+        return self._read() if threading.get_ident() == self._owner else self._snapshot
+
+    def _read(self) -> list[Metric]:
+        index = self._registry.expiry
+        expiring, by_ns, expiry, issued = self._families()
+        now = self._clock.now()
+        for window, label in EXPIRY_WINDOWS:
+            expiring.add_metric([label], index.expiring_before(now + window))
+        for (td, ns), not_after in index.earliest_per_namespace().items():
+            by_ns.add_metric([td, ns], not_after)
+        for entry in index.soonest_identities(self._max):
+            expiry.add_metric(list(entry.identity), entry.not_after)
+            issued.add_metric(list(entry.identity), entry.not_before)
+        return [expiring, by_ns, expiry, issued]
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily("ca_workload_svids_expiring",
+                              "Live workload SVIDs whose notAfter is within the window from now", labels=["within"]),
+            GaugeMetricFamily("ca_workload_namespace_earliest_expiry_timestamp_seconds",
+                              "Earliest notAfter among live SVIDs of a namespace",
+                              labels=["trust_domain", "namespace"]),
+            GaugeMetricFamily("ca_workload_certificate_expiry_timestamp_seconds",
+                              "Earliest notAfter among live SVIDs of an identity (soonest-expiring identities only, "
+                              "up to http.metrics.max_identity_series)", labels=_IDENTITY),
+            GaugeMetricFamily("ca_workload_certificate_issued_timestamp_seconds",
+                              "notBefore of the earliest-expiring live SVID of an identity (same identities)",
+                              labels=_IDENTITY),
+        )
 
 
 class StateMetrics:
     """Fills the state-derived gauges of :class:`Telemetry` and owns the side-port's own metrics."""
 
     def __init__(self, telemetry: Telemetry, authority: Authority, *, registry: WorkloadRegistry | None = None,
-                 trust: TrustStore | None = None) -> None:
+                 trust: TrustStore | None = None, clock: Clock | None = None, max_identity_series: int = 100) -> None:
         self.telemetry = telemetry
+        self._clock = clock or SystemClock()
+        self._max_identity_series = max_identity_series
         self._authority = authority
         self._registry = registry
         self._trust = trust
@@ -79,6 +145,11 @@ class StateMetrics:
         self.admin_requests = Counter("ca_admin_requests", "Admin API calls by action and result",
                                       ["action", "result"], registry=r)
         self.ready = Gauge("ca_ready", "1 when /readyz answers ready", registry=r)
+        self._workloads: WorkloadExpiryCollector | None = None
+        if registry is not None:
+            self._workloads = WorkloadExpiryCollector(registry, self._clock, max_identity_series)
+            r.register(self._workloads)
+        self._inflight: dict[bool, asyncio.Future[bytes]] = {}
 
     def attach(self) -> None:
         """Subscribe to the trust store and fill every gauge once (state changes come through
@@ -147,36 +218,35 @@ class StateMetrics:
             self.bundle_earliest_expiry.labels(td).set(earliest)
 
     def refresh_workloads(self) -> None:
+        """The unlabelled workload gauges (the labelled ones are collected by :class:`WorkloadExpiryCollector`)."""
         if self._registry is None:
             return
-        earliest: dict[tuple[str, str, str], tuple[float, float]] = {}
-        count = 0
-        for cert in self._registry:
-            count += 1
-            sid = cert.spiffe_id
-            ns, sa = identity_labels(sid.path, sid.kubernetes)
-            key = (sid.trust_domain.name, ns, sa)
-            value = (cert.svid.not_after.timestamp(), cert.svid.not_before.timestamp())
-            # Earliest expiry per identity: the pod closest to losing its certificate is the one to alert on.
-            if key not in earliest or value[0] < earliest[key][0]:
-                earliest[key] = value
-        t = self.telemetry
-        t.workload_expiry.clear()
-        t.workload_issued.clear()
-        for key, (not_after, not_before) in earliest.items():
-            t.workload_expiry.labels(*key).set(not_after)
-            t.workload_issued.labels(*key).set(not_before)
-        t.sds_live_svids.set(count)
-        self.workload_identities.set(len(earliest))
+        self.telemetry.sds_live_svids.set(len(self._registry.expiry))
+        self.workload_identities.set(self._registry.expiry.identities)
         nxt = self._registry.next_renewal()
         self.workload_next_renewal.set(nxt.timestamp() if nxt is not None else 0)
 
     async def handle(self, request: web.Request) -> web.Response:
-        """GET /metrics — OpenMetrics when the Accept header asks for it (Prometheus does when scraping exemplars)."""
-        self.refresh()
-        if "application/openmetrics-text" in request.headers.get("Accept", ""):
-            body = generate_openmetrics(self.telemetry.registry)  # type: ignore[no-untyped-call]
-            content_type = OPENMETRICS_CONTENT_TYPE
-        else:
-            body, content_type = generate_latest(self.telemetry.registry), CONTENT_TYPE_LATEST
+        """GET /metrics — OpenMetrics when the Accept header asks for it (Prometheus does when scraping exemplars).
+
+        State is read on the loop (cheap, and nothing mutates it meanwhile); the text is rendered in a
+        thread, and scrapes that arrive while a render runs share it, so a burst of scrapes costs one
+        render and never holds the loop for the whole burst.
+        """
+        openmetrics = "application/openmetrics-text" in request.headers.get("Accept", "")
+        render = self._inflight.get(openmetrics)
+        if render is None:
+            self.refresh()
+            if self._workloads is not None:
+                self._workloads.snapshot()
+            render = asyncio.ensure_future(asyncio.to_thread(self._render, openmetrics))
+            self._inflight[openmetrics] = render
+            render.add_done_callback(lambda _: self._inflight.pop(openmetrics, None))
+        body = await asyncio.shield(render)
+        content_type = OPENMETRICS_CONTENT_TYPE if openmetrics else CONTENT_TYPE_LATEST
         return web.Response(body=body, headers={"Content-Type": content_type})
+
+    def _render(self, openmetrics: bool) -> bytes:
+        if openmetrics:
+            return bytes(generate_openmetrics(self.telemetry.registry))  # type: ignore[no-untyped-call]
+        return generate_latest(self.telemetry.registry)

@@ -6,7 +6,9 @@ import json
 import re
 from typing import Any
 
-from ca_service.errors import InvalidRequestError
+from aiohttp import web
+
+from ca_service.errors import InvalidRequestError, RequestTooLargeError
 from ca_service.pki.identity import SpiffeId, TrustDomain
 from ca_service.services.ports import RotationRequest, RotationScope
 
@@ -15,6 +17,33 @@ ROTATE_FIELDS = ("scope", "reason", "spiffe_id", "namespace", "dry_run")
 _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 # The reason lands in the audit log and in logs; a bound keeps a script bug from writing megabytes per call.
 MAX_REASON = 1000
+# A rotate body is five short fields (< 2 KiB with the longest reason); 64 KiB is generous and keeps
+# a 10 MiB upload from being buffered at all.
+MAX_BODY_BYTES = 64 * 1024
+
+
+class BodyTooLargeError(RequestTooLargeError):
+    """The request body is larger than :data:`MAX_BODY_BYTES` (HTTP 413)."""
+
+    field = "body"
+
+
+async def read_bounded(request: web.Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The body, read no further than ``limit`` + 1 bytes.
+
+    Raises:
+        BodyTooLargeError: if the declared or actual length exceeds ``limit``.
+    """
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLargeError(f"body: {request.content_length} bytes is more than {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(limit + 1 - size):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLargeError(f"body: more than {limit} bytes")
+    return b"".join(chunks)
 
 
 class BadFieldError(InvalidRequestError):
@@ -46,6 +75,9 @@ def parse_rotate_body(body: bytes, trust_domain: TrustDomain, *, caller: str) ->
         doc = json.loads(body or b"null")
     except (ValueError, UnicodeDecodeError):
         raise BadFieldError("body", "is not valid JSON") from None
+    except RecursionError:
+        # json.loads recurses per nesting level; the rotate body is flat, so deep nesting is never valid.
+        raise BadFieldError("body", "is nested too deeply") from None
     if not isinstance(doc, dict):
         raise BadFieldError("body", "must be a JSON object")
     unknown = sorted(set(doc) - set(ROTATE_FIELDS))

@@ -16,14 +16,16 @@ from aiohttp import web
 from ca_service.clock import Clock
 from ca_service.config import Settings
 from ca_service.services.authority import Authority
+from ca_service.services.issuance_ledger import IssuanceLedger
 from ca_service.services.ports import Rotator
 from ca_service.services.state_changes import StateChange
 from ca_service.services.trust import TrustStore
 from ca_service.services.workloads import WorkloadRegistry
 from ca_service.telemetry import Telemetry
-from ca_service.web.admin import AdminApi
+from ca_service.web.admin import AdminApi, ParserErrorAudit
 from ca_service.web.audit import AuditLog
 from ca_service.web.auth import AdminAuth, ensure_admin_token
+from ca_service.web.connections import CappedTCPSite, runner_kwargs
 from ca_service.web.health import Readiness, ReadinessCheck, healthz, readyz_handler
 from ca_service.web.metrics import StateMetrics
 from ca_service.web.tls import SideportTls
@@ -79,11 +81,14 @@ class HttpSideport:
 
     def __init__(self, settings: Settings, authority: Authority, telemetry: Telemetry, clock: Clock, *,
                  registry: WorkloadRegistry | None = None, trust: TrustStore | None = None,
-                 rotator: Rotator | None = None, readiness_checks: Mapping[str, ReadinessCheck] | None = None) -> None:
+                 rotator: Rotator | None = None, readiness_checks: Mapping[str, ReadinessCheck] | None = None,
+                 ledger: IssuanceLedger | None = None) -> None:
+        self._ledger = ledger
         self._settings = settings
         self._authority = authority
         self.readiness = Readiness(authority, readiness_checks)
-        self.metrics = StateMetrics(telemetry, authority, registry=registry, trust=trust)
+        self.metrics = StateMetrics(telemetry, authority, registry=registry, trust=trust, clock=clock,
+                                    max_identity_series=settings.http.metrics.max_identity_series)
         self.audit = AuditLog(settings.audit_log_file, clock)
         self._telemetry = telemetry
         self._registry, self._trust, self._rotator = registry, trust, rotator
@@ -109,14 +114,17 @@ class HttpSideport:
                                    generate=self._settings.http.admin.token_file is None)
         auth = AdminAuth(token, self._settings.http.admin.allowed_spiffe_ids)
         admin = AdminApi(self._authority, self._telemetry, auth, self.audit, self.metrics, rotator=self._rotator,
-                         trust=self._trust, registry=self._registry)
+                         trust=self._trust, registry=self._registry, ledger=self._ledger)
         app = build_web_app(self.metrics, self.readiness, self.audit, admin)
         # access_log=None: the access log would print every scrape; admin calls have the audit log.
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        limits = self._settings.http.connections
+        runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                               logger=ParserErrorAudit(self.audit, self.metrics), **runner_kwargs(limits))
         await runner.setup()
         host, port = _split_address(self._settings.http.address)
         ssl_context = self._tls.context() if self._tls is not None else None
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+        site = CappedTCPSite(runner, host, port, ssl_context=ssl_context, limits=limits, name="http",
+                             refused=self._telemetry.connections_refused)
         await site.start()
         self._runner = runner
         if self._tls is not None:

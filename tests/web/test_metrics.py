@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prometheus_client.parser import text_string_to_metric_families
 
+from ca_service.config import load_settings
 from ca_service.pki.templates import CAKind
 
-from .conftest import Daemon, sa
+from .conftest import Daemon, sa, start_daemon
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -87,3 +90,39 @@ async def test_bundle_gauges_info_and_openmetrics(daemon: Daemon) -> None:
     assert series(samples, "ca_info") == {(("mode", "self-signed"), ("trust_domain", "cluster.local")): 1}
     _, ctype = await scrape(daemon, accept="application/openmetrics-text; version=1.0.0")
     assert ctype.startswith("application/openmetrics-text")
+
+
+async def test_workload_series_are_capped_while_the_aggregates_count_every_live_svid(tmp_path: Path) -> None:
+    settings = load_settings(environ={}, overrides={
+        "data_dir": str(tmp_path / "data"), "ca": {"workload_ttl": "5h", "max_workload_ttl": "5h"},
+        "http": {"address": "127.0.0.1:0", "metrics": {"max_identity_series": 5}}})
+    d = await start_daemon(settings)
+    try:
+        certs = [d.registry.get_or_issue(f"node-{i}", sa(f"ns-{i % 3}", f"sa-{i}")) for i in range(40)]
+        samples, _ = await scrape(d)
+    finally:
+        await d.session.close()
+        await d.sideport.stop()
+    per_identity = series(samples, "ca_workload_certificate_expiry_timestamp_seconds")
+    assert len(per_identity) == 5
+    assert len(series(samples, "ca_workload_certificate_issued_timestamp_seconds")) == 5
+    soonest = sorted(c.svid.not_after.timestamp() for c in certs)[:5]
+    assert sorted(per_identity.values()) == soonest
+    assert samples[("ca_sds_live_svids", ())] == 40
+    assert samples[("ca_workload_svids_expiring", (("within", "6h"),))] == 40
+    assert samples[("ca_workload_svids_expiring", (("within", "1h"),))] == 0
+    by_ns = series(samples, "ca_workload_namespace_earliest_expiry_timestamp_seconds")
+    assert by_ns == {(("namespace", f"ns-{k}"), ("trust_domain", "cluster.local")):
+                     min(c.svid.not_after.timestamp() for i, c in enumerate(certs) if i % 3 == k) for k in range(3)}
+
+
+async def test_a_forgotten_workload_leaves_the_aggregates(daemon: Daemon) -> None:
+    daemon.registry.get_or_issue("node-a", sa("shop", "web"))
+    daemon.registry.get_or_issue("node-b", sa("pay", "api"))
+    daemon.registry.reissue("node-b", sa("pay", "api"), reason="test")  # replaces, does not add
+    daemon.registry.forget("node-a", sa("shop", "web"))
+    samples, _ = await scrape(daemon)
+    assert samples[("ca_sds_live_svids", ())] == 1
+    assert samples[("ca_workload_identities", ())] == 1
+    assert set(series(samples, "ca_workload_namespace_earliest_expiry_timestamp_seconds")) == {
+        (("namespace", "pay"), ("trust_domain", "cluster.local"))}

@@ -1,0 +1,3 @@
+module ca-service/bench/goref
+
+go 1.22

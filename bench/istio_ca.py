@@ -1,0 +1,204 @@
+"""Istio CA API: CreateCertificate over TLS gRPC with a warm TokenReview cache, against in-process CSR signing.
+
+The server is a separate process (``python bench/istio_ca.py --serve MODE DIR``: the Istio CA API on
+one TLS listener, built by ``build_istio_ca`` as the daemon builds it); this process is the load
+generator (CSRs made before the clock starts, ``CONCURRENCY`` calls in flight over ``CHANNELS`` TLS
+channels).  MODE is how the server signs (services/csr_signing.py): ``inline`` on the event loop,
+``thread``, or ``pool`` (the daemon's default: batched to the signing pool's worker processes).
+
+Tokens are reviewed by a bench-side reviewer that accepts every ``bench-<n>`` token: the cache is warmed
+before measuring, so what it would cost to ask a real API server does not enter the figures (the
+tests run the real kube-apiserver).  Baseline, same run: parse + check a CSR, sign it with
+``Authority.issue_svid`` and verify the chain, in this process, one after the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+from cryptography import x509  # noqa: E402
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+
+from bench.common import Result, rate  # noqa: E402
+from ca_service.clock import SystemClock  # noqa: E402
+from ca_service.config import load_settings  # noqa: E402
+from ca_service.pki.csr import check_csr, parse_csr  # noqa: E402
+from ca_service.pki.identity import SpiffeId  # noqa: E402
+from ca_service.pki.verify import verify_svid  # noqa: E402
+from ca_service.rpc.generated.istio.v1.auth import ca_pb2, ca_pb2_grpc  # noqa: E402
+from ca_service.rpc.token_review import SA_GROUP, SA_PREFIX, ReviewStatus  # noqa: E402
+
+DNS_NAME = "ca-service.istio-system.svc"
+IDENTITIES = 200
+CHANNELS = 4
+CONCURRENCY = 128
+MODES = ("inline", "thread", "pool")
+
+
+class PrimedReviewer:
+    """Accepts ``bench-<n>`` as service account ``bench/<token>`` (the bench measures a warm cache)."""
+
+    def review(self, token: str, audiences: Sequence[str]) -> ReviewStatus:
+        return ReviewStatus(authenticated=token.startswith("bench-"), username=f"{SA_PREFIX}bench:{token}",
+                            groups=(SA_GROUP,), audiences=tuple(audiences))
+
+
+async def _serve(mode: str, directory: Path) -> None:
+    from ca_service.adapters.csr_pool import PoolCsrSigner
+    from ca_service.adapters.signing_pool import SigningPool
+    from ca_service.rpc.istio_ca_wiring import build_istio_ca
+    from ca_service.rpc.sds_listeners import SdsComponent
+    from ca_service.services.authority import Authority
+    from ca_service.services.csr_signing import InlineCsrSigner, ThreadCsrSigner
+    from ca_service.services.trust import TrustStore
+    from ca_service.services.workloads import WorkloadRegistry
+    from ca_service.storage.directory import DirectoryStore
+    from ca_service.telemetry import Telemetry
+
+    settings = load_settings(environ={}, overrides={
+        "data_dir": str(directory / "data"),
+        "grpc": [{"address": "127.0.0.1:0", "tls": {"enabled": True, "dns_names": [DNS_NAME]}}],
+        "istio_ca": {"rate_limit_per_identity": 1e6, "rate_limit_burst": 1_000_000}})
+    clock = SystemClock()
+    authority = Authority(DirectoryStore(settings.data_dir / "state"), settings.domain, settings.ca, clock)
+    authority.load_or_bootstrap()
+    registry = WorkloadRegistry(authority, settings.rotation, clock)
+    pool = SigningPool(authority.issuer) if mode == "pool" else None
+    if pool is not None:
+        await asyncio.to_thread(pool.warm_up)
+    signer = (PoolCsrSigner(authority, pool) if pool is not None else ThreadCsrSigner(authority) if mode == "thread"
+              else InlineCsrSigner(authority))
+    istio = build_istio_ca(settings, authority, registry, Telemetry(), clock, api_clients={},
+                           reviewers={"Kubernetes": PrimedReviewer()}, pods={}, signer=signer)
+    sds = SdsComponent(settings.grpc, registry=registry, trust=TrustStore(authority), telemetry=Telemetry(),
+                       services=[istio.service.register])
+    await sds.start()
+    (directory / "root.pem").write_bytes(authority.bundle().to_pem())
+    (directory / "address").write_text(sds.bound_addresses[0])
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)  # clean up the pool's workers
+    try:
+        await stop.wait()
+    finally:
+        await sds.stop()
+        if pool is not None:
+            pool.close()
+
+
+def _csrs(count: int) -> list[str]:
+    key = ec.generate_private_key(ec.SECP256R1())  # one key: CSR generation is the client's cost, not ours
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+    pem = csr.public_bytes(serialization.Encoding.PEM).decode()
+    return [pem] * count
+
+
+async def _load(address: str, root: bytes, seconds: float) -> float:
+    credentials = grpc.ssl_channel_credentials(root)
+    channels = [grpc.aio.secure_channel(address, credentials, options=[("grpc.ssl_target_name_override", DNS_NAME)])
+                for _ in range(CHANNELS)]
+    stubs = [ca_pb2_grpc.IstioCertificateServiceStub(c) for c in channels]
+    request = ca_pb2.IstioCertificateRequest(csr=_csrs(1)[0])
+    done = 0
+    errors = 0
+
+    async def worker(n: int, deadline: float) -> None:
+        nonlocal done, errors
+        i = n
+        while time.perf_counter() < deadline:
+            token = f"bench-{i % IDENTITIES}"
+            try:
+                await stubs[i % CHANNELS].CreateCertificate(request, metadata=[("authorization", f"Bearer {token}")],
+                                                            timeout=30)
+                done += 1
+            except grpc.aio.AioRpcError:
+                errors += 1
+            i += CONCURRENCY
+
+    try:
+        # Warm up: every token reviewed once (the cache), every channel connected.
+        await asyncio.gather(*[stubs[i % CHANNELS].CreateCertificate(
+            request, metadata=[("authorization", f"Bearer bench-{i}")], timeout=30) for i in range(IDENTITIES)])
+        done = 0
+        started = time.perf_counter()
+        await asyncio.gather(*[worker(n, started + seconds) for n in range(CONCURRENCY)])
+        elapsed = time.perf_counter() - started
+    finally:
+        for c in channels:
+            await c.close()
+    if errors:
+        print(f"  note: {errors} calls failed", file=sys.stderr)
+    return done / elapsed
+
+
+def _over_grpc(mode: str, seconds: float) -> float:
+    with tempfile.TemporaryDirectory(prefix="ca-bench-istio-") as tmp:
+        directory = Path(tmp)
+        proc = subprocess.Popen([sys.executable, str(Path(__file__)), "--serve", mode, str(directory)], cwd=ROOT,
+                                env={**os.environ, "CA_SERVICE_CONFIG": ""})
+        try:
+            deadline = time.monotonic() + 60
+            while not (directory / "address").exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the {mode} server did not start")
+                time.sleep(0.05)
+            return asyncio.run(_load((directory / "address").read_text(), (directory / "root.pem").read_bytes(),
+                                     seconds))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def _in_process_rate(seconds: float) -> float:
+    from bench.common import fresh_authority
+
+    authority = fresh_authority(SystemClock())
+    pem = _csrs(1)[0]
+    spiffe_id = SpiffeId.parse("spiffe://cluster.local/ns/bench/sa/bench-0")
+    roots = authority.bundle().roots
+
+    def once() -> None:
+        key = check_csr(parse_csr(pem), spiffe_id)
+        now = dt.datetime.now(dt.UTC)
+        svid = authority.issue_svid(spiffe_id, key, ttl=dt.timedelta(hours=1), now=now)
+        verify_svid(svid.leaf, svid.chain[1:], roots, now=now)
+
+    return rate(once, seconds=seconds)
+
+
+def run(quick: bool, modes: Sequence[str] = MODES) -> Result:
+    seconds = 0.5 if quick else 3.0
+    result = Result("istio_ca")
+    baseline = _in_process_rate(seconds)
+    result.metrics["in_process_csr_ops_s"] = baseline
+    for mode in modes:
+        ops = _over_grpc(mode, seconds)
+        result.metrics[f"grpc_{mode}_ops_s"] = ops
+        result.metrics[f"grpc_{mode}_over_in_process"] = ops / baseline
+    result.target("CreateCertificate (thread: the daemon's) >= 1,500/s on 2 cores", "grpc_thread_ops_s", ">=", 1500)
+    result.notes.append(f"{CONCURRENCY} calls in flight over {CHANNELS} TLS channels, {IDENTITIES} identities, "
+                        "warm TokenReview cache; the load generator shares the machine's cores with the server")
+    return result
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--serve":
+        asyncio.run(_serve(sys.argv[2], Path(sys.argv[3])))
+    else:
+        from bench.run import print_result
+
+        print_result(run("--quick" in sys.argv))

@@ -1,0 +1,236 @@
+"""Kubernetes service-account JWT authentication (``authorization: Bearer <token>``) by TokenReview.
+
+istio-agent sends its projected token (audience ``istio-ca``) and ``ClusterID`` metadata (lower-cased
+``clusterid`` on the wire); the ClusterID picks the API server that reviews the token.  We require what
+istiod requires (authenticated, group ``system:serviceaccounts``, username
+``system:serviceaccount:<ns>:<sa>``) and, unlike istiod, that the reviewed audiences intersect ours.
+
+Positive reviews are cached by token hash for ``review_cache_ttl`` but never past the token's ``exp``
+(read from the unverified payload: it can only shorten the cache, never extend trust); negative ones are
+not cached, so a caller that fixes its token is not locked out.  Reviews run in a thread: the
+Kubernetes client blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime as dt
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ca_service.clock import Clock
+from ca_service.errors import AuthenticationError
+from ca_service.pki.identity import SpiffeId, TrustDomain
+from ca_service.rpc.authn import CallCredentials, Caller
+from ca_service.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+SA_GROUP = "system:serviceaccounts"
+SA_PREFIX = "system:serviceaccount:"
+POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
+# A JWT larger than this is not a Kubernetes token (they are ~1 KB); refuse before hashing or sending.
+MAX_TOKEN_BYTES = 16 * 1024
+# Bound on cached reviews (one per live token): a pod has one token, so this covers 50k pods.
+MAX_CACHED_REVIEWS = 50_000
+
+
+@dataclass(frozen=True)
+class KubernetesCaller(Caller):
+    """A caller authenticated by TokenReview: which cluster vouched for it, and its pod when the token is bound."""
+
+    cluster_id: str = ""
+    pod_name: str | None = None
+
+
+@dataclass(frozen=True)
+class ReviewStatus:
+    """The parts of a TokenReview ``status`` we decide on."""
+
+    authenticated: bool
+    username: str = ""
+    groups: tuple[str, ...] = ()
+    audiences: tuple[str, ...] = ()
+    extra: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    error: str = ""
+
+
+class TokenReviewer(Protocol):
+    """One cluster's TokenReview API (blocking; called from a thread)."""
+
+    def review(self, token: str, audiences: Sequence[str]) -> ReviewStatus: ...
+
+
+class KubernetesTokenReviewer:
+    """TokenReview through the official client of one cluster."""
+
+    def __init__(self, api_client: Any) -> None:
+        from kubernetes import client
+
+        self._api = client.AuthenticationV1Api(api_client)
+        self._client = client
+
+    def review(self, token: str, audiences: Sequence[str]) -> ReviewStatus:
+        body = self._client.V1TokenReview(spec=self._client.V1TokenReviewSpec(token=token, audiences=list(audiences)))
+        status = self._api.create_token_review(body).status
+        user = status.user
+        return ReviewStatus(
+            authenticated=bool(status.authenticated), username=(user and user.username) or "",
+            groups=tuple((user and user.groups) or ()), audiences=tuple(status.audiences or ()),
+            extra=dict((user and user.extra) or {}), error=status.error or "")
+
+
+def token_expiry(token: str) -> dt.datetime | None:
+    """``exp`` of a JWT's payload, *unverified*: used only to cut a cache entry short, never to trust anything."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    payload = parts[1] + "=" * (-len(parts[1]) % 4)
+    try:
+        exp = json.loads(base64.urlsafe_b64decode(payload)).get("exp")
+    except (ValueError, binascii.Error, AttributeError):
+        return None
+    if not isinstance(exp, int) or isinstance(exp, bool):
+        return None
+    try:
+        return dt.datetime.fromtimestamp(exp, dt.UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def identity_of(status: ReviewStatus, audiences: Sequence[str]) -> tuple[str, str, str | None]:
+    """``(namespace, service account, pod name)`` of a positive review.
+
+    Raises:
+        AuthenticationError: not authenticated, not a service account, or reviewed for none of ``audiences``.
+    """
+    if not status.authenticated:
+        raise AuthenticationError(f"TokenReview: not authenticated ({status.error[:200]!r})")
+    if SA_GROUP not in status.groups:
+        raise AuthenticationError(f"TokenReview: {status.username[:200]!r} is not in group {SA_GROUP}")
+    parts = status.username.removeprefix(SA_PREFIX).split(":") if status.username.startswith(SA_PREFIX) else []
+    if len(parts) != 2 or not all(parts):
+        raise AuthenticationError(f"TokenReview: {status.username[:200]!r} is not a service account username")
+    # An API server that ignores spec.audiences answers with its own: ours must be among them.
+    if not set(status.audiences) & set(audiences):
+        raise AuthenticationError(f"TokenReview: token audiences {list(status.audiences)[:5]!r} are not "
+                                  f"{list(audiences)!r}")
+    pods = status.extra.get(POD_NAME_EXTRA) or ()
+    return parts[0], parts[1], (pods[0] if pods else None)
+
+
+@dataclass
+class _Cached:
+    caller: KubernetesCaller
+    until: dt.datetime
+
+
+class KubernetesTokenAuthenticator:
+    """The ``authorization: Bearer`` authenticator; clusters by ClusterID, the first one when none is sent."""
+
+    def __init__(self, clusters: Mapping[str, TokenReviewer], *, audiences: Sequence[str], trust_domain: TrustDomain,
+                 cache_ttl: dt.timedelta, clock: Clock, telemetry: Telemetry) -> None:
+        if not clusters:
+            raise ValueError("KubernetesTokenAuthenticator needs at least one cluster")
+        self._clusters = dict(clusters)
+        self._default_cluster = next(iter(self._clusters))
+        self._audiences = tuple(audiences)
+        self._trust_domain = trust_domain
+        self._cache_ttl = cache_ttl
+        self._clock = clock
+        self._telemetry = telemetry
+        self._cache: dict[bytes, _Cached] = {}
+        # Concurrent calls with one token (a pod's renewal burst) share one review.
+        self._pending: dict[bytes, asyncio.Task[KubernetesCaller]] = {}
+
+    async def authenticate(self, call: CallCredentials) -> Caller | None:
+        header = call.invocation_metadata.get("authorization")
+        if header is None:
+            return None
+        token = _bearer(header)
+        cluster_id = call.invocation_metadata.get("clusterid") or self._default_cluster
+        if cluster_id not in self._clusters:
+            raise AuthenticationError(f"unknown ClusterID {cluster_id[:100]!r}")
+        key = hashlib.sha256(f"{cluster_id}\0{token}".encode()).digest()
+        cached = self._cached(key)
+        if cached is not None:
+            self._telemetry.token_review_cache_hits.inc()
+            return cached
+        task = self._pending.get(key)
+        if task is not None:
+            self._telemetry.token_review_cache_hits.inc()
+        else:
+            # A task of its own: a caller that goes away does not cancel the review the others wait for.
+            task = asyncio.get_running_loop().create_task(self._review_and_remember(key, cluster_id, token, call.peer))
+            self._pending[key] = task
+            task.add_done_callback(lambda done: self._forget_pending(key, done))
+        return await asyncio.shield(task)
+
+    def _forget_pending(self, key: bytes, done: asyncio.Task[KubernetesCaller]) -> None:
+        self._pending.pop(key, None)
+        if not done.cancelled():
+            done.exception()  # retrieved: every waiter re-raises it; none left must not warn
+
+    async def _review_and_remember(self, key: bytes, cluster_id: str, token: str, peer: str) -> KubernetesCaller:
+        caller = await self._review(cluster_id, token, peer)
+        self._remember(key, caller, token)
+        return caller
+
+    async def _review(self, cluster_id: str, token: str, peer: str) -> KubernetesCaller:
+        try:
+            status = await asyncio.to_thread(self._clusters[cluster_id].review, token, self._audiences)
+        except Exception as exc:
+            self._telemetry.token_reviews.labels("error").inc()
+            raise AuthenticationError(f"TokenReview in cluster {cluster_id!r} failed: {type(exc).__name__}") from exc
+        try:
+            namespace, service_account, pod = identity_of(status, self._audiences)
+        except AuthenticationError:
+            self._telemetry.token_reviews.labels("rejected").inc()
+            raise
+        self._telemetry.token_reviews.labels("accepted").inc()
+        spiffe_id = SpiffeId.for_service_account(self._trust_domain, namespace, service_account)
+        return KubernetesCaller(spiffe_id, peer, "kubernetes-jwt", namespace, service_account,
+                                cluster_id=cluster_id, pod_name=pod)
+
+    def _cached(self, key: bytes) -> KubernetesCaller | None:
+        entry = self._cache.get(key)
+        if entry is None:
+            return None
+        if self._clock.now() >= entry.until:
+            del self._cache[key]
+            return None
+        return entry.caller
+
+    def _remember(self, key: bytes, caller: KubernetesCaller, token: str) -> None:
+        now = self._clock.now()
+        until = now + self._cache_ttl
+        exp = token_expiry(token)
+        if exp is not None:
+            until = min(until, exp)
+        if until <= now:
+            return
+        if len(self._cache) >= MAX_CACHED_REVIEWS:
+            self._evict(now)
+        self._cache[key] = _Cached(caller, until)
+
+    def _evict(self, now: dt.datetime) -> None:
+        for key in [k for k, v in self._cache.items() if v.until <= now]:
+            del self._cache[key]
+        while len(self._cache) >= MAX_CACHED_REVIEWS:
+            del self._cache[next(iter(self._cache))]  # oldest insertion first
+
+
+def _bearer(header: str) -> str:
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise AuthenticationError("authorization metadata is not 'Bearer <token>'")
+    if len(token) > MAX_TOKEN_BYTES:
+        raise AuthenticationError(f"bearer token of {len(token)} bytes is too large")
+    return token

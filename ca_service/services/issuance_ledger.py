@@ -1,0 +1,93 @@
+"""The issuance ledger: every certificate issued (SDS, CSR, serving) while it is still valid.
+
+After an incident the first question is "which certificates are out there for this identity, and who
+asked for them?": no peer keeps that list.  The ledger is in memory and bounded: expired certificates
+drop out, and beyond ``capacity`` the oldest entries go first (counted in :attr:`dropped`, so a listing
+can say it is incomplete).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import heapq
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ca_service.pki.identity import SpiffeId
+
+
+@dataclass(frozen=True)
+class IssuanceRecord:
+    serial: str  # hex, as openssl prints it
+    spiffe_id: str
+    caller: str  # the authenticated caller (its SPIFFE ID, node id, or "ca-service")
+    method: str  # how it authenticated: kubernetes-jwt, peer-certificate, node-metadata, internal
+    path: str  # sds, istio-ca, serving, cli
+    not_after: dt.datetime
+    issuer: str  # key id of the signing intermediate
+    issued_at: dt.datetime
+
+    @property
+    def namespace(self) -> str | None:
+        k8s = SpiffeId.parse(self.spiffe_id).kubernetes
+        return k8s[0] if k8s else None
+
+    @property
+    def service_account(self) -> str | None:
+        k8s = SpiffeId.parse(self.spiffe_id).kubernetes
+        return k8s[1] if k8s else None
+
+    def to_json(self) -> dict[str, str]:
+        return {"serial": self.serial, "spiffe_id": self.spiffe_id, "caller": self.caller, "method": self.method,
+                "path": self.path, "not_after": self.not_after.isoformat(), "issuer": self.issuer,
+                "issued_at": self.issued_at.isoformat()}
+
+
+class IssuanceLedger:
+    """Live certificates by serial, in issue order."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.capacity = capacity
+        self.dropped = 0  # live entries pushed out by capacity since start
+        self._records: OrderedDict[str, IssuanceRecord] = OrderedDict()
+        self._expiry: list[tuple[dt.datetime, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def record(self, entry: IssuanceRecord) -> None:
+        self._prune(entry.issued_at)
+        self._records[entry.serial] = entry
+        heapq.heappush(self._expiry, (entry.not_after, entry.serial))
+        while len(self._records) > self.capacity:
+            self._records.popitem(last=False)
+            self.dropped += 1
+
+    def live(self, now: dt.datetime, *, namespace: str | None = None, service_account: str | None = None,
+             spiffe_id: str | None = None, issuer: str | None = None) -> Iterator[IssuanceRecord]:
+        """Records valid at ``now`` matching every given filter, oldest issue first."""
+        self._prune(now)
+        for entry in list(self._records.values()):
+            if spiffe_id is not None and entry.spiffe_id != spiffe_id:
+                continue
+            if issuer is not None and entry.issuer != issuer:
+                continue
+            if namespace is not None and entry.namespace != namespace:
+                continue
+            if service_account is not None and entry.service_account != service_account:
+                continue
+            yield entry
+
+    def _prune(self, now: dt.datetime) -> None:
+        while self._expiry and self._expiry[0][0] <= now:
+            not_after, serial = heapq.heappop(self._expiry)
+            current = self._records.get(serial)
+            if current is not None and current.not_after == not_after:
+                del self._records[serial]
+        # Entries pushed out by capacity leave stale heap items; rebuild when they dominate.
+        if len(self._expiry) > 2 * self.capacity:
+            self._expiry = [(e.not_after, s) for s, e in self._records.items()]
+            heapq.heapify(self._expiry)

@@ -1,0 +1,56 @@
+"""The issuance ledger through the admin API and `ca-service admin certificates`, on an in-process daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+from envoy.service.secret.v3 import sds_pb2_grpc
+
+from ca_service.app import build_app
+from ca_service.config import load_settings
+from tests.rpc.sds_fixtures import node, request
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ca_service", "--data-dir", str(data_dir), "admin", "certificates",
+                           *args], capture_output=True, text=True, timeout=30, cwd=ROOT)
+
+
+async def test_certificates_issued_over_sds_are_listed_and_filtered_by_the_cli(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    settings = load_settings(environ={}, overrides={
+        "data_dir": str(data_dir), "ca": {"signing_workers": 0}, "http": {"address": "127.0.0.1:0"},
+        "grpc": [{"address": "127.0.0.1:0", "trust_node_metadata": True}],
+        "bundle_endpoint": {"address": "127.0.0.1:0"}})
+    app = build_app(settings)
+    await app.start()
+    try:
+        assert app.sds is not None
+        async with grpc.aio.insecure_channel(app.sds.bound_addresses[0]) as channel:
+            stub = sds_pb2_grpc.SecretDiscoveryServiceStub(channel)
+            for sa in ("frontend", "backend"):
+                await stub.FetchSecrets(request(["default"], n=node(sa, "shop")), timeout=10)
+        everything = await asyncio.to_thread(_cli, data_dir, "--namespace", "shop", "--json")
+        assert everything.returncode == 0, everything.stderr
+        doc = json.loads(everything.stdout)
+        assert sorted(c["spiffe_id"] for c in doc["certificates"]) == [
+            "spiffe://cluster.local/ns/shop/sa/backend", "spiffe://cluster.local/ns/shop/sa/frontend"]
+        assert {c["path"] for c in doc["certificates"]} == {"sds"}
+        one = json.loads((await asyncio.to_thread(_cli, data_dir, "--service-account", "backend", "--json")).stdout)
+        assert [c["spiffe_id"] for c in one["certificates"]] == ["spiffe://cluster.local/ns/shop/sa/backend"]
+        issuer = one["certificates"][0]["issuer"]
+        none = json.loads((await asyncio.to_thread(_cli, data_dir, "--namespace", "other", "--json")).stdout)
+        assert none["matched"] == 0
+        by_issuer = json.loads((await asyncio.to_thread(_cli, data_dir, "--issuer", issuer, "--json")).stdout)
+        assert by_issuer["matched"] == 2
+        text = await asyncio.to_thread(_cli, data_dir, "--namespace", "shop")
+        assert "2 live certificate(s) matched" in text.stdout
+    finally:
+        await app.stop()
