@@ -114,6 +114,25 @@ def rotate(settings: Settings, *, scope: str, reason: str, spiffe_id: str | None
     return call(settings, "POST", "/admin/v1/rotate", body, url=url)
 
 
+def compromise(settings: Settings, *, action: str, key_id: str, reason: str, dry_run: bool = False,
+               force: bool = False, url: str | None = None) -> dict[str, Any]:
+    """``taint`` or ``revoke`` a CA (see the README's compromise runbook)."""
+    body: dict[str, Any] = {"key_id": key_id, "reason": reason, "dry_run": dry_run}
+    if action == "revoke":
+        body["force"] = force
+    return call(settings, "POST", f"/admin/v1/{action}", body, url=url)
+
+
+def render_compromise(doc: dict[str, Any]) -> str:
+    head = f"would {doc['action']}" if doc["dry_run"] else f"{doc['action']}ed".replace("revokeed", "revoked")
+    lines = [f"{head} {doc['kind']} {doc['serial']} (key id {doc['key_id']})", doc["detail"]]
+    if doc.get("svids"):
+        what = "re-issued now" if doc["action"] == "taint" else "still depending on it"
+        lines.append(f"{len(doc['svids'])} live SVID(s) {what}")
+    lines += [f"  breaks: {b}" for b in doc.get("breaks", [])]
+    return "\n".join(lines)
+
+
 def render_status(doc: dict[str, Any]) -> str:
     lines = [f"trust domain  {doc['trust_domain']} ({doc['mode']}), state revision {doc['revision']}"]
     if doc.get("root_rotation"):

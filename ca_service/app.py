@@ -28,9 +28,10 @@ from ca_service.rotation.state import AuthorityState
 from ca_service.rpc.istio_ca_wiring import IstioCA, build_istio_ca
 from ca_service.rpc.sds_listeners import SdsComponent
 from ca_service.services.authority import Authority
+from ca_service.services.compromise import CompromiseService
 from ca_service.services.ports import AckTracker
 from ca_service.services.reconciler import Reconciler
-from ca_service.services.rotator import RotationService
+from ca_service.services.rotator import RotationService, RotatorPorts
 from ca_service.services.state_changes import StateChange, StateReactions
 from ca_service.services.trust import TrustStore
 from ca_service.services.workloads import WorkloadRegistry
@@ -212,8 +213,10 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
                                 acks=acks or sds.hub, clock=app.clock, signer=pool.pool if pool else None,
                                 leader=cluster.is_leader if cluster is not None else None)
     app.rotator = RotationService.of(app.reconciler)
+    # Taint and revoke use the same ports as forced rotations: one lock, one commit path.
+    compromise = CompromiseService(RotatorPorts.of(app.reconciler))
     sideport = HttpSideport(settings, app.authority, app.telemetry, app.clock, registry=app.registry,
-                            trust=app.trust, rotator=app.rotator, ledger=istio.ledger,
+                            trust=app.trust, rotator=app.rotator, ledger=istio.ledger, compromise=compromise,
                             readiness_checks={"grpc_serving": lambda: len(sds.bound_addresses) == len(settings.grpc)})
     app.shutdown_hooks.append(sideport.begin_shutdown)
     # Start order: side-port first (it stops last, so /readyz says 503 while the others drain), then

@@ -88,6 +88,15 @@ def _admin_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     certs = admin_sub.add_parser("certificates", parents=[common], help="live certificates the daemon issued")
     for flag in ("--namespace", "--service-account", "--spiffe-id", "--issuer"):
         certs.add_argument(flag, help=f"only those with this {flag[2:].replace('-', ' ')}")
+    for action, what in (("taint", "a CA whose key may have leaked: it never signs again, its SVIDs are re-issued"),
+                         ("revoke", "a tainted, retired CA: it leaves every bundle")):
+        cmd = admin_sub.add_parser(action, parents=[common], help=what)
+        cmd.add_argument("--key-id", required=True, help="the CA's subject key id or serial (hex; see admin status)")
+        cmd.add_argument("--reason", required=True, help="why (written to the audit log)")
+        cmd.add_argument("--dry-run", action="store_true", help="report what would happen; change nothing")
+        if action == "revoke":
+            cmd.add_argument("--force", action="store_true",
+                             help="revoke although live certificates still chain to it (they stop verifying)")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -185,6 +194,10 @@ def _cmd_admin(args: argparse.Namespace, settings: Settings) -> int:
                    "spiffe_id": args.spiffe_id, "issuer": args.issuer}
         doc = admin_client.certificates(settings, filters=filters, url=args.url)
         _emit(args, doc, admin_client.render_certificates(doc))
+    elif args.admin_command in ("taint", "revoke"):
+        doc = admin_client.compromise(settings, action=args.admin_command, key_id=args.key_id, reason=args.reason,
+                                      dry_run=args.dry_run, force=getattr(args, "force", False), url=args.url)
+        _emit(args, doc, admin_client.render_compromise(doc))
     else:
         doc = admin_client.rotate(settings, scope=args.scope, reason=args.reason, spiffe_id=args.spiffe_id,
                                   namespace=args.namespace, dry_run=args.dry_run, url=args.url)

@@ -335,10 +335,14 @@ def validate(s: Settings) -> list[str]:
     if not 0 <= r.jitter_fraction < min(r.renew_fraction, 1 - r.renew_fraction):
         problems.add("rotation.jitter_fraction", f"{r.jitter_fraction} must be >= 0 and leave the renewal "
                      "point inside the lifetime")
-    # A zero reissue window or propagation wait would reissue/rotate with no time for anyone to see it.
-    for name in ("tick_interval", "misfire_grace", "root_ack_timeout", "reissue_window", "root_min_propagation"):
+    for name in ("tick_interval", "misfire_grace", "root_ack_timeout"):
         if getattr(r, name) <= dt.timedelta(0):
             problems.add(f"rotation.{name}", "must be positive")
+    # Zero has a meaning for these two (re-issue everything at once; no minimum wait, the SDS ACK gate
+    # alone orders a root switch: for meshes without bundle files or peers).  Negative is a typo.
+    for name in ("reissue_window", "root_min_propagation"):
+        if getattr(r, name) < dt.timedelta(0):
+            problems.add(f"rotation.{name}", "must not be negative (0 means: at once / the ACK gate alone)")
     if r.root_ack_timeout < r.root_min_propagation:
         problems.add("rotation.root_ack_timeout", "must be at least rotation.root_min_propagation")
     addresses: dict[str, str] = {}

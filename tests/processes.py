@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -53,3 +55,19 @@ def is_spawned_worker(pid: int) -> bool:
         return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
+
+
+def read_until(proc: subprocess.Popen[bytes], marker: bytes, timeout: float = 30) -> bytes:
+    """Read a daemon's combined output until ``marker`` appears; fails with the output so far on a timeout
+    or an early exit (a test then says why the daemon did not come up)."""
+    assert proc.stdout is not None
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while marker not in seen:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no {marker.decode()!r} within {timeout}s: {seen.decode(errors='replace')}"
+        ready, _, _ = select.select([proc.stdout], [], [], remaining)
+        chunk = os.read(proc.stdout.fileno(), 65536) if ready else b""
+        assert chunk or proc.poll() is None, f"exited early ({proc.returncode}): {seen.decode(errors='replace')}"
+        seen += chunk
+    return seen

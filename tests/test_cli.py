@@ -6,12 +6,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import select
 import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import profiles as p
@@ -26,6 +24,7 @@ from ca_service.pki.cacerts import CACERTS_FILES, check_cacerts
 from ca_service.pki.certs import load_certs
 from ca_service.pki.identity import TrustDomain
 from ca_service.pki.keys import load_private_key, private_key_to_pem
+from tests.processes import read_until
 
 REPO = Path(__file__).resolve().parents[1]
 ID = "spiffe://cluster.local/ns/default/sa/web"
@@ -234,17 +233,8 @@ def test_serve_starts_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     args = [sys.executable, "-m", "ca_service", "--data-dir", str(tmp_path / "data"), "serve",
             "--grpc-address", "127.0.0.1:0", "--http-address", "127.0.0.1:0", "--bundle-address", "127.0.0.1:0"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
-    assert proc.stdout is not None
-    seen = b""
-    deadline = time.monotonic() + 30
     try:
-        while b"ca-service ready" not in seen:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"no 'ca-service ready' within 30s: {seen.decode()}"
-            ready, _, _ = select.select([proc.stdout], [], [], remaining)
-            chunk = os.read(proc.stdout.fileno(), 65536) if ready else b""
-            assert chunk or proc.poll() is None, f"serve exited early ({proc.returncode}): {seen.decode()}"
-            seen += chunk
+        seen = read_until(proc, b"ca-service ready")
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=30)
     finally:

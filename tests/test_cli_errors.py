@@ -73,9 +73,9 @@ CONFIG_CASES = {
                                       "http.admin.token_file"),
     "audit_log is a directory": Case(lambda tmp: _yaml(tmp / "c.yaml", f"http:\n  admin:\n    audit_log: {tmp}\n"),
                                      "http.admin.audit_log"),
-    "a zero reissue_window": Case("rotation:\n  reissue_window: 0s\n", "rotation.reissue_window"),
     "a negative reissue_window": Case("rotation:\n  reissue_window: -5\n", "rotation.reissue_window"),
-    "a zero root_min_propagation": Case("rotation:\n  root_min_propagation: 0\n", "rotation.root_min_propagation"),
+    "a negative root_min_propagation": Case("rotation:\n  root_min_propagation: -1s\n",
+                                           "rotation.root_min_propagation"),
     "a zero refresh_hint": Case("bundle_endpoint:\n  refresh_hint: 0s\n", "bundle_endpoint.refresh_hint"),
     "a negative peer refresh_hint": Case(
         "federation:\n  peers:\n    - trust_domain: eu.example\n      profile: static\n"

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 
+from tests.processes import read_until
 from tests.rpc.sds_fixtures import node
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,17 +68,8 @@ def locked_down_daemon(tmp_path: Path) -> Iterator[str]:
     args = [sys.executable, "-m", "ca_service", "--data-dir", str(tmp_path / "data"), "serve", "--config", str(config),
             "--grpc-address", "127.0.0.1:0", "--http-address", "127.0.0.1:0", "--bundle-address", "127.0.0.1:0"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
-    assert proc.stdout is not None
-    seen = b""
-    deadline = time.monotonic() + 30
     try:
-        while b"ca-service ready" not in seen:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"no 'ca-service ready' within 30s: {seen.decode()}"
-            ready, _, _ = select.select([proc.stdout], [], [], remaining)
-            chunk = os.read(proc.stdout.fileno(), 65536) if ready else b""
-            assert chunk or proc.poll() is None, f"serve exited early ({proc.returncode}): {seen.decode()}"
-            seen += chunk
+        seen = read_until(proc, b"ca-service ready")
         bound = re.search(rb"SDS listening address=(\S+) tls=(\S+) trust_node_metadata=(\S+)", seen)
         assert bound is not None, seen.decode()
         assert bound[3] == b"False", "the flag turned on trust in node metadata"

@@ -43,8 +43,9 @@ CASES = [
      ConflictError("lost"), grpc.StatusCode.ABORTED, 409),
     ("if the CA is not ready, should answer UNAVAILABLE / 503",
      NotReadyError("no signer"), grpc.StatusCode.UNAVAILABLE, 503),
-    ("if storage fails, should answer INTERNAL / 500",
-     StorageError("disk"), grpc.StatusCode.INTERNAL, 500),
+    # Nothing was changed and a retry after the fault (read-only or full disk, API server down) succeeds.
+    ("if storage fails, should answer UNAVAILABLE / 503",
+     StorageError("disk"), grpc.StatusCode.UNAVAILABLE, 503),
     ("if the configuration is invalid, should answer INTERNAL / 500",
      ConfigError(["x: bad"]), grpc.StatusCode.INTERNAL, 500),
     ("if anything else of ours fails, should answer INTERNAL / 500",

@@ -141,6 +141,35 @@ def _taint_root(state: AuthorityState, entry: CAEntry, now: dt.datetime, policy:
     return state.replace(entries=(*state.entries, new_root), root_rotation=started)
 
 
+def plan_taint(state: AuthorityState, key_id: str) -> str:
+    """What :func:`taint` would do, without minting anything (the dry run).
+
+    Raises:
+        InvalidRequestError, NotReadyError: exactly as :func:`taint` would.
+    """
+    entry = find_entry(state, key_id)
+    if is_tainted(state, entry):
+        raise InvalidRequestError(f"{entry.kind} {entry.serial} is already tainted")
+    what = f"{entry.kind} {entry.serial} ({entry.state}) would never sign again"
+    if entry.state is SlotState.PREPARED:
+        return what + "; it never signed, so it would be dropped at once"
+    if entry.state is SlotState.OLD:
+        return what + "; it already stopped signing (revoke removes it)"
+    if entry.kind is CAKind.ROOT:
+        if not state.holds_root_key:
+            raise NotReadyError("an emergency root rotation needs the root key, which is held offline")
+        return what + ("; an emergency root rotation would start now (new root published, signing after the ACK "
+                       "gate, every live SVID re-issued under it)")
+    if not [e for e in state.of_kind(entry.kind, SlotState.PREPARED) if not is_tainted(state, e)]:
+        _signing_root(state)  # raises what a replacement mint would
+    return what + "; a fresh intermediate would sign from now on and every live SVID under it would be re-issued"
+
+
+def subtree_key_ids(state: AuthorityState, entry: CAEntry) -> frozenset[str]:
+    """Key ids of ``entry`` and every CA under it: an SVID whose issuer is among them depends on ``entry``."""
+    return frozenset({entry.key_id, *(e.key_id for e in descendants(state, entry))})
+
+
 def revocation_blockers(state: AuthorityState, entry: CAEntry) -> list[str]:
     """Why ``entry`` cannot be revoked now (empty: it can), independent of live SVIDs."""
     if not is_tainted(state, entry):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -126,6 +126,15 @@ async def authenticate(authenticator: Authenticator, call: CallCredentials) -> C
     if caller is None:
         raise AuthenticationError(f"no credential this listener accepts (peer {call.peer}, node {call.node_id!r})")
     return caller
+
+
+def verified_peer_certificate(auth_context: Mapping[str, Iterable[bytes]], *, verified: bool) -> bytes | None:
+    """The client certificate (PEM) of a gRPC call, from ``context.auth_context()``; None unless the
+    listener requires and verifies client certificates (only then may the certificate be believed)."""
+    if not verified:
+        return None
+    values = list(auth_context.get("x509_pem_cert") or [])
+    return bytes(values[0]) if values else None
 
 
 def check_policy(policy: ListenerPolicy, caller: Caller) -> None:

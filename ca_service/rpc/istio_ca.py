@@ -35,6 +35,7 @@ from ca_service.rpc.authn import (
     Caller,
     PeerCertificateAuthenticator,
     check_policy,
+    verified_peer_certificate,
 )
 from ca_service.rpc.generated.istio.v1.auth import ca_pb2, ca_pb2_grpc
 from ca_service.rpc.impersonation import ImpersonationPolicy
@@ -119,10 +120,7 @@ class IstioCAServicer(ca_pb2_grpc.IstioCertificateServiceServicer):  # type: ign
         return caller
 
     def _peer_certificate(self, context: Context) -> bytes | None:
-        if not self._peer_certificate_verified:
-            return None
-        values = list(context.auth_context().get("x509_pem_cert") or [])
-        return bytes(values[0]) if values else None
+        return verified_peer_certificate(context.auth_context(), verified=self._peer_certificate_verified)
 
     def _record(self, svid: IssuedSvid, caller: Caller, now: Any) -> None:
         self._ledger.record(IssuanceRecord(

@@ -25,7 +25,14 @@ from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 from ca_service.config import ListenerPolicy
 from ca_service.errors import CAServiceError, InvalidRequestError, NotFoundError
 from ca_service.rpc.admission import RequestLimitError, StreamAdmission, check_request
-from ca_service.rpc.authn import Authenticator, CallCredentials, Caller, authenticate, check_policy
+from ca_service.rpc.authn import (
+    Authenticator,
+    CallCredentials,
+    Caller,
+    authenticate,
+    check_policy,
+    verified_peer_certificate,
+)
 from ca_service.rpc.sds_hub import Changed, Shutdown, StreamWatch, WatchHub
 from ca_service.rpc.sds_resources import SECRET_TYPE_URL, SecretCatalog
 from ca_service.rpc.sds_sessions import DeltaSession, SessionStep, SotwSession
@@ -224,10 +231,7 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[
         return caller
 
     def _peer_certificate(self, context: Context) -> bytes | None:
-        if not self._peer_certificate_verified:
-            return None
-        values = list(context.auth_context().get("x509_pem_cert") or [])
-        return bytes(values[0]) if values else None
+        return verified_peer_certificate(context.auth_context(), verified=self._peer_certificate_verified)
 
     def _denied(self, exc: BaseException) -> None:
         self._telemetry.sds_denied.labels(status_for(exc)[0].name.lower()).inc()

@@ -74,6 +74,12 @@ class RotatorPorts:
     policy: RotationPolicy
     rotations: Counter  # ca_rotations_total{kind, reason}
 
+    @classmethod
+    def of(cls, reconciler: Reconciler) -> RotatorPorts:
+        """The ports of the daemon's rotation engine: the reconciler for CA changes, its registry for workloads."""
+        return cls(reconciler, reconciler.registry, reconciler.clock, reconciler.policy.reissue_window,
+                   reconciler.policy, reconciler.telemetry.rotations)
+
 
 def _serial(cert: WorkloadCert) -> str:
     return format(cert.svid.leaf.serial_number, "x")
@@ -87,9 +93,7 @@ class RotationService:
 
     @classmethod
     def of(cls, reconciler: Reconciler) -> RotationService:
-        """The ports of the daemon's rotation engine: the reconciler for CA changes, its registry for workloads."""
-        return cls(RotatorPorts(reconciler, reconciler.registry, reconciler.clock, reconciler.policy.reissue_window,
-                                reconciler.policy, reconciler.telemetry.rotations))
+        return cls(RotatorPorts.of(reconciler))
 
     async def rotate(self, request: RotationRequest) -> RotationResult:
         log.info("forced rotation requested", extra={"scope": str(request.scope), "reason": request.reason,

@@ -18,6 +18,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from ca_service.errors import CAServiceError, NotReadyError, error_status
 from ca_service.services.authority import Authority
+from ca_service.services.compromise import Compromiser
 from ca_service.services.issuance_ledger import IssuanceLedger
 from ca_service.services.ports import RotationResult, Rotator
 from ca_service.services.trust import TrustStore
@@ -27,7 +28,13 @@ from ca_service.web.audit import AuditLog, AuditRecord
 from ca_service.web.auth import AdminAuth, Caller
 from ca_service.web.certificates import certificates_report
 from ca_service.web.metrics import StateMetrics
-from ca_service.web.requests import BadFieldError, BodyTooLargeError, parse_rotate_body, read_bounded
+from ca_service.web.requests import (
+    BadFieldError,
+    BodyTooLargeError,
+    parse_compromise_body,
+    parse_rotate_body,
+    read_bounded,
+)
 from ca_service.web.status import status_report
 
 log = logging.getLogger(__name__)
@@ -51,9 +58,11 @@ def result_to_json(result: RotationResult) -> dict[str, Any]:
 class AdminApi:
     def __init__(self, authority: Authority, telemetry: Telemetry, auth: AdminAuth, audit: AuditLog,
                  metrics: StateMetrics, *, rotator: Rotator | None = None, trust: TrustStore | None = None,
-                 registry: WorkloadRegistry | None = None, ledger: IssuanceLedger | None = None) -> None:
+                 registry: WorkloadRegistry | None = None, ledger: IssuanceLedger | None = None,
+                 compromise: Compromiser | None = None) -> None:
         self._authority = authority
         self._ledger = ledger
+        self._compromise_service = compromise
         self._telemetry = telemetry
         self._auth = auth
         self._audit = audit
@@ -65,7 +74,9 @@ class AdminApi:
     def routes(self) -> list[web.RouteDef]:
         return [web.get("/admin/v1/status", self._wrap("status", self._status)),
                 web.post("/admin/v1/rotate", self._wrap("rotate", self._rotate)),
-                web.get("/admin/v1/certificates", self._wrap("certificates", self._certificates))]
+                web.get("/admin/v1/certificates", self._wrap("certificates", self._certificates)),
+                web.post("/admin/v1/taint", self._wrap("taint", self._compromise("taint"))),
+                web.post("/admin/v1/revoke", self._wrap("revoke", self._compromise("revoke")))]
 
     def _wrap(self, action: str, handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def endpoint(request: web.Request) -> web.Response:
@@ -126,6 +137,21 @@ class AdminApi:
                                      affected_serials=result.affected_serials, new_serials=result.new_serials,
                                      detail=result.detail)
         return result_to_json(result), record
+
+    def _compromise(self, action: str) -> Handler:
+        async def handler(request: web.Request, caller: Caller, record: AuditRecord
+                          ) -> tuple[dict[str, Any], AuditRecord]:
+            asked = parse_compromise_body(await read_bounded(request), action, caller=caller.name)
+            record = dataclasses.replace(record, reason=asked.reason, extra={
+                "key_id": asked.key_id, "dry_run": asked.dry_run, "force": asked.force})
+            if self._compromise_service is None:
+                raise NotReadyError("the rotation engine is not running in this daemon")
+            result = await self._compromise_service.handle(asked)
+            record = dataclasses.replace(record, result="dry-run" if result.dry_run else "ok",
+                                         affected_serials=(result.serial, *result.svids), detail=result.detail)
+            return dataclasses.asdict(result), record
+
+        return handler
 
 
 class ParserErrorAudit:

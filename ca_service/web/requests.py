@@ -10,6 +10,7 @@ from aiohttp import web
 
 from ca_service.errors import InvalidRequestError, RequestTooLargeError
 from ca_service.pki.identity import SpiffeId, TrustDomain
+from ca_service.services.compromise import CompromiseRequest
 from ca_service.services.ports import RotationRequest, RotationScope
 
 ROTATE_FIELDS = ("scope", "reason", "spiffe_id", "namespace", "dry_run")
@@ -121,3 +122,44 @@ def parse_rotate_body(body: bytes, trust_domain: TrustDomain, *, caller: str) ->
         raise BadFieldError("namespace", f"{namespace!r} is not a Kubernetes namespace name")
     return RotationRequest(scope=scope, reason=reason.strip(), spiffe_id=spiffe_id, namespace=namespace,
                            dry_run=dry_run, caller=caller)
+
+
+COMPROMISE_FIELDS = {"taint": ("key_id", "reason", "dry_run"), "revoke": ("key_id", "reason", "dry_run", "force")}
+# A subject key id is 20 octets (40 hex digits) here, a serial at most 20 octets; colons allowed as printed by openssl.
+_KEY_ID = re.compile(r"^[0-9a-fA-F:]{1,64}$")
+
+
+def parse_compromise_body(body: bytes, action: str, *, caller: str) -> CompromiseRequest:
+    """A ``POST /admin/v1/taint`` or ``/admin/v1/revoke`` body.
+
+    Raises:
+        BadFieldError: for a body that is not a JSON object, an unknown field, a missing or malformed
+            ``key_id`` (hex subject key id or serial), a missing, empty or too long ``reason``, or a
+            non-boolean ``dry_run`` / ``force``.
+    """
+    try:
+        doc = json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise BadFieldError("body", "is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise BadFieldError("body", "must be a JSON object")
+    allowed = COMPROMISE_FIELDS[action]
+    unknown = sorted(set(doc) - set(allowed))
+    if unknown:
+        raise BadFieldError(unknown[0], f"unknown field (allowed: {', '.join(allowed)})")
+    key_id = _optional_str(doc, "key_id")
+    if key_id is None or not _KEY_ID.match(key_id):
+        raise BadFieldError("key_id", "is required: the CA's subject key id or serial, in hex (see admin status)")
+    reason = _optional_str(doc, "reason")
+    if reason is None or not reason.strip():
+        raise BadFieldError("reason", "is required (say why, for the audit log)")
+    if len(reason) > MAX_REASON:
+        raise BadFieldError("reason", f"is longer than {MAX_REASON} characters")
+    flags = {}
+    for name in ("dry_run", "force"):
+        value = doc.get(name, False)
+        if not isinstance(value, bool):
+            raise BadFieldError(name, "must be true or false")
+        flags[name] = value
+    return CompromiseRequest(action, key_id, reason.strip(), dry_run=flags["dry_run"], force=flags["force"],
+                             caller=caller)

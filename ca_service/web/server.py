@@ -16,6 +16,7 @@ from aiohttp import web
 from ca_service.clock import Clock
 from ca_service.config import Settings
 from ca_service.services.authority import Authority
+from ca_service.services.compromise import Compromiser
 from ca_service.services.issuance_ledger import IssuanceLedger
 from ca_service.services.ports import Rotator
 from ca_service.services.state_changes import StateChange
@@ -82,9 +83,10 @@ class HttpSideport:
     def __init__(self, settings: Settings, authority: Authority, telemetry: Telemetry, clock: Clock, *,
                  registry: WorkloadRegistry | None = None, trust: TrustStore | None = None,
                  rotator: Rotator | None = None, readiness_checks: Mapping[str, ReadinessCheck] | None = None,
-                 ledger: IssuanceLedger | None = None) -> None:
+                 ledger: IssuanceLedger | None = None, compromise: Compromiser | None = None) -> None:
         self._ledger = ledger
         self._settings = settings
+        self._compromise = compromise
         self._authority = authority
         self.readiness = Readiness(authority, readiness_checks)
         self.metrics = StateMetrics(telemetry, authority, registry=registry, trust=trust, clock=clock,
@@ -114,7 +116,8 @@ class HttpSideport:
                                    generate=self._settings.http.admin.token_file is None)
         auth = AdminAuth(token, self._settings.http.admin.allowed_spiffe_ids)
         admin = AdminApi(self._authority, self._telemetry, auth, self.audit, self.metrics, rotator=self._rotator,
-                         trust=self._trust, registry=self._registry, ledger=self._ledger)
+                         trust=self._trust, registry=self._registry, ledger=self._ledger,
+                         compromise=self._compromise)
         app = build_web_app(self.metrics, self.readiness, self.audit, admin)
         # access_log=None: the access log would print every scrape; admin calls have the audit log.
         limits = self._settings.http.connections

@@ -8,6 +8,8 @@ from typing import Any
 from prometheus_client.metrics import MetricWrapperBase
 
 from ca_service.pki.templates import CAKind
+from ca_service.rotation import compromise
+from ca_service.rotation.state import AuthorityState
 from ca_service.services.authority import Authority
 from ca_service.services.reports import certificate_report, entry_report
 from ca_service.services.trust import TrustStore
@@ -26,6 +28,19 @@ def _samples(metric: MetricWrapperBase, label: str) -> dict[str, float]:
         for sample in family.samples:
             if label in sample.labels and not sample.name.endswith("_created"):
                 out[sample.labels[label]] = sample.value
+    return out
+
+
+def _tainted(state: AuthorityState, registry: WorkloadRegistry | None) -> list[dict[str, Any]]:
+    """Tainted CAs still in the state, and how many live SVIDs still chain to each (the runbook's progress)."""
+    out = []
+    for key_id, mark in compromise.tainted(state).items():
+        entry = compromise.find_entry(state, key_id)
+        under = compromise.subtree_key_ids(state, entry)
+        since, _, reason = mark.partition(" ")
+        live = sum(1 for c in registry if c.svid.issuer_key_id in under) if registry is not None else 0
+        out.append({"key_id": key_id, "kind": str(entry.kind), "serial": entry.serial, "state": str(entry.state),
+                    "since": since, "reason": reason, "live_svids": live})
     return out
 
 
@@ -54,6 +69,7 @@ def status_report(authority: Authority, telemetry: Telemetry, *, trust: TrustSto
         "sds": {"streams": {api: int(v) for api, v in _samples(telemetry.sds_streams, "api").items()},
                 "live_svids": len(registry) if registry is not None else 0,
                 "identities": len({c.spiffe_id for c in registry}) if registry is not None else 0},
+        "tainted": _tainted(state, registry),
         "bundles": {td.name: {"sequence": b.sequence, "roots": [certificate_report(c, now) for c in b.roots]}
                     for td, b in bundles.items()},
     }

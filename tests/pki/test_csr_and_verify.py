@@ -153,3 +153,27 @@ def test_chain_verification_failures(case: str, ec_hierarchy: Hierarchy) -> None
 def test_a_ca_chain_verifies_through_the_root(ec_hierarchy: Hierarchy) -> None:
     verify_ca_chain(ec_hierarchy.istiod, [], [ec_hierarchy.root], now=NOW)
     verify_ca_chain(ec_hierarchy.root, [], [ec_hierarchy.root], now=NOW)
+
+
+def _rsa_csr(*, pss: bool, tamper: bool) -> x509.CertificateSigningRequest:
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).add_extension(
+        x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(WORKLOAD))]), critical=False)
+    rsa_padding = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32) if pss else padding.PKCS1v15()
+    signed = builder.sign(key, hashes.SHA256(), rsa_padding=rsa_padding)
+    der = bytearray(signed.public_bytes(serialization.Encoding.DER))
+    if tamper:
+        der[-5] ^= 0xFF
+    return x509.load_der_x509_csr(bytes(der))
+
+
+@pytest.mark.parametrize("pss", [False, True], ids=["pkcs1v15", "pss"])
+def test_an_rsa_csr_signature_is_verified_with_its_padding_and_a_tampered_one_refused(pss: bool) -> None:
+    # The signature is checked with the key check_csr already loaded (not is_signature_valid): both RSA
+    # paddings must still verify, and a flipped signature byte must still be caught.
+    good = _rsa_csr(pss=pss, tamper=False)
+    assert same_public_key(check_csr(good, WORKLOAD), good.public_key())
+    with pytest.raises(InvalidRequestError, match="signature"):
+        check_csr(_rsa_csr(pss=pss, tamper=True), WORKLOAD)

@@ -90,7 +90,10 @@ def _wait(predicate: Callable[[AuthorityState], bool], data_dir: Path, timeout: 
 @pytest.mark.parametrize("kill_in", ["published", "retiring"])
 def test_a_daemon_sigkilled_mid_root_rotation_finishes_it_after_restart(tmp_path: Path, kill_in: str) -> None:
     config = tmp_path / "config.yaml"
-    config.write_text(json.dumps({**FAST, "data_dir": str(tmp_path / "data")}))  # JSON is YAML
+    # Port 0 everywhere: the default ports may be held by another daemon on this machine.
+    ports = {"grpc": [{"address": "127.0.0.1:0", "trust_node_metadata": True}], "http": {"address": "127.0.0.1:0"},
+             "bundle_endpoint": {"address": "127.0.0.1:0"}}
+    config.write_text(json.dumps({**FAST, **ports, "data_dir": str(tmp_path / "data")}))  # JSON is YAML
     driver = [sys.executable, str(Path(__file__).with_name("daemon_driver.py")), str(config)]
     env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
     data = tmp_path / "data"
