@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import common, cores, issuance, istio_ca, renewal, sds_fanout, startup
+from bench import common, cores, issuance, istio_ca, renewal, replicas, sds_fanout, startup
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BENCHES: dict[str, Callable[[bool], common.Result]] = {
@@ -27,6 +27,7 @@ BENCHES: dict[str, Callable[[bool], common.Result]] = {
     "renewal": renewal.run,
     "startup": startup.run,
     "sds_fanout": sds_fanout.run,
+    "replicas": replicas.run,
     "istio_ca": istio_ca.run,
 }
 

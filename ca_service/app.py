@@ -16,13 +16,15 @@ from ca_service.adapters.cacerts_publisher import CacertsPublisher
 from ca_service.adapters.scheduler import RotationScheduler
 from ca_service.adapters.signing_pool import SigningPool, SigningPoolComponent
 from ca_service.clock import Clock, SystemClock
-from ca_service.config import Settings, StorageBackend
+from ca_service.config import Settings, StorageBackend, replica_id
+from ca_service.errors import ConflictError
 from ca_service.federation.endpoint import BundleEndpoint
 from ca_service.federation.files import BundleFilePublisher
 from ca_service.federation.lastgood import LastGoodStore
 from ca_service.federation.peers import Federation
 from ca_service.process_limits import install_accept_error_handler, raise_open_file_limit
 from ca_service.rotation.planner import RotationPolicy
+from ca_service.rotation.state import AuthorityState
 from ca_service.rpc.istio_ca_wiring import IstioCA, build_istio_ca
 from ca_service.rpc.sds_listeners import SdsComponent
 from ca_service.services.authority import Authority
@@ -30,7 +32,7 @@ from ca_service.services.compromise import CompromiseService
 from ca_service.services.ports import AckTracker
 from ca_service.services.reconciler import Reconciler
 from ca_service.services.rotator import RotationService, RotatorPorts
-from ca_service.services.state_changes import StateReactions
+from ca_service.services.state_changes import StateChange, StateReactions
 from ca_service.services.trust import TrustStore
 from ca_service.services.workloads import WorkloadRegistry
 from ca_service.storage.base import AuthorityStore
@@ -49,6 +51,10 @@ class Component(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+class IstioObjectsReaction(Protocol):
+    def on_state_change(self, change: StateChange) -> None: ...
 
 
 def build_store(settings: Settings) -> AuthorityStore:
@@ -70,12 +76,14 @@ def build_authority(settings: Settings, clock: Clock | None = None, store: Autho
 def register_reactions(reactions: StateReactions, *, trust: TrustStore | None = None,
                        cacerts: CacertsPublisher | None = None, sideport: HttpSideport | None = None,
                        endpoint: BundleEndpoint | None = None, pool: SigningPoolComponent | None = None,
-                       sds: SdsComponent | None = None) -> None:
+                       sds: SdsComponent | None = None, istio_objects: IstioObjectsReaction | None = None) -> None:
     """THE list of what a CA state change sets off (commit here, load, or a replica's write), in order.
 
     1. trust store: our bundle changed -> its listeners run: SDS pushes (the watch hub), the bundle
        files, the trust gauges.  First, because a root rotation waits on SDS ACKs of the new bundle;
-    2. istiod cacerts: the files follow the active istiod intermediate and the root set;
+    2. istiod cacerts: the files follow the active istiod intermediate and the root set; with
+       Kubernetes replicas, the leader's Istio objects (cacerts Secret, istio-ca-root-cert,
+       trust-bundle) are queued for their one serial writer here too;
     3. side-port TLS: new roots are trusted for admin client certificates;
     4. serving certificates (bundle endpoint, SDS TLS listeners) are re-issued under a new signing
        intermediate (the side-port's is re-issued by 3);
@@ -87,6 +95,8 @@ def register_reactions(reactions: StateReactions, *, trust: TrustStore | None = 
         reactions.add("trust-store", trust.on_state_change)
     if cacerts is not None:
         reactions.add("istiod-cacerts", cacerts.on_state_change)
+    if istio_objects is not None:
+        reactions.add("istio-objects", istio_objects.on_state_change)
     if sideport is not None:
         reactions.add("sideport-tls", sideport.on_state_change)
     if endpoint is not None:
@@ -129,7 +139,7 @@ class App:
     async def start(self) -> None:
         raise_open_file_limit()
         install_accept_error_handler(self.telemetry.connections_refused)
-        state, created = self.authority.load_or_bootstrap()
+        state, created = await self._load_or_bootstrap()
         log.info(
             "CA %s", "bootstrapped" if created else "loaded",
             extra={"trust_domain": str(state.trust_domain), "mode": str(state.mode),
@@ -140,6 +150,17 @@ class App:
             self._started.append(component)
             log.debug("started %s", component.name)
         log.info("ca-service ready", extra={"trust_domain": self.settings.trust_domain})
+
+    async def _load_or_bootstrap(self) -> tuple[AuthorityState, bool]:
+        """In a worker thread: a Kubernetes store call can take seconds, and replicas start together."""
+        try:
+            return await asyncio.to_thread(self.authority.load_or_bootstrap)
+        except ConflictError:
+            # Another replica created the CA between our read and our create-if-absent: take its CA.
+            state = await asyncio.to_thread(self.authority.load)
+            if state is None:
+                raise
+            return state, False
 
     async def stop(self) -> None:
         self.stopping.set()
@@ -172,6 +193,12 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
 
     ``acks`` overrides the SDS server's ACK tracker as the root rotation gate (tests use a fake).
     """
+    cluster = None
+    if store is None and settings.storage.backend is StorageBackend.KUBERNETES:
+        from ca_service.kube.replication import Replication
+
+        cluster = Replication(settings, replica_id(settings))
+        store = cluster.store
     app = App(settings, clock=clock, store=store)
     # The Istio CA API rides on every SDS listener's server; its serving certificates carry tls.dns_names.
     app.istio_ca = istio = build_istio_ca(settings, app.authority, app.registry, app.telemetry, app.clock)
@@ -179,8 +206,12 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
                        limits=settings.sds, services=[istio.service.register])
     app.sds = sds
     pool = build_signing_pool(settings, app)
+    if cluster is not None:
+        cluster.build(app.authority, app.trust, sds.hub, app.telemetry.registry, app.clock)
+        acks = acks or cluster.acks
     app.reconciler = Reconciler(app.authority, app.registry, RotationPolicy.from_settings(settings), app.telemetry,
-                                acks=acks or sds.hub, clock=app.clock, signer=pool.pool if pool else None)
+                                acks=acks or sds.hub, clock=app.clock, signer=pool.pool if pool else None,
+                                leader=cluster.is_leader if cluster is not None else None)
     app.rotator = RotationService.of(app.reconciler)
     # Taint and revoke use the same ports as forced rotations: one lock, one commit path.
     compromise = CompromiseService(RotatorPorts.of(app.reconciler))
@@ -200,12 +231,17 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
     federation = build_federation(settings, app)
     app.components.extend(federation)
     app.components.append(sds)
+    if cluster is not None:
+        # The state watch, this replica's ACK frontier and the frontier reader, the election, then the
+        # leader's Istio object writer: all before the scheduler, which mutates only while leading.
+        app.components.extend(cluster.components)
+        cluster.describe(sideport.readiness)
     if pool is not None:
         app.components.append(pool)  # stops after the scheduler, so no renewal runs on a closed pool
     app.components.append(RotationScheduler(app.reconciler, settings.rotation, app.telemetry))
     endpoint = next((c for c in federation if isinstance(c, BundleEndpoint)), None)
     register_reactions(app.reactions, trust=app.trust, cacerts=cacerts, sideport=sideport, endpoint=endpoint,
-                       sds=sds, pool=pool)
+                       sds=sds, pool=pool, istio_objects=cluster.istio_objects if cluster else None)
     return app
 
 

@@ -306,10 +306,6 @@ def validate(s: Settings) -> list[str]:
     """Cross-field rules; each problem names its key."""
     problems = _Problems()
     _check_td("trust_domain", s.trust_domain, problems)
-    if s.storage.backend is not StorageBackend.DIRECTORY:
-        # The port is designed for it (CAS on resourceVersion) but the adapter is not built yet:
-        # refusing beats silently keeping CA keys somewhere the operator did not ask for.
-        problems.add("storage.backend", f"{s.storage.backend} is not available in this version; use directory")
     _check_kubernetes(s, problems)
     ca = s.ca
     for name in ("root_ttl", "intermediate_ttl", "istiod_intermediate_ttl", "workload_ttl", "max_workload_ttl"):

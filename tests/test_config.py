@@ -14,7 +14,7 @@ import yaml
 
 from ca_service.config import ConfigError, Settings, load_settings, parse_duration
 from ca_service.pki.keys import KeyAlgorithm
-from ca_service.settings import GrpcListener, format_duration
+from ca_service.settings import GrpcListener, StorageBackend, format_duration
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "ca-service.yaml"
 
@@ -213,10 +213,16 @@ def test_format_duration_shows_the_two_largest_units() -> None:
     assert format_duration(-dt.timedelta(hours=2)) == "-2h"
 
 
-def test_the_kubernetes_storage_backend_is_refused_until_it_exists(tmp_path: Path) -> None:
+def test_the_kubernetes_storage_backend_is_accepted(tmp_path: Path) -> None:
+    s = load_settings(environ={}, overrides={"data_dir": str(tmp_path), "storage": {"backend": "kubernetes"}})
+    assert s.storage.backend is StorageBackend.KUBERNETES
+
+
+def test_the_kubernetes_backend_with_a_missing_kubeconfig_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        load_settings(environ={}, overrides={"data_dir": str(tmp_path), "storage": {"backend": "kubernetes"}})
-    assert any(p.startswith("storage.backend:") for p in info.value.problems)
+        load_settings(environ={}, overrides={"data_dir": str(tmp_path), "storage": {
+            "backend": "kubernetes", "kubernetes": {"kubeconfig": str(tmp_path / "missing")}}})
+    assert any(p.startswith("storage.kubernetes.kubeconfig:") for p in info.value.problems)
 
 
 @pytest.mark.parametrize("override", [

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +113,48 @@ def test_the_assembly_registers_the_reactions_in_the_stated_order(settings: Sett
     assert app.reactions.names == ["trust-store", "istiod-cacerts", "sideport-tls", "bundle-endpoint",
                                    "sds-serving", "signing-pool", "state-metrics"]
     assert app.authority.reactions is app.reactions
+
+
+async def test_an_off_loop_commit_publishes_one_change_caused_by_committed(authority: Authority):
+    heard = heard_by(authority)
+    old = authority.state
+    new = await authority.commit_async(old.replace())
+    assert [(c.old, c.new, c.cause) for c in heard] == [(old, new, ChangeCause.COMMITTED)]
+    assert new.revision == old.revision + 1
+
+
+class EchoingStore:
+    """The real directory store whose write comes back through the "watch" (receive) before it returns,
+    as a Kubernetes watch event can reach the loop before the writing thread's result does."""
+
+    def __init__(self, inner: DirectoryStore, loop: asyncio.AbstractEventLoop) -> None:
+        self.inner, self.loop = inner, loop
+        self.authority: Authority | None = None  # set after the bootstrap: echo only off-loop commits
+
+    def read(self, name: str) -> Record | None:
+        return self.inner.read(name)
+
+    def write(self, name: str, data: Mapping[str, bytes], *, expected_version: str | None) -> Record:
+        record = self.inner.write(name, data, expected_version=expected_version)
+        if self.authority is not None:
+            asyncio.run_coroutine_threadsafe(_receive(self.authority, record), self.loop).result(5)
+        return record
+
+    def describe(self) -> str:
+        return "echoing"
+
+
+async def _receive(authority: Authority, record: Record) -> None:
+    authority.receive(record)
+
+
+async def test_an_off_loop_commit_that_the_watch_delivered_first_is_published_once(
+        settings: Settings, clock: FakeClock, tmp_path: Path):
+    store = EchoingStore(DirectoryStore(tmp_path / "echo"), asyncio.get_running_loop())
+    authority = Authority(store, settings.domain, settings.ca, clock)
+    authority.load_or_bootstrap()
+    store.authority = authority
+    heard = heard_by(authority)
+    old = authority.state
+    new = await authority.commit_async(old.replace())
+    assert len(heard) == 1 and heard[0].old == old and heard[0].new.revision == new.revision == old.revision + 1

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ca_service.errors import ConflictError, StorageError
 from ca_service.kube.client import LABELS, REQUEST_TIMEOUT, api_call, is_managed, status_of
@@ -42,6 +42,8 @@ class KubeMetrics:
                                         ["resource"], registry=registry)
         self.writes = Counter("ca_kube_object_writes", "Creates and updates of owned objects",
                               ["resource", "outcome"], registry=registry)
+        # 1 on the replica holding the leader lease, 0 on the others: sum() over replicas is 1 when healthy.
+        self.leader = Gauge("ca_leader", "Whether this replica holds the leader lease", ["replica"], registry=registry)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ The state changes in three ways, and each ends in the same :class:`StateChange` 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import logging
@@ -72,6 +73,11 @@ class Authority:
         return self._store.describe()
 
     @property
+    def version(self) -> str | None:
+        """The store's version of the current state (a Secret's resourceVersion), None before loading."""
+        return self._version
+
+    @property
     def loaded(self) -> bool:
         return self._state is not None
 
@@ -81,7 +87,14 @@ class Authority:
         Raises:
             StorageError: if the stored CA belongs to another trust domain.
         """
-        record = self._store.read(AUTHORITY_RECORD)
+        return self._take_loaded(self._store.read(AUTHORITY_RECORD))
+
+    async def load_async(self) -> AuthorityState | None:
+        """:meth:`load` with the store read in a worker thread (a Kubernetes store call can take seconds in an
+        API outage; the event loop keeps serving SDS meanwhile)."""
+        return self._take_loaded(await asyncio.to_thread(self._store.read, AUTHORITY_RECORD))
+
+    def _take_loaded(self, record: Record | None) -> AuthorityState | None:
         if record is None:
             return None
         state = self._decode(record)
@@ -149,6 +162,26 @@ class Authority:
         record = self._store.write(AUTHORITY_RECORD, encode_state(new), expected_version=self._version)
         self._state, self._version = new, record.version
         self._publish(old, new, ChangeCause.COMMITTED)
+        return new
+
+    async def commit_async(self, new: AuthorityState) -> AuthorityState:
+        """:meth:`commit` with the store write in a worker thread; the swap and the reactions run in the loop.
+
+        While the write is in flight the watch may already have delivered it (:meth:`receive`, same
+        revision): then the received copy stays current and nothing is published twice.
+
+        Raises:
+            ConflictError, StorageError: as :meth:`commit`.
+        """
+        old = self.state
+        new = dataclasses.replace(new, revision=old.revision + 1)
+        record = await asyncio.to_thread(self._store.write, AUTHORITY_RECORD, encode_state(new),
+                                         expected_version=self._version)
+        current = self.state
+        if current.revision >= new.revision:
+            return current
+        self._state, self._version = new, record.version
+        self._publish(current, new, ChangeCause.COMMITTED)
         return new
 
     def subscribe(self, listener: StateListener) -> Callable[[], None]:

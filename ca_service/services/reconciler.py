@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from ca_service.clock import Clock
-from ca_service.errors import CAServiceError, ConflictError
+from ca_service.errors import CAServiceError, ConflictError, NotReadyError, StorageError
 from ca_service.pki.templates import CAKind
 from ca_service.rotation import planner
 from ca_service.rotation.planner import Action, GateStatus, RotationPolicy, Step
@@ -59,7 +59,7 @@ class Reconciler:
 
     def __init__(self, authority: Authority, registry: WorkloadRegistry, policy: RotationPolicy,
                  telemetry: Telemetry, *, acks: AckTracker | None = None, clock: Clock | None = None,
-                 signer: BatchSigner | None = None) -> None:
+                 signer: BatchSigner | None = None, leader: Callable[[], bool] | None = None) -> None:
         self.authority = authority
         self.registry = registry
         self.policy = policy
@@ -75,6 +75,12 @@ class Reconciler:
         # One pass at a time: a pass awaits the signing pool, and the scheduler's tick and a forced
         # rotation must not interleave their CAS commits or pop the same due renewals.
         self._lock = asyncio.Lock()
+        # With replicas, only the lease holder mutates the CA (None: this process is the only writer).
+        # Asked before every commit, so losing the lease stops mutation at the next step, not the next tick.
+        self._leader = leader
+
+    def may_mutate(self) -> bool:
+        return self._leader is None or self._leader()
 
     def behind(self, state: AuthorityState) -> int:
         return self.acks.streams_behind(state.bundle_sequence) if self.acks is not None else 0
@@ -84,12 +90,17 @@ class Reconciler:
             now = now or self.clock.now()
             report = ReconcileReport()
             try:
-                self._ca_pass(now, report)
+                if self.may_mutate():
+                    await self._ca_pass(now, report)
             except ConflictError as exc:
                 # Another writer (a replica, the CLI) won the CAS: take its state, decide again next tick.
                 log.warning("CA state changed underneath; reloading", extra={"cause": str(exc)})
                 report.conflict = True
-                self.authority.load()
+                await self._reload()
+            except StorageError as exc:
+                # The store is unreachable (an API outage): serve and renew from memory, retry next tick.
+                log.warning("CA state not written; retrying next tick", extra={"cause": str(exc)})
+                report.error = str(exc)
             self._reissue_after_root_switch(now, report)
             await self._renew_due(now, report)
             self._update_gauges()
@@ -103,30 +114,43 @@ class Reconciler:
         """Apply a CA-state change (a forced rotation) under the one lock, so it never interleaves with a
         reconcile pass; reloads and retries on a CAS conflict.  Raises what ``change`` raises."""
         async with self._lock:
-            return self.commit_change(change)
+            return await self.commit_change(change)
 
     async def exclusive(self, work: Callable[[], T]) -> T:
         """Run ``work`` (a change of the renewal schedule) under the same lock as :meth:`apply`."""
         async with self._lock:
             return work()
 
-    def commit_change(self, change: Callable[[AuthorityState], AuthorityState], *, attempts: int = 3,
-                      ) -> AuthorityState:
+    async def commit_change(self, change: Callable[[AuthorityState], AuthorityState], *, attempts: int = 3,
+                            ) -> AuthorityState:
         """Apply ``change`` to the current state and commit it, reloading and retrying on a CAS conflict.
 
         The caller holds the lock (:meth:`apply` does).
+
+        Raises:
+            NotReadyError: another replica holds the leader lease (only the leader changes the CA).
         """
         for attempt in range(attempts):
+            if not self.may_mutate():
+                raise NotReadyError("this replica is not the leader; send CA changes to the leader")
             try:
-                return self.authority.commit(change(self.authority.state))
+                return await self.authority.commit_async(change(self.authority.state))
             except ConflictError:
                 if attempt == attempts - 1:
                     raise
-                self.authority.load()
+                await self._reload()
         raise AssertionError("unreachable")
 
-    def _ca_pass(self, now: dt.datetime, report: ReconcileReport) -> None:
+    async def _reload(self) -> None:
+        try:
+            await self.authority.load_async()
+        except StorageError as exc:
+            log.warning("CA state not reloaded; serving the last known state", extra={"cause": str(exc)})
+
+    async def _ca_pass(self, now: dt.datetime, report: ReconcileReport) -> None:
         for _ in range(MAX_STEPS_PER_PASS):
+            if not self.may_mutate():
+                break  # the lease was lost mid-pass: stop at once, the new leader decides from here
             state = self.authority.state
             behind = self.behind(state)
             report.gate = planner.root_gate(state, now, self.policy, behind)
@@ -142,7 +166,7 @@ class Reconciler:
                                                           "cause": str(exc)})
                 report.error = str(exc)
                 break
-            self.authority.commit(new)
+            await self.authority.commit_async(new)
             report.steps.append(step)
             self._count_step(step, new)
         self._observe_blocked(self.authority.state, now, report)

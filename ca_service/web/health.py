@@ -18,6 +18,7 @@ from ca_service.pki.templates import CAKind
 from ca_service.services.authority import Authority
 
 ReadinessCheck = Callable[[], bool]
+ReadinessDetail = Callable[[], str]
 
 
 class Readiness:
@@ -25,6 +26,20 @@ class Readiness:
         self._authority = authority
         self._checks: dict[str, ReadinessCheck] = dict(checks or {})
         self._shutting_down = False
+        # Facts shown by /readyz?verbose that are not pass/fail (who leads, this replica's name).
+        self.details: dict[str, ReadinessDetail] = {}
+
+    def add_detail(self, name: str, detail: ReadinessDetail) -> None:
+        self.details[name] = detail
+
+    def detail_report(self) -> dict[str, str]:
+        results: dict[str, str] = {}
+        for name, detail in self.details.items():
+            try:
+                results[name] = str(detail())
+            except Exception:
+                results[name] = "unknown"  # like a failed check: /readyz must never 500
+        return results
 
     def add_check(self, name: str, check: ReadinessCheck) -> None:
         self._checks[name] = check
@@ -70,7 +85,9 @@ def readyz_handler(readiness: Readiness, on_result: Callable[[bool], None] | Non
             on_result(ready)
         status = 200 if ready else 503
         if request.query.get("verbose") is not None:
-            return web.Response(status=status, text=json.dumps({"ready": ready, "checks": checks}) + "\n",
+            body = {"ready": ready, "checks": checks, **({"detail": readiness.detail_report()}
+                                                          if readiness.details else {})}
+            return web.Response(status=status, text=json.dumps(body) + "\n",
                                 content_type="application/json")
         failed = ", ".join(name for name, ok in checks.items() if not ok)
         return web.Response(status=status, text="ready\n" if ready else f"not ready: {failed}\n")

@@ -43,12 +43,10 @@ def test_the_kubernetes_backend_builds_a_store_on_the_configured_secret(k8s: Clu
     store = build_store(s)
     assert isinstance(store, KubernetesStore)
     assert store.describe() == "kubernetes secret ns1/state1"
-    # Still refused at start until leader election and the watch are wired (issue 12, phase 2).
-    assert any(p.startswith("storage.backend:") for p in validate(s))
+    assert validate(s) == []
 
 
-def test_the_kubernetes_example_config_is_valid_but_for_the_backend_still_refused(tmp_path: Path) -> None:
+def test_the_kubernetes_example_config_is_valid(tmp_path: Path) -> None:
     example = Path(__file__).resolve().parents[2] / "config" / "kubernetes.yaml"
-    with pytest.raises(ConfigError) as info:
-        load_settings(example, environ={}, overrides={"data_dir": str(tmp_path)})
-    assert [p.split(":")[0] for p in info.value.problems] == ["storage.backend"]
+    s = load_settings(example, environ={}, overrides={"data_dir": str(tmp_path)})
+    assert s.storage.backend is StorageBackend.KUBERNETES
