@@ -74,9 +74,9 @@ async def test_a_burst_of_forced_intermediate_rotations_does_not_spawn_workers_p
     try:
         assert app.rotator is not None
         await wait_for(lambda: component.pool.signer_key_id is not None, "a warm pool", timeout=60)
-        for i in range(20):
-            await app.rotator.rotate(RotationRequest(RotationScope.INTERMEDIATE, reason=f"burst {i}", caller="test"))
-            await asyncio.sleep(0.02)
+        rotator = app.rotator
+        await asyncio.gather(*(rotator.rotate(RotationRequest(RotationScope.INTERMEDIATE, reason=f"burst {i}",
+                                                              caller="test")) for i in range(20)))
         final = app.authority.state.active(CAKind.INTERMEDIATE).key_id
         await wait_for(lambda: component.pool.signer_key_id == final, "workers holding the last intermediate",
                        timeout=60)
@@ -85,9 +85,10 @@ async def test_a_burst_of_forced_intermediate_rotations_does_not_spawn_workers_p
         watching.set()
         watcher.join()
     try:
-        # Old code: a set of workers per rotation (40 for 20). Coalesced: the first warm-up, at most one
-        # in flight during the burst, and the last one.
-        assert len(seen) <= 3 * component.pool.workers, f"{len(seen)} workers spawned for 20 rotations"
+        # Old code: a set of workers per rotation (40 for 20). Coalesced: the first warm-up, the one in
+        # flight when the burst starts, and one for the signer current when a warm-up ends; a loaded
+        # machine (a slow spawn against a long burst) may need one more round, never one per rotation.
+        assert len(seen) <= 4 * component.pool.workers, f"{len(seen)} workers spawned for 20 rotations"
         assert not alive(seen), "stop() left signing workers running"
     finally:
         kill_all(seen)
