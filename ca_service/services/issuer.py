@@ -12,6 +12,7 @@ The issuer does not decide *who* may have an identity: callers establish that fi
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -43,11 +44,13 @@ class IssuedSvid:
     def leaf(self) -> x509.Certificate:
         return self.chain[0]
 
-    @property
+    # Cached: the registry, the renewal heap and the expiry index read these on every install, and each
+    # read of the certificate's validity is a call into cryptography's parser.
+    @functools.cached_property
     def not_after(self) -> dt.datetime:
         return self.leaf.not_valid_after_utc
 
-    @property
+    @functools.cached_property
     def not_before(self) -> dt.datetime:
         return self.leaf.not_valid_before_utc
 

@@ -64,9 +64,10 @@ class ExpiryIndex:
 
     def remove(self, entry: ExpiryEntry) -> None:
         """Drop one occurrence of ``entry``; a missing one is ignored (forget of an unknown workload)."""
-        if entry not in self._all:
+        before = len(self._all)
+        self._all.discard(entry)  # one search, where "in" then "remove" took two
+        if len(self._all) == before:
             return
-        self._all.remove(entry)
         ns = entry.identity[:2]
         times = self._by_namespace[ns]
         times.remove(entry.not_after)
