@@ -104,7 +104,12 @@ class AdminApi:
             self._metrics.admin_requests.labels(action, record.result).inc()
             if status == 401:
                 return _json(status, doc, **{"WWW-Authenticate": 'Bearer realm="ca-service admin"'})
-            return _json(status, doc)
+            response = _json(status, doc)
+            if status == 413:
+                # The rest of the body was never read: close rather than keep a connection whose client
+                # may go on sending it (it would also hold a graceful stop for its whole timeout).
+                response.force_close()
+            return response
 
         return endpoint
 

@@ -28,9 +28,15 @@ log = logging.getLogger(__name__)
 REFUSAL_LOG_INTERVAL = 60.0
 
 
+LINGERING_SECONDS = 1.0
+
+
 def runner_kwargs(limits: ConnectionLimits) -> dict[str, Any]:
     """``web.AppRunner`` options: the header/idle deadline as aiohttp's keep-alive timeout."""
-    return {"keepalive_timeout": limits.header_timeout.total_seconds()}
+    # lingering_time: after refusing a request whose body was not read (413), aiohttp keeps reading and
+    # discarding it so the client sees the answer; 10 s by default, which a client that keeps sending
+    # turns into a 10 s hold on a connection slot (and on a graceful stop).  One second is enough.
+    return {"keepalive_timeout": limits.header_timeout.total_seconds(), "lingering_time": LINGERING_SECONDS}
 
 
 class _Refuse(asyncio.Protocol):
