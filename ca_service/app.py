@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ca_service.adapters.cacerts_publisher import CacertsPublisher
+from ca_service.adapters.first_issue import FirstIssueSigner
 from ca_service.adapters.scheduler import RotationScheduler
 from ca_service.adapters.signing_pool import SigningPool, SigningPoolComponent
 from ca_service.clock import Clock, SystemClock
@@ -202,10 +203,12 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
     app = App(settings, clock=clock, store=store)
     # The Istio CA API rides on every SDS listener's server; its serving certificates carry tls.dns_names.
     app.istio_ca = istio = build_istio_ca(settings, app.authority, app.registry, app.telemetry, app.clock)
-    sds = SdsComponent(settings.grpc, registry=app.registry, trust=app.trust, telemetry=app.telemetry,
-                       limits=settings.sds, services=[istio.service.register])
-    app.sds = sds
     pool = build_signing_pool(settings, app)
+    # A stream's first SVID is signed on the pool too, batched per loop turn (in process while it is cold).
+    sds = SdsComponent(settings.grpc, registry=app.registry, trust=app.trust, telemetry=app.telemetry,
+                       limits=settings.sds, services=[istio.service.register],
+                       first_issue=FirstIssueSigner(pool.pool) if pool is not None else None)
+    app.sds = sds
     if cluster is not None:
         cluster.build(app.authority, app.trust, sds.hub, app.telemetry.registry, app.clock)
         acks = acks or cluster.acks

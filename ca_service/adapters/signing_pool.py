@@ -138,6 +138,7 @@ class SigningPool:
         self._lock = threading.Lock()
         self._executor: ProcessPoolExecutor | None = None
         self._key_id: str | None = None
+        self._warm_key_id: str | None = None  # the signer of the workers prepare() saw all started
         self._closed = False
         # Workers of executors replaced by a rotation or discarded after a failure: they finish what
         # was queued and exit on their own, but close() must not wait on them unboundedly, nor leave
@@ -148,6 +149,15 @@ class SigningPool:
     def signer_key_id(self) -> str | None:
         """The intermediate the current workers hold (None before the first use and after close)."""
         return self._key_id
+
+    def is_warm(self) -> bool:
+        """Whether every worker is started and holds the issuer's current signer (a call would not wait
+        for workers to spawn)."""
+        try:
+            current = self.issuer.signing_context().key_id
+        except NotReadyError:
+            return False
+        return self._warm_key_id == current == self._key_id
 
     def _executor_for(self, context: SigningContext) -> ProcessPoolExecutor:
         with self._lock:
@@ -197,6 +207,7 @@ class SigningPool:
                                    dt.timedelta(0), self._algorithm) for _ in range(self.workers * 2)]
         for future in futures:
             future.result()
+        self._warm_key_id = context.key_id
 
     def warm_up(self) -> None:
         """:meth:`prepare` for the issuer's current signer."""

@@ -36,7 +36,7 @@ from ca_service.rpc.sds_server import SdsServicer, add_sds_servicer
 from ca_service.services.serving import ServingCertificate, ServingPair
 from ca_service.services.state_changes import StateChange
 from ca_service.services.trust import TrustStore
-from ca_service.services.workloads import WorkloadRegistry
+from ca_service.services.workloads import BatchSigner, WorkloadRegistry
 from ca_service.settings import SdsLimits
 from ca_service.telemetry import Telemetry
 
@@ -76,7 +76,7 @@ class SdsComponent:
 
     def __init__(self, listeners: Sequence[GrpcListener], *, registry: WorkloadRegistry, trust: TrustStore,
                  telemetry: Telemetry, grace: dt.timedelta = DEFAULT_GRACE, limits: SdsLimits | None = None,
-                 services: Sequence[ServiceRegistration] = ()) -> None:
+                 services: Sequence[ServiceRegistration] = (), first_issue: BatchSigner | None = None) -> None:
         self._listeners = tuple(listeners)
         self._limits = limits or SdsLimits()
         self.services = list(services)
@@ -84,7 +84,7 @@ class SdsComponent:
         self._trust = trust
         self._telemetry = telemetry
         self._grace = grace
-        self.catalog = SecretCatalog(registry, trust)
+        self.catalog = SecretCatalog(registry, trust, signer=first_issue)
         self.hub = WatchHub(nodes=registry)
         # One admission bucket for the daemon: a storm spread over listeners is still one storm.
         self.admission = StreamAdmission(self._limits, shed=telemetry.sds_shed)

@@ -26,7 +26,7 @@ from ca_service.pki.bundle import TrustBundle
 from ca_service.pki.identity import SCHEME, SpiffeId, TrustDomain
 from ca_service.rpc.authn import Caller
 from ca_service.services.trust import TrustStore
-from ca_service.services.workloads import WorkloadCert, WorkloadRegistry
+from ca_service.services.workloads import BatchSigner, WorkloadCert, WorkloadRegistry
 
 SECRET_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 SPIFFE_VALIDATOR = "envoy.tls.cert_validator.spiffe"
@@ -76,9 +76,10 @@ class Resolved:
 class SecretCatalog:
     """Resolves secret names for authenticated callers from the workload registry and the trust store."""
 
-    def __init__(self, registry: WorkloadRegistry, trust: TrustStore) -> None:
+    def __init__(self, registry: WorkloadRegistry, trust: TrustStore, *, signer: BatchSigner | None = None) -> None:
         self._registry = registry
         self._trust = trust
+        self._signer = signer  # where :meth:`obtain` signs a first SVID; None: in process
         # name -> (the bundles it was built from, the secret): a bundle change pushes the same validation
         # context to every stream, so it is built once per change, not once per stream.  The trust store
         # hands out the same bundle objects until something changes, so the comparison is mostly identity.
@@ -103,29 +104,51 @@ class SecretCatalog:
     def resolve(self, caller: Caller, name: str) -> Resolved | None:
         """The secret ``name`` for ``caller``; ``None`` for a well-formed trust domain we do not (yet) know.
 
+        A missing SVID is signed here, in the calling thread (tools and tests); the servicer uses :meth:`obtain`.
+
         Raises:
             NotFoundError: the name can never exist (not one of the forms above).
             PolicyViolationError: the name is an SVID the caller is not entitled to.
         """
-        if name == DEFAULT_NAME:
-            return self._svid(caller, name, caller.spiffe_id)
+        spiffe_id = self._svid_of(caller, name)
+        if spiffe_id is None:
+            return self._bundles_of(name)
+        return self._svid(caller, name, self._registry.get_or_issue(caller.node_id, spiffe_id))
+
+    async def obtain(self, caller: Caller, name: str) -> Resolved | None:
+        """:meth:`resolve` for the event loop: a missing SVID is signed off the loop by the catalog's
+        signer (the signing pool), batched with the other streams that connect in the same loop turn."""
+        spiffe_id = self._svid_of(caller, name)
+        if spiffe_id is None:
+            return self._bundles_of(name)
+        return self._svid(caller, name, await self._registry.obtain(caller.node_id, spiffe_id, signer=self._signer))
+
+    def _svid_of(self, caller: Caller, name: str) -> SpiffeId | None:
+        """The SVID ``name`` means for ``caller`` once the caller's entitlement is checked; None for a bundle."""
         if name in (ROOTCA_NAME, ALL_NAME):
-            return self._validation(name, self._trust.bundles())
-        spiffe_id = _parse_name(name)
-        if spiffe_id.path:
+            return None
+        spiffe_id = caller.spiffe_id
+        if name != DEFAULT_NAME:
+            spiffe_id = _parse_name(name)
+            if not spiffe_id.path:
+                return None
             if spiffe_id != caller.spiffe_id:
                 raise PolicyViolationError(f"{caller.spiffe_id} asked for the SVID of {spiffe_id}")
-            return self._svid(caller, name, spiffe_id)
-        bundle = self._trust.bundle(spiffe_id.trust_domain)
-        return None if bundle is None else self._validation(name, {spiffe_id.trust_domain: bundle})
-
-    def _svid(self, caller: Caller, name: str, spiffe_id: SpiffeId) -> Resolved:
         if not spiffe_id.is_member_of(self._trust.own):
             # We sign only for our own trust domain; a federated caller gets bundles, never an SVID.
             raise PolicyViolationError(f"{spiffe_id} is not in trust domain {self._trust.own}")
-        cert = self._registry.get_or_issue(caller.node_id, spiffe_id)
+        return spiffe_id
+
+    def _bundles_of(self, name: str) -> Resolved | None:
+        if name in (ROOTCA_NAME, ALL_NAME):
+            return self._validation(name, self._trust.bundles())
+        trust_domain = _parse_name(name).trust_domain
+        bundle = self._trust.bundle(trust_domain)
+        return None if bundle is None else self._validation(name, {trust_domain: bundle})
+
+    def _svid(self, caller: Caller, name: str, cert: WorkloadCert) -> Resolved:
         return Resolved(name, _svid_version(cert), tls_certificate_secret(name, cert),
-                        frozenset({svid_key(caller.node_id, spiffe_id)}))
+                        frozenset({svid_key(caller.node_id, cert.spiffe_id)}))
 
     def _validation(self, name: str, bundles: Mapping[TrustDomain, TrustBundle]) -> Resolved:
         items = tuple(bundles.items())

@@ -3,7 +3,8 @@
 One servicer per listener (each listener has its own authenticator and policy); all share the
 catalog and the hub.  A stream is one reader task (woken only by client requests) feeding the same
 queue the hub pushes changes into, and one handler loop that sleeps on that queue.  The session
-(``sds_sessions``) decides what to send; this loop writes it, counts it, logs it and records pushes
+(``sds_sessions``) says what to resolve and, given the resolutions, what to send; this loop resolves
+(a first SVID is signed on the signing pool, off the loop), writes it, counts it, logs it and records pushes
 and ACKs in the hub's :class:`~ca_service.rpc.sds_acks.AckLedger`.
 """
 
@@ -34,8 +35,8 @@ from ca_service.rpc.authn import (
     verified_peer_certificate,
 )
 from ca_service.rpc.sds_hub import Changed, Shutdown, StreamWatch, WatchHub
-from ca_service.rpc.sds_resources import SECRET_TYPE_URL, SecretCatalog
-from ca_service.rpc.sds_sessions import DeltaSession, SessionStep, SotwSession
+from ca_service.rpc.sds_resources import SECRET_TYPE_URL, Resolved, SecretCatalog
+from ca_service.rpc.sds_sessions import DeltaSession, SessionStep, SotwSession, Wanted
 from ca_service.rpc.status import abort_with, status_for
 from ca_service.settings import SdsLimits
 from ca_service.telemetry import Telemetry
@@ -128,7 +129,7 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[
             resolved = []
             try:
                 for name in request.resource_names:
-                    item = self._catalog.resolve(caller, name)
+                    item = await self._catalog.obtain(caller, name)
                     if item is None:
                         raise NotFoundError(f"secret {name!r} does not exist (yet)")
                     resolved.append(item)
@@ -169,14 +170,21 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[
                 if isinstance(item, Changed):
                     if session is None:
                         continue
-                    step: SessionStep[Any] = session.on_change(item.keys)
+                    outcome: SessionStep[Any] | Wanted = session.on_change(item.keys)
                 else:
                     check_request(item, self._limits)
                     if session is None:
                         caller = await self._caller(item.node, context)
                         self._hub.attach_node(watch, caller.node_id)
                         session = session_type(self._catalog, caller)
-                    step = session.on_request(item)
+                    outcome = session.on_request(item)
+                if isinstance(outcome, SessionStep):
+                    step = outcome
+                else:
+                    # Watch the new names before resolving: a change while a first SVID is signed wakes
+                    # the stream again instead of being missed.
+                    self._hub.set_keys(watch, session.watched_keys)
+                    step = session.complete(outcome, await self._resolve(session.caller, outcome))
             except CAServiceError as exc:
                 await self._refuse(context, exc, rpc=f"SDS {stream.api}")
             self._hub.set_keys(watch, session.watched_keys)
@@ -185,6 +193,18 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[
                 await context.write(response)
             if not isinstance(item, Changed):
                 slots.release()  # answered and written: the reader may take the next request
+
+    async def _resolve(self, caller: Caller, wanted: Wanted) -> dict[str, Resolved | None]:
+        """Phase two of a session step: resolve what the session asked for (a first SVID is signed off
+        the loop, see :meth:`SecretCatalog.obtain`); names that no longer exist are skipped if allowed."""
+        out: dict[str, Resolved | None] = {}
+        for name in wanted.names:
+            try:
+                out[name] = await self._catalog.obtain(caller, name)
+            except NotFoundError:
+                if not wanted.missing_ok:
+                    raise
+        return out
 
     async def _refuse(self, context: Context, exc: CAServiceError, *, rpc: str) -> NoReturn:
         self._denied(exc)

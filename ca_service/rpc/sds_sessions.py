@@ -1,24 +1,27 @@
 """Per-stream SDS protocol state: state of the world (:class:`SotwSession`) and incremental (:class:`DeltaSession`).
 
-A session is plain data plus two methods — ``on_request`` and ``on_change`` — returning a
-:class:`SessionStep`: the responses to send, what was pushed (nonce, own bundle sequence) and what the
-client ACKed or NACKed.  No I/O, no logging, no metrics and no tasks here: the servicer owns the
-stream, the metrics and the logs, the hub owns the wake-ups (it watches :attr:`watched_keys`) and its
-:class:`~ca_service.rpc.sds_acks.AckLedger` owns the ACK bookkeeping.  Resolution goes through the
-catalog given to the session (it may issue the caller's SVID; see README "not built yet").
+A step has two phases.  ``on_request`` and ``on_change`` update the subscription and say which names
+to resolve (:class:`Wanted`); the servicer resolves them (a first SVID is signed off the event loop,
+on the signing pool) and hands the results to ``complete``, which returns a :class:`SessionStep`: the
+responses to send, what was pushed (nonce, own bundle sequence) and what the client ACKed or NACKed.
+A request that needs no resolution (a stale nonce, a NACK) is a :class:`SessionStep` at once.
+
+No I/O, no signing, no logging, no metrics and no tasks here: the servicer owns the stream, the
+resolution, the metrics and the logs, the hub owns the wake-ups (it watches :attr:`watched_keys`) and
+its :class:`~ca_service.rpc.sds_acks.AckLedger` owns the ACK bookkeeping.  The catalog is only asked
+which change keys a name depends on and which names a wildcard means.
 """
 
 from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from ca_service.errors import NotFoundError
 from ca_service.rpc.authn import Caller
 from ca_service.rpc.sds_resources import SECRET_TYPE_URL, TRUST_SET, ChangeKey, Resolved, SecretCatalog
 
@@ -37,6 +40,22 @@ class Pushed:
 class Acknowledged:
     nonce: str
     error: str | None = None  # set: a NACK (Envoy keeps its previous secret)
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """Phase one of a step: the names to resolve (in this order) before :meth:`complete` can answer."""
+
+    names: tuple[str, ...]
+    ack: Acknowledged | None = None
+    # A change re-resolves names already served: one that cannot be resolved any more (NotFoundError)
+    # is skipped by SotW (it cannot withdraw one secret; Envoy keeps the last one), not refused.
+    missing_ok: bool = False
+    change: bool = False
+
+
+# What the servicer resolved for a Wanted: a name absent from it was skipped (``missing_ok``).
+Resolutions = Mapping[str, Resolved | None]
 
 
 @dataclass(frozen=True)
@@ -79,11 +98,16 @@ class _Session:
             self.names.discard(name)
             self.name_keys.pop(name, None)
 
-    def _resolve(self, name: str) -> Resolved | None:
-        """Resolve and remember the change keys; may raise PolicyViolationError / NotFoundError."""
-        resolved = self.catalog.resolve(self.caller, name)
-        self.name_keys[name] = resolved.keys if resolved is not None else self.catalog.keys_for(name)
-        return resolved
+    def _resolved(self, wanted: Wanted, resolutions: Resolutions) -> list[tuple[str, Resolved | None]]:
+        """The resolutions of ``wanted`` in order, remembering each name's change keys."""
+        out = []
+        for name in wanted.names:
+            if name not in resolutions:
+                continue  # skipped (missing_ok): its keys stay as they were
+            resolved = resolutions[name]
+            self.name_keys[name] = resolved.keys if resolved is not None else self.catalog.keys_for(name)
+            out.append((name, resolved))
+        return out
 
     def _affected(self, keys: frozenset[ChangeKey]) -> list[str]:
         if self.wildcard and TRUST_SET in keys:
@@ -112,7 +136,8 @@ class SotwSession(_Session):
         super().__init__(catalog, caller)
         self._sent: dict[str, str] = {}
 
-    def on_request(self, request: discovery_pb2.DiscoveryRequest) -> SessionStep[discovery_pb2.DiscoveryResponse]:
+    def on_request(self, request: discovery_pb2.DiscoveryRequest,
+                   ) -> SessionStep[discovery_pb2.DiscoveryResponse] | Wanted:
         nonce = request.response_nonce
         if self._started and nonce and nonce != self.last_nonce:
             return SessionStep(stale_nonce=nonce)
@@ -129,19 +154,16 @@ class SotwSession(_Session):
         self._started = True
         for gone in set(self._sent) - self.names:
             del self._sent[gone]
-        resolved = [r for r in (self._resolve(n) for n in sorted(added)) if r is not None]
-        return self._respond(resolved, ack)
+        return Wanted(tuple(sorted(added)), ack)
 
-    def on_change(self, keys: frozenset[ChangeKey]) -> SessionStep[discovery_pb2.DiscoveryResponse]:
-        out = []
-        for name in self._affected(keys):
-            try:
-                resolved = self._resolve(name)
-            except NotFoundError:
-                resolved = None  # SotW cannot withdraw one secret; Envoy keeps the last one
-            if resolved is not None and self._sent.get(name) != resolved.version:
-                out.append(resolved)
-        return self._respond(out, None)
+    def on_change(self, keys: frozenset[ChangeKey]) -> Wanted:
+        return Wanted(tuple(self._affected(keys)), missing_ok=True, change=True)
+
+    def complete(self, wanted: Wanted, resolutions: Resolutions) -> SessionStep[discovery_pb2.DiscoveryResponse]:
+        """Phase two: answer ``wanted`` with what the servicer resolved.  A change sends only what differs."""
+        out = [r for _, r in self._resolved(wanted, resolutions)
+               if r is not None and not (wanted.change and self._sent.get(r.name) == r.version)]
+        return self._respond(out, wanted.ack)
 
     def _respond(self, resolved: list[Resolved], ack: Acknowledged | None,
                  ) -> SessionStep[discovery_pb2.DiscoveryResponse]:
@@ -166,8 +188,7 @@ class DeltaSession(_Session):
         super().__init__(catalog, caller)
         self._known: dict[str, str] = {}  # what the client holds: name -> version
 
-    def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest,
-                   ) -> SessionStep[discovery_pb2.DeltaDiscoveryResponse]:
+    def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest) -> Wanted:
         if not self._started:
             self._known = dict(request.initial_resource_versions)
         ack = self._answer(request)
@@ -181,17 +202,18 @@ class DeltaSession(_Session):
             self._known.pop(name, None)
         added = subscribe - self.names
         self._subscribe(added)
-        return self._update(sorted(added), ack)
+        return Wanted(tuple(sorted(added)), ack)
 
-    def on_change(self, keys: frozenset[ChangeKey]) -> SessionStep[discovery_pb2.DeltaDiscoveryResponse]:
-        return self._update(self._affected(keys), None)
+    def on_change(self, keys: frozenset[ChangeKey]) -> Wanted:
+        return Wanted(tuple(self._affected(keys)), change=True)
 
-    def _update(self, names: list[str], ack: Acknowledged | None,
-                ) -> SessionStep[discovery_pb2.DeltaDiscoveryResponse]:
+    def complete(self, wanted: Wanted, resolutions: Resolutions,
+                 ) -> SessionStep[discovery_pb2.DeltaDiscoveryResponse]:
+        """Phase two: what changed against what the client holds, and what it must drop."""
+        ack = wanted.ack
         changed: list[Resolved] = []
         removed: list[str] = []
-        for name in names:
-            resolved = self._resolve(name)
+        for name, resolved in self._resolved(wanted, resolutions):
             if resolved is None:
                 if name in self._known:  # a trust domain we stopped trusting: make Envoy drop it
                     removed.append(name)

@@ -10,6 +10,7 @@ Renewal times sit in one heap, so a tick with nothing due costs O(1) however man
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import functools
@@ -111,6 +112,8 @@ class WorkloadRegistry:
         # then counted and logged as forced, not scheduled.  Cleared by the next certificate.
         self._forced: set[WorkloadKey] = set()
         self._last_due: dt.datetime | None = None  # the ``now`` of the previous due() call
+        # First issues signing off the event loop, one per workload: a node's streams that ask at once share it.
+        self._obtaining: dict[WorkloadKey, asyncio.Future[WorkloadCert]] = {}
 
     @property
     def issuer(self) -> Issuer:
@@ -133,15 +136,63 @@ class WorkloadRegistry:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
 
-    def get_or_issue(self, node_id: str, spiffe_id: SpiffeId) -> WorkloadCert:
-        """The node's current SVID for ``spiffe_id``; issued now if it has none or it expired."""
+    def current(self, node_id: str, spiffe_id: SpiffeId) -> WorkloadCert | None:
+        """The node's SVID for ``spiffe_id`` if it is valid now.
+
+        Valid now, not merely unexpired: after the wall clock stepped back, an SVID issued before the
+        step may not be valid yet, and a peer would refuse it.
+        """
         now = self._clock.now()
         current = self._certs.get((node_id, spiffe_id))
-        # Valid now, not merely unexpired: after the wall clock stepped back, an SVID issued before the
-        # step may not be valid yet, and a peer would refuse it.
-        if current is not None and current.svid.not_before <= now < current.svid.not_after:
+        return current if current is not None and current.svid.not_before <= now < current.svid.not_after else None
+
+    def get_or_issue(self, node_id: str, spiffe_id: SpiffeId) -> WorkloadCert:
+        """The node's current SVID for ``spiffe_id``; issued now, in this thread, if it has none valid."""
+        current = self.current(node_id, spiffe_id)
+        if current is not None:
             return current
-        return self._issue(node_id, spiffe_id, now, generation=(current.generation + 1) if current else 1)
+        return self._issue(node_id, spiffe_id, self._clock.now(), generation=self._next_generation(node_id, spiffe_id))
+
+    async def obtain(self, node_id: str, spiffe_id: SpiffeId, *, signer: BatchSigner | None = None) -> WorkloadCert:
+        """:meth:`get_or_issue` for the event loop: a missing SVID is signed by ``signer`` (the pool), so the
+        loop keeps serving while the key is made and signed.  Without a signer, or when it fails (a cold or
+        broken pool), it is signed here.  Concurrent calls for one workload share one signing.
+
+        Raises:
+            CAServiceError: as :meth:`get_or_issue` (the CA cannot sign, a foreign trust domain).
+        """
+        current = self.current(node_id, spiffe_id)
+        if current is not None:
+            return current
+        if signer is None:
+            return self.get_or_issue(node_id, spiffe_id)
+        key = (node_id, spiffe_id)
+        pending = self._obtaining.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._sign_first(node_id, spiffe_id, signer))
+            self._obtaining[key] = pending
+            pending.add_done_callback(lambda _: self._obtaining.pop(key, None))
+        # Shielded: a stream that goes away does not cancel the signing its node's other streams wait on.
+        return await asyncio.shield(pending)
+
+    async def _sign_first(self, node_id: str, spiffe_id: SpiffeId, signer: BatchSigner) -> WorkloadCert:
+        now = self._clock.now()
+        try:
+            [(key_pem, svid, seconds)] = await signer.issue_many([spiffe_id], now=now)
+        except Exception as exc:
+            # The in-process path raises the CA's own error if there is one (not ready, foreign domain).
+            log.debug("first issue falls back to in-process signing", extra={"error": type(exc).__name__})
+            return self.get_or_issue(node_id, spiffe_id)
+        self._count(seconds)
+        installed = self.current(node_id, spiffe_id)
+        if installed is not None:  # a renewal or an in-process issue landed while the pool signed
+            return installed
+        return self._install(node_id, spiffe_id, key_pem, svid, now,
+                             generation=self._next_generation(node_id, spiffe_id))
+
+    def _next_generation(self, node_id: str, spiffe_id: SpiffeId) -> int:
+        previous = self._certs.get((node_id, spiffe_id))
+        return previous.generation + 1 if previous is not None else 1
 
     def reissue(self, node_id: str, spiffe_id: SpiffeId, *, reason: str) -> WorkloadCert:
         """A new key and certificate for a known workload, pushed to listeners."""

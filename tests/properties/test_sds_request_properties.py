@@ -31,6 +31,7 @@ from ca_service.settings import CASettings, RotationSettings, SdsLimits
 from ca_service.storage.directory import DirectoryStore
 from tests.clock import FakeClock
 from tests.properties.profiles import DEFAULT, SLOW, SLOW_TIMEOUT
+from tests.rpc.sessions import on_request
 
 CALLER = Caller(SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/web"), node_id="node-1", method="test")
 _DIR = tempfile.TemporaryDirectory(prefix="ca-sds-props-")  # one CA for the module; removed at exit
@@ -92,7 +93,7 @@ def run(session_type: type[SotwSession] | type[DeltaSession], requests: list[obj
             check_request(request, SdsLimits())
             asked |= set(getattr(request, "resource_names", ())) | set(
                 getattr(request, "resource_names_subscribe", ()))
-            step = session.on_request(request)  # type: ignore[arg-type]
+            step = on_request(CATALOG, session, request)
         except CAServiceError:
             return  # the servicer ends the stream with the mapped status
         for response in step.responses:

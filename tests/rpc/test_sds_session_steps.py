@@ -12,6 +12,7 @@ from ca_service.rpc.sds_resources import ROOTCA_NAME
 from ca_service.rpc.sds_sessions import DeltaSession, SotwSession
 from ca_service.services.authority import Authority
 from tests.clock import FakeClock
+from tests.rpc.sessions import on_request
 from tests.rpc.test_sds_resources import catalog_of
 
 CALLER = Caller(SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/web"), "node-1", "test")
@@ -28,7 +29,7 @@ def request(names: list[str], nonce: str = "", version: str = "", error: str | N
 def test_a_first_request_pushes_the_bundle_and_names_its_sequence(authority: Authority, clock: FakeClock):
     catalog, _, _ = catalog_of(authority, clock)
     session = SotwSession(catalog, CALLER)
-    step = session.on_request(request([ROOTCA_NAME]))
+    step = on_request(catalog, session, request([ROOTCA_NAME]))
     assert len(step.responses) == 1 and step.ack is None
     assert step.pushed is not None and step.pushed.nonce == step.responses[0].nonce
     assert step.pushed.own_bundle_sequence == authority.state.bundle_sequence
@@ -38,25 +39,26 @@ def test_a_first_request_pushes_the_bundle_and_names_its_sequence(authority: Aut
 def test_an_ack_of_the_last_nonce_is_reported_and_sends_nothing(authority: Authority, clock: FakeClock):
     catalog, _, _ = catalog_of(authority, clock)
     session = SotwSession(catalog, CALLER)
-    first = session.on_request(request([ROOTCA_NAME]))
-    step = session.on_request(request([ROOTCA_NAME], first.responses[0].nonce, first.responses[0].version_info))
+    first = on_request(catalog, session, request([ROOTCA_NAME]))
+    sent = first.responses[0]
+    step = on_request(catalog, session, request([ROOTCA_NAME], sent.nonce, sent.version_info))
     assert step.responses == [] and step.ack is not None and step.ack.error is None
 
 
 def test_a_nack_is_reported_with_its_error_and_a_stale_nonce_is_ignored(authority: Authority, clock: FakeClock):
     catalog, _, _ = catalog_of(authority, clock)
     session = SotwSession(catalog, CALLER)
-    first = session.on_request(request([ROOTCA_NAME]))
-    nack = session.on_request(request([ROOTCA_NAME], first.responses[0].nonce, error="bad secret"))
+    first = on_request(catalog, session, request([ROOTCA_NAME]))
+    nack = on_request(catalog, session, request([ROOTCA_NAME], first.responses[0].nonce, error="bad secret"))
     assert nack.ack is not None and nack.ack.error == "bad secret" and nack.responses == []
-    stale = session.on_request(request([ROOTCA_NAME], "an-old-nonce"))
+    stale = on_request(catalog, session, request([ROOTCA_NAME], "an-old-nonce"))
     assert stale.stale_nonce == "an-old-nonce" and stale.responses == [] and stale.ack is None
 
 
 def test_a_delta_session_reports_its_push_too(authority: Authority, clock: FakeClock):
     catalog, _, _ = catalog_of(authority, clock)
-    step = DeltaSession(catalog, CALLER).on_request(
-        discovery_pb2.DeltaDiscoveryRequest(resource_names_subscribe=[ROOTCA_NAME]))
+    step = on_request(catalog, DeltaSession(catalog, CALLER),
+                      discovery_pb2.DeltaDiscoveryRequest(resource_names_subscribe=[ROOTCA_NAME]))
     assert step.pushed is not None and step.pushed.own_bundle_sequence == authority.state.bundle_sequence
 
 
