@@ -181,9 +181,11 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[
                 if isinstance(outcome, SessionStep):
                     step = outcome
                 else:
-                    # Watch the new names before resolving: a change while a first SVID is signed wakes
-                    # the stream again instead of being missed.
-                    self._hub.set_keys(watch, session.watched_keys)
+                    if not outcome.change:
+                        # Watch new names before resolving them: a change while a first SVID is signed
+                        # wakes the stream again instead of being missed.  (A change re-resolves names
+                        # already watched.)
+                        self._hub.set_keys(watch, session.watched_keys)
                     step = session.complete(outcome, await self._resolve(session.caller, outcome))
             except CAServiceError as exc:
                 await self._refuse(context, exc, rpc=f"SDS {stream.api}")
