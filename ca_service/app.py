@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ca_service.adapters.cacerts_publisher import CacertsPublisher
+from ca_service.adapters.collector import CollectorSchedule
 from ca_service.adapters.first_issue import FirstIssueSigner
 from ca_service.adapters.scheduler import RotationScheduler
 from ca_service.adapters.signing_pool import SigningPool, SigningPoolComponent
@@ -241,6 +242,8 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
         cluster.describe(sideport.readiness)
     if pool is not None:
         app.components.append(pool)  # stops after the scheduler, so no renewal runs on a closed pool
+    # Full garbage collections on a schedule, in a quiet moment, never in the middle of a push storm.
+    app.components.append(CollectorSchedule(app.clock, lambda: sds.hub.acks.pushes))
     app.components.append(RotationScheduler(app.reconciler, settings.rotation, app.telemetry))
     endpoint = next((c for c in federation if isinstance(c, BundleEndpoint)), None)
     register_reactions(app.reactions, trust=app.trust, cacerts=cacerts, sideport=sideport, endpoint=endpoint,

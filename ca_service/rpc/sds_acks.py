@@ -22,6 +22,7 @@ class AckLedger:
 
     def __init__(self) -> None:
         self._streams: dict[object, _StreamAcks] = {}
+        self.pushes = 0  # every push recorded, for "is SDS busy" (the collector schedule waits for quiet)
 
     def open(self, stream: object) -> None:
         self._streams[stream] = _StreamAcks()
@@ -31,6 +32,7 @@ class AckLedger:
 
     def pushed(self, stream: object, nonce: str, own_bundle_sequence: int) -> None:
         """A response went out under ``nonce``; it carried our own bundle at that sequence (0: it did not)."""
+        self.pushes += 1
         entry = self._streams.get(stream)
         if entry is not None and own_bundle_sequence:
             entry.receives_own_bundle = True
