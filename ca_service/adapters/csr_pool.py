@@ -16,15 +16,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ca_service.adapters import signing_pool
+from ca_service.adapters.turn_batch import TurnBatcher
 from ca_service.errors import NotReadyError
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import PublicKey
 from ca_service.pki.templates import build_svid_for
 from ca_service.services.authority import Authority
 from ca_service.services.issuer import IssuedSvid, SigningContext
-
-# A batch is cut at this many leaves (~25 ms of worker time), as the pool cuts renewal storms.
-MAX_BATCH = 256
 
 
 def _sign_public_keys(key_id: str, items: list[tuple[str, bytes, float]], now: dt.datetime,
@@ -42,12 +40,11 @@ def _sign_public_keys(key_id: str, items: list[tuple[str, bytes, float]], now: d
     return out
 
 
-@dataclass
-class _Pending:
+@dataclass(frozen=True)
+class _Request:
     spiffe_id: SpiffeId
     key_der: bytes
     ttl: dt.timedelta
-    future: asyncio.Future[IssuedSvid]
 
 
 class PoolCsrSigner:
@@ -56,51 +53,26 @@ class PoolCsrSigner:
     def __init__(self, authority: Authority, pool: signing_pool.SigningPool) -> None:
         self._authority = authority
         self._pool = pool
-        self._queue: list[_Pending] = []
-        self._now: dt.datetime | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._batches: TurnBatcher[_Request, IssuedSvid] = TurnBatcher(self._run)
 
     async def sign(self, spiffe_id: SpiffeId, public_key: PublicKey, *, ttl: dt.timedelta,
                    now: dt.datetime) -> IssuedSvid:
         self._authority.issuer.check_member(spiffe_id)
-        loop = asyncio.get_running_loop()
         der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        pending = _Pending(spiffe_id, der, self._authority.issuer.leaf_ttl(ttl), loop.create_future())
-        if not self._queue:
-            self._now = now
-            loop.call_soon(self._flush)  # after every request already runnable this turn has queued
-        self._queue.append(pending)
-        if len(self._queue) >= MAX_BATCH:
-            self._flush()
-        return await pending.future
+        return await self._batches.submit(_Request(spiffe_id, der, self._authority.issuer.leaf_ttl(ttl)), now)
 
-    def _flush(self) -> None:
-        batch, self._queue = self._queue, []
-        if not batch:
-            return
-        assert self._now is not None
-        task = asyncio.get_running_loop().create_task(self._run(batch, self._now))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _run(self, batch: list[_Pending], now: dt.datetime) -> None:
+    async def _run(self, batch: list[_Request], now: dt.datetime) -> list[IssuedSvid]:
         try:
             context = self._authority.signing_context()
             executor = self._pool._executor_for(context)  # the pool's workers hold this context's signer
-            items = [(str(p.spiffe_id), p.key_der, p.ttl.total_seconds()) for p in batch]
+            items = [(str(r.spiffe_id), r.key_der, r.ttl.total_seconds()) for r in batch]
             leaves = await asyncio.get_running_loop().run_in_executor(
                 executor, _sign_public_keys, context.key_id, items, now, self._authority.issuer.policy.backdate)
-            results = [self._assemble(p, leaf, context, now) for p, leaf in zip(batch, leaves, strict=True)]
+            return [self._assemble(r, leaf, context, now) for r, leaf in zip(batch, leaves, strict=True)]
+        except NotReadyError:
+            raise
         except Exception as exc:
-            failure = exc if isinstance(exc, NotReadyError) else signing_pool.SigningPoolError(
-                f"signing pool failed: {type(exc).__name__}")
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(failure)
-            return
-        for p, svid in zip(batch, results, strict=True):
-            if not p.future.done():
-                p.future.set_result(svid)
+            raise signing_pool.SigningPoolError(f"signing pool failed: {type(exc).__name__}") from exc
 
-    def _assemble(self, pending: _Pending, leaf: bytes, context: SigningContext, now: dt.datetime) -> IssuedSvid:
-        return self._authority.issuer.assemble(pending.spiffe_id, x509.load_der_x509_certificate(leaf), context, now)
+    def _assemble(self, request: _Request, leaf: bytes, context: SigningContext, now: dt.datetime) -> IssuedSvid:
+        return self._authority.issuer.assemble(request.spiffe_id, x509.load_der_x509_certificate(leaf), context, now)

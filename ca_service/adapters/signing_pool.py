@@ -21,7 +21,7 @@ import multiprocessing.connection
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
 from multiprocessing.process import BaseProcess
 
@@ -143,7 +143,10 @@ class SigningPool:
         # Workers of executors replaced by a rotation or discarded after a failure: they finish what
         # was queued and exit on their own, but close() must not wait on them unboundedly, nor leave
         # them behind (each holds a signing key).
-        self._retired: list[BaseProcess] = []
+        # Kept as the executors' own process tables (dicts), not copies: a submit racing with a swap or a
+        # close (a warm-up thread for an older signer) may still spawn a worker into a table after it was
+        # retired, and close() must reach that worker too.
+        self._retired: list[Mapping[int, BaseProcess]] = []
 
     @property
     def signer_key_id(self) -> str | None:
@@ -185,8 +188,9 @@ class SigningPool:
         """Remember ``executor``'s workers until they exit (call with ``_lock`` held, before its shutdown)."""
         # _processes is the executor's own table of its workers (set to None by shutdown): the only way
         # to reach them, and ProcessPoolExecutor has had it since 3.2.
-        self._retired = [p for p in self._retired if p.is_alive()]
-        self._retired.extend((executor._processes or {}).values())
+        self._retired = [table for table in self._retired if any(p.is_alive() for p in list(table.values()))]
+        if executor._processes is not None:
+            self._retired.append(executor._processes)
 
     def _discard(self, executor: ProcessPoolExecutor) -> None:
         """Forget a broken executor so the next call starts fresh workers."""
@@ -203,8 +207,12 @@ class SigningPool:
         Blocking: call it from a thread (:class:`SigningPoolComponent` does).
         """
         executor = self._executor_for(context)
-        futures = [executor.submit(_sign_chunk, context.key_id, (), dt.datetime.now(dt.UTC), dt.timedelta(hours=1),
-                                   dt.timedelta(0), self._algorithm) for _ in range(self.workers * 2)]
+        try:
+            futures = [executor.submit(_sign_chunk, context.key_id, (), dt.datetime.now(dt.UTC),
+                                       dt.timedelta(hours=1), dt.timedelta(0), self._algorithm)
+                       for _ in range(self.workers * 2)]
+        except RuntimeError:  # shut down under us: a newer signer's warm-up or close() replaced it
+            raise SigningPoolError("the pool's workers were replaced during warm-up") from None
         for future in futures:
             future.result()
         self._warm_key_id = context.key_id
@@ -261,9 +269,11 @@ class SigningPool:
             executor, self._executor, self._key_id = self._executor, None, None
             if executor is not None:
                 self._retire(executor)
-            workers, self._retired = self._retired, []
+            tables, self._retired = self._retired, []
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
+        # After every shutdown: no table can gain a worker any more.
+        workers = list({p.pid: p for table in tables for p in list(table.values())}.values())
         deadline = time.monotonic() + CLOSE_GRACE.total_seconds()
         for worker in workers:
             worker.join(max(0.0, deadline - time.monotonic()))
