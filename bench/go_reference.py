@@ -60,8 +60,9 @@ def _env() -> dict[str, str]:
             "GOFLAGS": "-mod=mod"}
 
 
-def build() -> Path:
-    """The reference binary for the current source and Go version, built if not cached.
+def build(package: str = ".") -> Path:
+    """The binary of ``package`` (a path inside ``bench/go``: ``.`` is the reference, ``./cmd/caload`` the
+    Istio CA API load generator) for the current source and Go version, built if not cached.
 
     Raises:
         GoUnavailable: if Go is missing or the build fails.
@@ -71,19 +72,20 @@ def build() -> Path:
     version = subprocess.run([str(go), "version"], capture_output=True, text=True, env=env, timeout=60, check=False)
     if version.returncode != 0:
         raise GoUnavailable(f"`go version` failed: {version.stderr.strip()}")
-    digest = hashlib.sha256(version.stdout.encode())
-    for path in sorted(SOURCE.iterdir()):
+    digest = hashlib.sha256(version.stdout.encode() + package.encode() + b"\0")
+    directory = (SOURCE / package).resolve()
+    for path in sorted([*directory.iterdir(), SOURCE / "go.mod"]):
         if path.suffix in (".go", ".mod"):
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    binary = CACHE / f"goref-{digest.hexdigest()[:16]}"
+    binary = CACHE / f"go-{directory.name}-{digest.hexdigest()[:16]}"
     if binary.is_file():
         return binary
     CACHE.mkdir(parents=True, exist_ok=True)
     partial = binary.with_suffix(".tmp")
-    proc = subprocess.run([str(go), "build", "-trimpath", "-o", str(partial), "."], cwd=SOURCE, env=env,
+    proc = subprocess.run([str(go), "build", "-trimpath", "-o", str(partial), package], cwd=SOURCE, env=env,
                           capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
     if proc.returncode != 0:
-        raise GoUnavailable(f"the Go reference does not build: {proc.stderr.strip()[-2000:]}")
+        raise GoUnavailable(f"{package} in bench/go does not build: {proc.stderr.strip()[-2000:]}")
     partial.replace(binary)
     return binary
 

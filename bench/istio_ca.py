@@ -1,9 +1,11 @@
 """Istio CA API: CreateCertificate over TLS gRPC with a warm TokenReview cache, against in-process CSR signing.
 
 The server is a separate process (``python bench/istio_ca.py --serve MODE DIR``: the Istio CA API on
-one TLS listener, built by ``build_istio_ca`` as the daemon builds it); this process is the load
-generator (CSRs made before the clock starts, ``CONCURRENCY`` calls in flight over ``CHANNELS`` TLS
-channels).  MODE is how the server signs (services/csr_signing.py): ``inline`` on the event loop,
+one TLS listener, built by ``build_istio_ca`` as the daemon builds it).  The load comes from a
+stdlib-only Go gRPC client (``bench/go/cmd/caload``: a Python grpc.aio client costs as much CPU per
+call as the server, on the same two cores) or, without Go, from this process (``CONCURRENCY`` calls in
+flight over ``CHANNELS`` TLS channels).  The server's own CPU per call is reported too.
+MODE is how the server signs (services/csr_signing.py): ``inline`` on the event loop,
 ``thread``, or ``pool`` (the daemon's default: batched to the signing pool's worker processes).
 
 Tokens are reviewed by a bench-side reviewer that accepts every ``bench-<n>`` token: the cache is warmed
@@ -16,14 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -85,8 +89,9 @@ async def _serve(mode: str, directory: Path) -> None:
               else InlineCsrSigner(authority))
     istio = build_istio_ca(settings, authority, registry, Telemetry(), clock, api_clients={},
                            reviewers={"Kubernetes": PrimedReviewer()}, pods={}, signer=signer)
+    register = _stub_registration(authority) if mode == "stub" else istio.service.register
     sds = SdsComponent(settings.grpc, registry=registry, trust=TrustStore(authority), telemetry=Telemetry(),
-                       services=[istio.service.register])
+                       services=[register])
     await sds.start()
     (directory / "root.pem").write_bytes(authority.bundle().to_pem())
     (directory / "address").write_text(sds.bound_addresses[0])
@@ -98,6 +103,29 @@ async def _serve(mode: str, directory: Path) -> None:
         await sds.stop()
         if pool is not None:
             pool.close()
+
+
+def _stub_registration(authority: Any) -> Callable[[grpc.aio.Server, object], None]:
+    """grpc.aio's own floor for this call: the same TLS listener answering every CreateCertificate with one
+    canned response of the real size, no authentication, parsing or signing (like bench/sds_stub_server.py)."""
+    spiffe_id = SpiffeId.parse("spiffe://cluster.local/ns/bench/sa/bench-0")
+    key = check_csr(parse_csr(_csrs(1)[0]), spiffe_id)
+    svid = authority.issue_svid(spiffe_id, key, now=dt.datetime.now(dt.UTC))
+    response = ca_pb2.IstioCertificateResponse(
+        cert_chain=[*(c.public_bytes(serialization.Encoding.PEM).decode() for c in svid.chain),
+                    authority.bundle().to_pem().decode()])
+
+    async def create(request: ca_pb2.IstioCertificateRequest, context: object) -> ca_pb2.IstioCertificateResponse:
+        return response
+
+    def register(server: grpc.aio.Server, listener: object) -> None:
+        handler = grpc.unary_unary_rpc_method_handler(
+            create, request_deserializer=ca_pb2.IstioCertificateRequest.FromString,
+            response_serializer=ca_pb2.IstioCertificateResponse.SerializeToString)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "istio.v1.auth.IstioCertificateService", {"CreateCertificate": handler}),))
+
+    return register
 
 
 def _csrs(count: int) -> list[str]:
@@ -145,7 +173,31 @@ async def _load(address: str, root: bytes, seconds: float) -> float:
     return done / elapsed
 
 
-def _over_grpc(mode: str, seconds: float) -> float:
+def _go_load(binary: Path, directory: Path, seconds: float) -> float:
+    """CreateCertificate calls per second from the stdlib Go client (bench/go/cmd/caload)."""
+    (directory / "csr.pem").write_text(_csrs(1)[0])
+    proc = subprocess.run(
+        [str(binary), "-addr", (directory / "address").read_text(), "-root", str(directory / "root.pem"),
+         "-servername", DNS_NAME, "-csr", str(directory / "csr.pem"), "-seconds", str(seconds),
+         "-concurrency", str(CONCURRENCY), "-conns", str(CHANNELS), "-identities", str(IDENTITIES)],
+        capture_output=True, text=True, timeout=seconds + 120, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"caload failed: {proc.stderr.strip()}")
+    doc = json.loads(proc.stdout)
+    if doc["failed"]:
+        print(f"  note: {doc['failed']} calls failed, first: {doc.get('first_error')}", file=sys.stderr)
+    return float(doc["ops_s"])
+
+
+def _server_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _over_grpc(mode: str, seconds: float, go_client: Path | None) -> tuple[float, float]:
+    """Calls per second, and the server's CPU milliseconds per call (its process only: the pool's workers
+    are not counted, so pool mode's figure is the event loop's share)."""
     with tempfile.TemporaryDirectory(prefix="ca-bench-istio-") as tmp:
         directory = Path(tmp)
         proc = subprocess.Popen([sys.executable, str(Path(__file__)), "--serve", mode, str(directory)], cwd=ROOT,
@@ -156,8 +208,15 @@ def _over_grpc(mode: str, seconds: float) -> float:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the {mode} server did not start")
                 time.sleep(0.05)
-            return asyncio.run(_load((directory / "address").read_text(), (directory / "root.pem").read_bytes(),
-                                     seconds))
+            cpu_before = _server_cpu(proc.pid)
+            if go_client is not None:
+                ops = _go_load(go_client, directory, seconds)
+            else:
+                ops = asyncio.run(_load((directory / "address").read_text(), (directory / "root.pem").read_bytes(),
+                                        seconds))
+            # Warm-up calls are inside the CPU window too: a small overcount, the same for every mode.
+            cpu_ms = 1e3 * (_server_cpu(proc.pid) - cpu_before) / max(1.0, ops * seconds)
+            return ops, cpu_ms
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -185,13 +244,29 @@ def run(quick: bool, modes: Sequence[str] = MODES) -> Result:
     result = Result("istio_ca")
     baseline = _in_process_rate(seconds)
     result.metrics["in_process_csr_ops_s"] = baseline
+    try:
+        from bench.go_reference import build
+
+        go_client: Path | None = build("./cmd/caload")
+        result.metrics["go_client"] = 1.0
+    except Exception as exc:  # GoUnavailable, or a build failure: measure with the Python client instead
+        go_client = None
+        result.metrics["go_client"] = 0.0
+        result.notes.append(f"load generator: Python grpc.aio client ({exc}); it costs the server's cores as much "
+                            "CPU per call as the server spends")
+    stub_ops, stub_cpu_ms = _over_grpc("stub", seconds, go_client)
+    result.metrics["grpc_stub_ops_s"] = stub_ops
+    result.metrics["grpc_stub_server_cpu_ms_per_call"] = stub_cpu_ms
     for mode in modes:
-        ops = _over_grpc(mode, seconds)
+        ops, cpu_ms = _over_grpc(mode, seconds, go_client)
         result.metrics[f"grpc_{mode}_ops_s"] = ops
         result.metrics[f"grpc_{mode}_over_in_process"] = ops / baseline
+        result.metrics[f"grpc_{mode}_over_stub"] = ops / stub_ops
+        result.metrics[f"grpc_{mode}_server_cpu_ms_per_call"] = cpu_ms
     result.target("CreateCertificate (thread: the daemon's) >= 1,500/s on 2 cores", "grpc_thread_ops_s", ">=", 1500)
+    client = "the stdlib Go client (bench/go/cmd/caload)" if go_client is not None else "Python grpc.aio clients"
     result.notes.append(f"{CONCURRENCY} calls in flight over {CHANNELS} TLS channels, {IDENTITIES} identities, "
-                        "warm TokenReview cache; the load generator shares the machine's cores with the server")
+                        f"warm TokenReview cache; load from {client}, on the same two cores as the server")
     return result
 
 
