@@ -82,9 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         print_result(result)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     name = args.name or ("quick" if args.quick else "full")
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+    now = dt.datetime.now(dt.UTC)
     text = json.dumps(doc, indent=2, sort_keys=False) + "\n"
-    (args.results_dir / f"{stamp}-{name}.json").write_text(text)
+    path = args.results_dir / f"{now:%Y-%m-%d}-{name}.json"
+    if path.exists():  # a second run of the day keeps the first (results are committed)
+        path = args.results_dir / f"{now:%Y-%m-%d-%H%M}-{name}.json"
+    path.write_text(text)
     (args.results_dir / "latest.json").write_text(text)
     print(f"\nwrote {args.results_dir / 'latest.json'}")
     return 1 if doc["errors"] else 0
