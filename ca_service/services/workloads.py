@@ -171,9 +171,14 @@ class WorkloadRegistry:
         if pending is None:
             pending = asyncio.ensure_future(self._sign_first(node_id, spiffe_id, signer))
             self._obtaining[key] = pending
-            pending.add_done_callback(lambda _: self._obtaining.pop(key, None))
+            pending.add_done_callback(lambda done: self._obtained(key, done))
         # Shielded: a stream that goes away does not cancel the signing its node's other streams wait on.
         return await asyncio.shield(pending)
+
+    def _obtained(self, key: WorkloadKey, done: asyncio.Future[WorkloadCert]) -> None:
+        self._obtaining.pop(key, None)
+        if not done.cancelled():
+            done.exception()  # retrieved: every waiter re-raises it, and none left must not warn
 
     async def _sign_first(self, node_id: str, spiffe_id: SpiffeId, signer: BatchSigner) -> WorkloadCert:
         now = self._clock.now()
