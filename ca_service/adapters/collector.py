@@ -48,9 +48,11 @@ class CollectorSchedule:
     name = "gc-schedule"
 
     def __init__(self, clock: Clock, activity: Callable[[], int], *, interval: dt.timedelta = FULL_INTERVAL,
-                 quiet: dt.timedelta = QUIET, max_defer: dt.timedelta = MAX_DEFER) -> None:
+                 quiet: dt.timedelta = QUIET, max_defer: dt.timedelta = MAX_DEFER,
+                 observe: Callable[[float], None] | None = None) -> None:
         self._clock = clock
         self._activity = activity
+        self._observe = observe  # told each pass's duration (ca_gc_full_pass_duration_seconds)
         self._interval, self._quiet, self._max_defer = interval, quiet, max_defer
         self._task: asyncio.Task[None] | None = None
         self.collections = 0  # full passes this schedule ran
@@ -84,9 +86,11 @@ class CollectorSchedule:
             await self._wait_for_quiet()
             started = time.perf_counter()
             found = gc.collect(2)
+            seconds = time.perf_counter() - started
             self.collections += 1
-            log.debug("full garbage collection", extra={"collected": found,
-                                                         "seconds": round(time.perf_counter() - started, 3)})
+            if self._observe is not None:
+                self._observe(seconds)
+            log.debug("full garbage collection", extra={"collected": found, "seconds": round(seconds, 3)})
 
     async def _wait_for_quiet(self) -> None:
         deadline = self._clock.now() + self._max_defer

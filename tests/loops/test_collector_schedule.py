@@ -31,7 +31,8 @@ def full_passes() -> Iterator[list[int]]:
 
 async def test_a_full_pass_runs_each_interval_once_sds_is_quiet(clock: FakeClock, full_passes: list[int]) -> None:
     pushes = [0]
-    schedule = CollectorSchedule(clock, lambda: pushes[0])
+    durations: list[float] = []
+    schedule = CollectorSchedule(clock, lambda: pushes[0], observe=durations.append)
     threshold = gc.get_threshold()
     await schedule.start()
     try:
@@ -48,6 +49,7 @@ async def test_a_full_pass_runs_each_interval_once_sds_is_quiet(clock: FakeClock
         clock.advance(QUIET)  # a quiet second
         await clock.settle()
         assert schedule.collections == 1 and len(full_passes) == 1
+        assert len(durations) == 1 and durations[0] > 0  # ca_gc_full_pass_duration_seconds
     finally:
         await schedule.stop()
     assert gc.get_threshold() == threshold and gc.get_freeze_count() == 0
