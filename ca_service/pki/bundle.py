@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import functools
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -78,6 +79,12 @@ class TrustBundle:
         return TrustBundle(self.trust_domain, candidate, self.sequence + 1, self.refresh_hint)
 
     def to_pem(self) -> bytes:
+        return self._pem
+
+    @functools.cached_property
+    def _pem(self) -> bytes:
+        # Encoded once per bundle object: the authority hands out the same bundle until the roots change,
+        # and every CreateCertificate reply and SDS validation context carries it.
         return certs_to_pem(self.roots)
 
     def to_jwks(self) -> dict[str, Any]:

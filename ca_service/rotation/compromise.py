@@ -141,27 +141,21 @@ def _taint_root(state: AuthorityState, entry: CAEntry, now: dt.datetime, policy:
     return state.replace(entries=(*state.entries, new_root), root_rotation=started)
 
 
-def plan_taint(state: AuthorityState, key_id: str) -> str:
-    """What :func:`taint` would do, without minting anything (the dry run).
-
-    Raises:
-        InvalidRequestError, NotReadyError: exactly as :func:`taint` would.
-    """
-    entry = find_entry(state, key_id)
-    if is_tainted(state, entry):
-        raise InvalidRequestError(f"{entry.kind} {entry.serial} is already tainted")
+def describe_taint(entry: CAEntry, before: AuthorityState, after: AuthorityState) -> str:
+    """What :func:`taint` of ``entry`` did to ``before`` to give ``after``, in words (the dry run computes the
+    real :func:`taint` and says this, so the two can never disagree)."""
     what = f"{entry.kind} {entry.serial} ({entry.state}) would never sign again"
-    if entry.state is SlotState.PREPARED:
-        return what + "; it never signed, so it would be dropped at once"
+    emergency = after.root_rotation is not None and after.root_rotation != before.root_rotation
+    rotation = ("an emergency root rotation would start now (new root published, signing after the ACK gate, "
+                "every live SVID re-issued under it)")
+    if not any(e.key_id == entry.key_id for e in after.entries):
+        return what + "; it never signed, so it would be dropped at once" + (f"; {rotation}" if emergency else "")
     if entry.state is SlotState.OLD:
         return what + "; it already stopped signing (revoke removes it)"
+    if emergency:
+        return what + "; " + rotation
     if entry.kind is CAKind.ROOT:
-        if not state.holds_root_key:
-            raise NotReadyError("an emergency root rotation needs the root key, which is held offline")
-        return what + ("; an emergency root rotation would start now (new root published, signing after the ACK "
-                       "gate, every live SVID re-issued under it)")
-    if not [e for e in state.of_kind(entry.kind, SlotState.PREPARED) if not is_tainted(state, e)]:
-        _signing_root(state)  # raises what a replacement mint would
+        return what + "; the root rotation under way already replaces it"
     return what + "; a fresh intermediate would sign from now on and every live SVID under it would be re-issued"
 
 

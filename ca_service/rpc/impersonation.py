@@ -40,12 +40,15 @@ class KubernetesPodDirectory:
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
+        from ca_service.kube.client import REQUEST_TIMEOUT
+
         self._api = client.CoreV1Api(api_client)
         self._missing = ApiException
+        self._timeout = REQUEST_TIMEOUT
 
     def node_of_pod(self, namespace: str, name: str) -> str | None:
         try:
-            pod = self._api.read_namespaced_pod(name, namespace)
+            pod = self._api.read_namespaced_pod(name, namespace, _request_timeout=self._timeout)
         except self._missing as exc:
             if exc.status == 404:
                 return None
@@ -55,7 +58,8 @@ class KubernetesPodDirectory:
         return pod.spec.node_name or None
 
     def has_pod_on_node(self, namespace: str, service_account: str, node: str) -> bool:
-        pods = self._api.list_namespaced_pod(namespace, field_selector=f"spec.nodeName={node}").items
+        pods = self._api.list_namespaced_pod(namespace, field_selector=f"spec.nodeName={node}",
+                                        _request_timeout=self._timeout).items
         return any(p.spec.service_account_name == service_account
                    and (p.status is None or p.status.phase not in _TERMINATED_PHASES) for p in pods)
 

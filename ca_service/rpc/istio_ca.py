@@ -25,7 +25,7 @@ from google.protobuf import json_format  # type: ignore[import-untyped]  # no ty
 
 from ca_service.clock import Clock
 from ca_service.config import GrpcListener, ListenerPolicy
-from ca_service.errors import AuthenticationError, CAServiceError, CSRRejectedError, OverloadedError
+from ca_service.errors import CAServiceError, CSRRejectedError, OverloadedError
 from ca_service.pki.csr import CsrKeyType, InvalidCSRError, check_csr, parse_csr, resolve_ttl
 from ca_service.pki.verify import verify_svid
 from ca_service.rpc.authn import (
@@ -34,6 +34,7 @@ from ca_service.rpc.authn import (
     CallCredentials,
     Caller,
     PeerCertificateAuthenticator,
+    authenticate,
     check_policy,
     verified_peer_certificate,
 )
@@ -100,24 +101,21 @@ class IstioCAServicer(ca_pb2_grpc.IstioCertificateServiceServicer):  # type: ign
         ttl = resolve_ttl(request.validity_duration, default=settings.workload_ttl, maximum=settings.max_workload_ttl)
         now = self._clock.now()
         svid = await self._signer.sign(entitled, public_key, ttl=ttl, now=now)
-        roots = self._authority.bundle().roots
+        bundle = self._authority.bundle()
         # Per leaf, not per signer: what we hand out must verify against exactly the roots we send.
-        verify_svid(svid.leaf, svid.chain[1:], roots, now=now)
+        verify_svid(svid.leaf, svid.chain[1:], bundle.roots, now=now)
         self._record(svid, caller, now)
         log.info("certificate issued", extra={"spiffe_id": str(entitled), "caller": str(caller.spiffe_id),
                                               "method": caller.method, "serial": f"{svid.leaf.serial_number:x}",
                                               "not_after": svid.not_after.isoformat()})
-        return chain_for(svid, self._authority.bundle().to_pem())
+        return chain_for(svid, bundle.to_pem())
 
     async def _caller(self, context: Context) -> Caller:
         credentials = CallCredentials(
             node_id=context.peer(), peer_certificate_pem=self._peer_certificate(context),
             invocation_metadata={k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)},
             peer=context.peer())
-        caller = await self._authenticator.authenticate(credentials)
-        if caller is None:
-            raise AuthenticationError(f"no credential this listener accepts (peer {context.peer()})")
-        return caller
+        return await authenticate(self._authenticator, credentials)
 
     def _peer_certificate(self, context: Context) -> bytes | None:
         return verified_peer_certificate(context.auth_context(), verified=self._peer_certificate_verified)
@@ -160,7 +158,6 @@ class IstioCAService:
         self._shared = dict(impersonation=impersonation, signer=signer, in_flight=in_flight,
                             rate_limiter=rate_limiter, ledger=ledger, telemetry=telemetry, clock=clock)
         self._allowed_key_types = tuple(allowed_key_types)
-        self.ledger = ledger
 
     def register(self, server: grpc.aio.Server, listener: GrpcListener) -> None:
         verified = listener.tls.enabled and listener.tls.require_client_cert

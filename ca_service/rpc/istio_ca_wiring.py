@@ -34,17 +34,9 @@ class IstioCA:
 
 def kubernetes_clients(settings: Settings) -> dict[str, Any]:
     """One API client per configured cluster ID (kubeconfig, or in-cluster config when it is null)."""
-    from kubernetes import client, config
+    from ca_service.kube.client import build_api_client  # the kubernetes package only when clusters are set
 
-    clients: dict[str, Any] = {}
-    for cluster in settings.istio_ca.clusters:
-        if cluster.kubeconfig is None:
-            configuration = client.Configuration()
-            config.load_incluster_config(client_configuration=configuration)
-            clients[cluster.cluster_id] = client.ApiClient(configuration)
-        else:
-            clients[cluster.cluster_id] = config.new_client_from_config(config_file=str(cluster.kubeconfig))
-    return clients
+    return {cluster.cluster_id: build_api_client(cluster.kubeconfig) for cluster in settings.istio_ca.clusters}
 
 
 def build_istio_ca(settings: Settings, authority: Authority, registry: WorkloadRegistry, telemetry: Telemetry,

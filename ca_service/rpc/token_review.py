@@ -73,12 +73,15 @@ class KubernetesTokenReviewer:
     def __init__(self, api_client: Any) -> None:
         from kubernetes import client
 
+        from ca_service.kube.client import REQUEST_TIMEOUT
+
         self._api = client.AuthenticationV1Api(api_client)
         self._client = client
+        self._timeout = REQUEST_TIMEOUT  # no review may hold a worker thread (and the CSR it gates) for long
 
     def review(self, token: str, audiences: Sequence[str]) -> ReviewStatus:
         body = self._client.V1TokenReview(spec=self._client.V1TokenReviewSpec(token=token, audiences=list(audiences)))
-        status = self._api.create_token_review(body).status
+        status = self._api.create_token_review(body, _request_timeout=self._timeout).status
         user = status.user
         return ReviewStatus(
             authenticated=bool(status.authenticated), username=(user and user.username) or "",

@@ -52,10 +52,6 @@ class Compromiser(Protocol):
     async def handle(self, request: CompromiseRequest) -> CompromiseResult: ...
 
 
-def _serial(cert: WorkloadCert) -> str:
-    return format(cert.svid.leaf.serial_number, "x")
-
-
 class CompromiseService:
     """Taint and revoke over the rotation engine's ports (the same ones the forced rotator uses)."""
 
@@ -80,15 +76,18 @@ class CompromiseService:
         ports = self._ports
         state = ports.changes.state
         entry = compromise.find_entry(state, request.key_id)
-        detail = compromise.plan_taint(state, request.key_id)  # raises what the real run would
         affected = self._dependents(state, entry)
-        result = CompromiseResult("taint", request.dry_run, str(entry.kind), entry.serial, entry.key_id, detail,
-                                  tuple(_serial(c) for c in affected))
+        now = ports.clock.now()
+
+        def change(current: AuthorityState) -> AuthorityState:
+            return compromise.taint(current, entry.key_id, now, ports.policy, reason=request.reason)
+
+        # The dry run computes the real (pure) change, so it refuses and describes exactly what a real run would.
+        after = change(state) if request.dry_run else await ports.changes.apply(change)
+        result = CompromiseResult("taint", request.dry_run, str(entry.kind), entry.serial, entry.key_id,
+                                  compromise.describe_taint(entry, state, after), tuple(c.serial for c in affected))
         if request.dry_run:
             return result
-        now = ports.clock.now()
-        await ports.changes.apply(lambda s: compromise.taint(s, entry.key_id, now, ports.policy,
-                                                             reason=request.reason))
         ports.rotations.labels(kind=str(entry.kind), reason="taint").inc()
         if entry.kind is not CAKind.ROOT and affected:
             # Every SVID under the tainted intermediate is due now (not spread: the key may be in an
@@ -117,7 +116,7 @@ class CompromiseService:
         detail = (f"{entry.kind} {entry.serial} and every CA under it would leave every bundle"
                   if not breaks else f"{entry.kind} {entry.serial} still has dependents: " + "; ".join(breaks))
         result = CompromiseResult("revoke", request.dry_run, str(entry.kind), entry.serial, entry.key_id, detail,
-                                  tuple(_serial(c) for c in live), breaks)
+                                  tuple(c.serial for c in live), breaks)
         if breaks and not request.force and not request.dry_run:
             raise PolicyViolationError(detail + " (wait, or revoke with force and accept that they stop verifying)")
         if request.dry_run:

@@ -9,6 +9,7 @@ can say it is incomplete).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import heapq
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -30,13 +31,16 @@ class IssuanceRecord:
 
     @property
     def namespace(self) -> str | None:
-        k8s = SpiffeId.parse(self.spiffe_id).kubernetes
-        return k8s[0] if k8s else None
+        return self._kubernetes[0] if self._kubernetes else None
 
     @property
     def service_account(self) -> str | None:
-        k8s = SpiffeId.parse(self.spiffe_id).kubernetes
-        return k8s[1] if k8s else None
+        return self._kubernetes[1] if self._kubernetes else None
+
+    @functools.cached_property
+    def _kubernetes(self) -> tuple[str, str] | None:
+        # Parsed once per record, at its first filtered listing (not per issuance, not per listing).
+        return SpiffeId.parse(self.spiffe_id).kubernetes
 
     def to_json(self) -> dict[str, str]:
         return {"serial": self.serial, "spiffe_id": self.spiffe_id, "caller": self.caller, "method": self.method,

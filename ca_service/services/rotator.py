@@ -81,10 +81,6 @@ class RotatorPorts:
                    reconciler.policy, reconciler.telemetry.rotations)
 
 
-def _serial(cert: WorkloadCert) -> str:
-    return format(cert.svid.leaf.serial_number, "x")
-
-
 class RotationService:
     """Implements ``Rotator`` over its ports (:meth:`of` wires them from a reconciler)."""
 
@@ -122,7 +118,7 @@ class RotationService:
 
     async def _workloads(self, request: RotationRequest) -> RotationResult:
         selected = self._select(request)
-        affected = tuple(_serial(c) for c in selected)
+        affected = tuple(c.serial for c in selected)
         identities = tuple(sorted({str(c.spiffe_id) for c in selected}))
         if request.dry_run or not selected:
             return RotationResult(request.scope, request.dry_run, affected, (), identities,
@@ -131,7 +127,7 @@ class RotationService:
         if request.scope is RotationScope.WORKLOAD:
             # One identity is a handful of nodes: re-issue now, nothing to stampede.
             new = await ports.changes.exclusive(lambda: tuple(
-                _serial(ports.workloads.reissue(c.node_id, c.spiffe_id, reason=f"forced: {request.reason}"))
+                ports.workloads.reissue(c.node_id, c.spiffe_id, reason=f"forced: {request.reason}").serial
                 for c in selected))
             ports.rotations.labels(kind="workload", reason="forced").inc(len(new))
             return RotationResult(request.scope, False, affected, new, identities,
@@ -164,7 +160,7 @@ class RotationService:
         state = self._ports.changes.state
         # The root, every CA under it, and every live SVID: all are replaced by a root rotation.
         plan = plan_root(state)
-        affected = (*plan.affected, *(_serial(c) for c in self._ports.workloads))
+        affected = (*plan.affected, *(c.serial for c in self._ports.workloads))
         if request.dry_run:
             return RotationResult(request.scope, True, affected, (), detail=plan.detail)
         policy, now = self._ports.policy, self._ports.clock.now()

@@ -73,6 +73,11 @@ class WorkloadCert:
         return load_private_key(self.key_pem)
 
     @property
+    def serial(self) -> str:
+        """The leaf's serial in hex, as openssl prints it (logs, admin results)."""
+        return format(self.svid.leaf.serial_number, "x")
+
+    @property
     def workload_key(self) -> WorkloadKey:
         return (self.node_id, self.spiffe_id)
 
@@ -204,9 +209,8 @@ class WorkloadRegistry:
         current = self._certs.get((node_id, spiffe_id))
         generation = current.generation + 1 if current else 1
         cert = self._issue(node_id, spiffe_id, self._clock.now(), generation=generation)
-        serial = f"{cert.svid.leaf.serial_number:x}"
         log.info("workload certificate re-issued",
-                 extra={"spiffe_id": str(spiffe_id), "node": node_id, "reason": reason, "serial": serial})
+                 extra={"spiffe_id": str(spiffe_id), "node": node_id, "reason": reason, "serial": cert.serial})
         return cert
 
     async def reissue_many(self, keys: Sequence[WorkloadKey], *, reason: str,

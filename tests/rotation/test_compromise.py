@@ -142,3 +142,24 @@ def test_tainting_twice_is_refused_and_a_root_taint_without_the_root_key_says_wh
                                      e.__class__(e.kind, e.cert, None, e.state) for e in state.entries])
     with pytest.raises(NotReadyError, match="held offline"):
         compromise.taint(offline, offline.active(CAKind.ROOT).key_id, NOW, policy, reason="leak")
+
+
+def test_the_dry_run_words_what_taint_really_does_for_roots_in_a_rotation(
+        state: AuthorityState, policy: RotationPolicy) -> None:
+    published = force_root(state, NOW, policy, reason="drill")
+    # The active root while a rotation to an untainted B is published: B already replaces it, no key needed.
+    offline = published.replace(mode=AuthorityMode.INTERMEDIATE_ONLY,
+                                entries=[e if e.kind is not CAKind.ROOT else
+                                         e.__class__(e.kind, e.cert, None, e.state) for e in published.entries])
+    active = offline.active(CAKind.ROOT)
+    after = compromise.taint(offline, active.key_id, NOW, policy, reason="A leaked")
+    assert "rotation under way already replaces it" in compromise.describe_taint(active, offline, after)
+    # The prepared root B: it is dropped *and* an emergency rotation to a fresh root starts.
+    prepared = published.of_kind(CAKind.ROOT, SlotState.PREPARED)[0]
+    after = compromise.taint(published, prepared.key_id, NOW, policy, reason="B leaked")
+    said = compromise.describe_taint(prepared, published, after)
+    assert "dropped at once" in said and "emergency root rotation would start" in said
+    # The signing intermediate: replaced by a fresh one.
+    intermediate = state.active(CAKind.INTERMEDIATE)
+    after = compromise.taint(state, intermediate.key_id, NOW, policy, reason="leak")
+    assert "fresh intermediate" in compromise.describe_taint(intermediate, state, after)
