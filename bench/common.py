@@ -64,11 +64,6 @@ def rate(fn: Callable[[], object], *, seconds: float, min_ops: int = 20) -> floa
     return ops / (time.perf_counter() - started)
 
 
-def best_of(rounds: int, measure: Callable[[], float]) -> float:
-    """The best of ``rounds`` measurements: on a noisy machine the best is the least disturbed one."""
-    return max(measure() for _ in range(rounds))
-
-
 def temp_settings(directory: Path | None = None) -> Settings:
     base = directory or Path(tempfile.mkdtemp(prefix="ca-bench-"))
     return load_settings(environ={}, overrides={"data_dir": str(base / "data")})

@@ -49,6 +49,16 @@ def kill_all(pids: set[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """SIGTERM a daemon and wait for it (draining a piped output); SIGKILL it past ``timeout``."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def is_spawned_worker(pid: int) -> bool:
     """A ``multiprocessing`` spawn child (a pool worker), not its resource tracker or anything else."""
     try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 
-from tests.processes import read_until
+from tests.processes import read_until, stop
 from tests.rpc.sds_fixtures import node
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,12 +74,7 @@ def locked_down_daemon(tmp_path: Path) -> Iterator[str]:
         assert bound[3] == b"False", "the flag turned on trust in node metadata"
         yield bound[1].decode()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 async def test_grpc_address_flag_does_not_let_node_metadata_claim_an_identity(locked_down_daemon: str) -> None:

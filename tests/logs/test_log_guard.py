@@ -93,7 +93,7 @@ def test_repeats_past_the_burst_are_suppressed_and_counted_in_one_summary_when_t
     assert any("another template" in line for line in lines)
     summary = [line for line in lines if "suppressed 47 repeats" in line]
     assert len(summary) == 1 and "source_logger=tests.logs.victim" in summary[0]
-    assert suppressed_total() - before >= 0  # the guard under test is not the process's active one
+    assert suppressed_total() == before  # the guard under test is not the process's active one
 
 
 def test_a_new_window_admits_the_burst_again() -> None:

@@ -15,6 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.properties.profiles import SLOW_TIMEOUT
+
 from .test_leaf_der import ALGORITHMS, assert_same_der, leaf_keys
 
 MAX_SERIAL = (1 << 159) - 1
@@ -72,6 +74,7 @@ def test_a_few_hundred_random_leaves_give_the_builders_bytes(case: dict[str, obj
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SLOW_TIMEOUT)
 @settings(max_examples=10_000, **COMMON)  # type: ignore[arg-type]
 @given(cases())
 def test_ten_thousand_random_leaves_give_the_builders_bytes(case: dict[str, object]) -> None:

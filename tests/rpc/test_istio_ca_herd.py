@@ -85,27 +85,18 @@ async def test_a_herd_of_400_csrs_from_40_identities_is_served_or_told_to_retry(
 
 async def test_a_herd_past_the_in_flight_cap_is_told_to_retry_and_sds_is_still_served(tmp_path: object,
                                                                                      kube: Kube) -> None:
-    from ca_service.services.csr_signing import ThreadCsrSigner
     from tests.rpc.istio_fixtures import istio_settings, start_stack
 
     settings = istio_settings(tmp_path, kube.cluster.kubeconfig, max_in_flight=2)  # type: ignore[arg-type]
-    stack = await start_stack(settings, signer=None)
-    # Signing in a thread makes handlers overlap (inline signing never does), and grpc.aio hands calls
-    # over only a few at a time, so a cap of 2 is what a herd on this scale reliably reaches.
-    stack = await _restart_with_signer(stack, ThreadCsrSigner(stack.authority))
+    # The daemon's signer (a thread) makes handlers overlap (inline signing never does), and grpc.aio hands
+    # calls over only a few at a time, so a cap of 2 is what a herd on this scale reliably reaches.
+    stack = await start_stack(settings)
     try:
         outcomes = await _herd(stack, kube, 300, 30)
         assert outcomes["RESOURCE_EXHAUSTED"] > 0
         assert stack.metric("ca_istio_ca_rejections_total", reason="overloaded") == outcomes["RESOURCE_EXHAUSTED"]
     finally:
         await stack.component.stop()
-
-
-async def _restart_with_signer(stack: IstioStack, signer: object) -> IstioStack:
-    from tests.rpc.istio_fixtures import start_stack
-
-    await stack.component.stop()
-    return await start_stack(stack.settings, signer=signer)
 
 
 @pytest.mark.slow

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,18 +21,14 @@ from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 
 from ca_service.rpc.sds_resources import SECRET_TYPE_URL
+from tests.envoy_harness.traffic import free_port
+from tests.processes import stop
 from tests.rpc.sds_fixtures import node
 
 REPO = Path(__file__).resolve().parents[2]
 MIB = 1024 * 1024
 # What 300 x 1 MiB may cost at most; the issue measured +271 MB before the fix.
 RSS_GROWTH_BOUND = 100 * MIB
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _rss(pid: int, field: str = "VmRSS") -> int:
@@ -47,7 +41,7 @@ def _rss(pid: int, field: str = "VmRSS") -> int:
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     config = tmp_path / "ca-service.yaml"
     config.write_text(f"""
 data_dir: {tmp_path / 'data'}
@@ -66,12 +60,7 @@ bundle_endpoint: {{enabled: false}}
             time.sleep(0.1)
         yield proc, address
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         log.close()
 
 

@@ -28,6 +28,7 @@ from ca_service.services.workloads import BatchSigner, SignedSvid, WorkloadRegis
 from ca_service.telemetry import Telemetry
 from tests.clock import FakeClock
 from tests.rpc.sds_fixtures import node, peer_bundle, read, request, secrets_of
+from tests.waiting import wait_for
 
 WEB = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/a")
 
@@ -161,8 +162,7 @@ async def test_a_trust_change_while_the_first_svid_is_signed_reaches_the_stream(
         async with grpc.aio.insecure_channel(component.bound_addresses[0]) as channel:
             call = sds_pb2_grpc.SecretDiscoveryServiceStub(channel).StreamSecrets()
             await call.write(request(["ROOTCA", "default"], n=node("a", node_id="node-a")))
-            while signer.calls == 0:  # ROOTCA is resolved; the SVID waits on the gate
-                await asyncio.sleep(0.01)
+            await wait_for(lambda: signer.calls > 0, "the SVID waiting on the gate (ROOTCA resolved)")
             trust.set_peer(peer_bundle("eu.cluster.local", clock.now()))
             signer.gate.set()
             first = secrets_of(await read(call))

@@ -38,12 +38,6 @@ async def _serial_of_a_new_stream(stub: sds_pb2_grpc.SecretDiscoveryServiceStub,
     return x509.load_pem_x509_certificates(chain)[0].serial_number
 
 
-def _meta_node(node_id: str) -> Any:
-    n = node("a")
-    n.id = node_id
-    return n
-
-
 async def test_a_node_back_within_the_grace_period_keeps_its_svid_and_one_gone_longer_is_forgotten(
         sds: SdsStack, stub: sds_pb2_grpc.SecretDiscoveryServiceStub, clock: FakeClock) -> None:
     first = await _serial_of_a_new_stream(stub, sds, "node-1")
@@ -80,7 +74,7 @@ async def test_a_node_that_only_fetched_is_forgotten_after_the_grace_period(
 
 
 OVERSIZE = [
-    ("node.id is 2000 bytes; the limit is 1024", request(["default"], n=_meta_node("x" * 2000))),
+    ("node.id is 2000 bytes; the limit is 1024", request(["default"], n=node("a", node_id="x" * 2000))),
     ("resource_names has 300 names; the limit is 256", request([f"n{i}" for i in range(300)], n=node("a"))),
     ("a name in resource_names is 2000 bytes; the limit is 1024", request(["x" * 2000], n=node("a"))),
 ]
