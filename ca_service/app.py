@@ -204,6 +204,7 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
     app = App(settings, clock=clock, store=store)
     # The Istio CA API rides on every SDS listener's server; its serving certificates carry tls.dns_names.
     app.istio_ca = istio = build_istio_ca(settings, app.authority, app.registry, app.telemetry, app.clock)
+    app.shutdown_hooks.append(istio.journal.close)
     pool = build_signing_pool(settings, app)
     # A stream's first SVID is signed on the pool too, batched per loop turn (in process while it is cold).
     sds = SdsComponent(settings.grpc, registry=app.registry, trust=app.trust, telemetry=app.telemetry,

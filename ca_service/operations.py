@@ -6,12 +6,15 @@ Each returns a plain dict (the ``--json`` output) and has a text renderer next t
 from __future__ import annotations
 
 import datetime as dt
+import getpass
+import os
 from pathlib import Path
 from typing import Any
 
+from ca_service.adapters import issuance_journal
 from ca_service.app import build_authority
 from ca_service.config import Settings
-from ca_service.errors import InvalidRequestError, NotReadyError
+from ca_service.errors import InvalidRequestError, NotReadyError, StorageError
 from ca_service.pki.certs import CertFacts, certs_to_pem, load_cert, load_certs
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import load_private_key, private_key_to_pem
@@ -19,6 +22,7 @@ from ca_service.rotation.minting import bootstrap_state, import_root, intermedia
 from ca_service.rotation.state import AuthorityMode, AuthorityState
 from ca_service.services.authority import Authority
 from ca_service.services.cacerts import cacerts_files
+from ca_service.services.issuance_ledger import IssuanceRecord
 from ca_service.services.reports import entry_report
 from ca_service.storage.projected import write_projected
 
@@ -126,7 +130,16 @@ def issue(settings: Settings, spiffe_id: str, out: Path, *, ttl: dt.timedelta | 
     authority = _loaded(settings)
     identity = SpiffeId.parse(spiffe_id)
     key = authority.issuer.new_key()
-    svid = authority.issuer.issue(identity, key.public_key(), ttl=ttl, now=authority.clock.now())
+    now = authority.clock.now()
+    svid = authority.issuer.issue(identity, key.public_key(), ttl=ttl, now=now)
+    # Journaled before anything is handed out: a certificate that cannot be recorded is not written.
+    try:
+        issuance_journal.write_file(settings.issued_dir, [IssuanceRecord(
+            serial=svid.serial, spiffe_id=str(identity), caller=_operator(), method="local", path="cli",
+            not_after=svid.not_after, issuer=svid.issuer_key_id, issued_at=now)])
+    except OSError as exc:
+        raise StorageError(f"cannot record the certificate in {settings.issued_dir}: {exc.strerror}; "
+                           "nothing was written") from None
     files = {"svid.pem": certs_to_pem(svid.chain), "svid-key.pem": private_key_to_pem(key),
              "bundle.pem": certs_to_pem(svid.roots)}
     out.mkdir(parents=True, exist_ok=True)
@@ -135,6 +148,14 @@ def issue(settings: Settings, spiffe_id: str, out: Path, *, ttl: dt.timedelta | 
     facts = CertFacts.of(svid.leaf)
     return {"spiffe_id": str(identity), "serial": facts.serial, "not_after": facts.not_after.isoformat(),
             "dir": str(out), "files": sorted(files)}
+
+
+def _operator() -> str:
+    """Who ran ``ca-service issue``, for the issuance ledger's ``caller``."""
+    try:
+        return f"local-user:{getpass.getuser()}"
+    except (KeyError, OSError):  # no login name and no passwd entry (a container's arbitrary uid)
+        return f"local-uid:{os.getuid()}"
 
 
 def _write_file(path: Path, data: bytes, mode: int) -> None:

@@ -358,3 +358,8 @@ class Settings:
     @property
     def bundle_dir(self) -> Path:
         return self.federation.bundle_dir or self.data_dir / "bundles"
+
+    @property
+    def issued_dir(self) -> Path:
+        """The issuance ledger's journal (adapters/issuance_journal.py), shared with ``ca-service issue``."""
+        return self.data_dir / "issued"

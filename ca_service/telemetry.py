@@ -62,6 +62,9 @@ class Telemetry:
                                          ["code"], registry=r)
         self.istio_ca_rejections = Counter("ca_istio_ca_rejections", "CreateCertificate calls refused, by reason",
                                            ["reason"], registry=r)
+        self.issuance_journal_errors = Counter(
+            "ca_issuance_journal_errors", "Issuance journal files that could not be written, read or deleted "
+            "(the in-memory ledger still has the record)", registry=r)
         self.istio_ca_latency = Histogram("ca_istio_ca_request_duration_seconds", "CreateCertificate latency",
                                           buckets=_CSR_BUCKETS, registry=r)
         self.token_reviews = Counter("ca_token_reviews", "Kubernetes TokenReview calls by result", ["result"],

@@ -101,8 +101,8 @@ def check_csr(
     """
     public_key = csr.public_key()
     key_type = csr_key_type(public_key)
-    allowed = {CsrKeyType[a.name] for a in allowed_algorithms}
-    if key_type not in allowed:
+    # The set is usually CsrKeyType already (a hash lookup); KeyAlgorithm members match by name.
+    if key_type not in allowed_algorithms and key_type.name not in {a.name for a in allowed_algorithms}:
         raise CSRRejectedError("key-type", f"CSR key algorithm {key_type} is not allowed here")
     if not _signature_verifies(csr, public_key):
         raise InvalidCSRError("signature", "CSR signature does not verify")

@@ -1,15 +1,18 @@
 """Chain verification at a given instant, through ``cryptography.x509.verification`` (RFC 5280 path building).
 
 Used before every reply that carries a chain (istio-csr's rule: never hand out a chain that does not
-verify against the roots we publish) and by the independent checks of ``export-cacerts``.
+verify against the roots we publish; :class:`IssuedChainVerifier` does it per CSR at a third of the
+cost) and by the independent checks of ``export-cacerts``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 from ca_service.errors import PolicyViolationError
@@ -74,3 +77,46 @@ def verify_ca_chain(
         builder.build_client_verifier().verify(ca_cert, list(intermediates))
     except VerificationError as exc:
         raise ChainVerificationError(f"CA certificate does not chain to the roots: {exc}") from None
+
+
+class IssuedChainVerifier:
+    """:func:`verify_svid` for the leaves we have just signed, at a third of its cost per leaf.
+
+    The path from a signer to the roots (the chain tail: intermediate(s)) and the leaf profile do not
+    change from one leaf to the next: the full RFC 5280 verifier runs on the first leaf of each
+    ``(tail, roots)`` pair and again at least every ``recheck`` (so an expiring intermediate or root is
+    seen).  Every leaf still gets what can differ per leaf: its signature under the tail's first
+    certificate and the issuer name (``verify_directly_issued_by``), its validity at ``now``, not a CA,
+    one SPIFFE ID.  A tail or root set not seen before is a cache miss, never a pass.
+    """
+
+    def __init__(self, *, recheck: dt.timedelta = dt.timedelta(minutes=1), capacity: int = 8) -> None:
+        self._recheck = recheck
+        self._capacity = capacity
+        # (tail, roots) -> when the full verifier last passed a leaf of that pair
+        self._paths: OrderedDict[tuple[tuple[x509.Certificate, ...], tuple[x509.Certificate, ...]], dt.datetime] \
+            = OrderedDict()
+
+    def verify(self, leaf: x509.Certificate, tail: Sequence[x509.Certificate], roots: Sequence[x509.Certificate],
+               *, now: dt.datetime) -> SpiffeId:
+        """Raises as :func:`verify_svid`."""
+        path = (tuple(tail), tuple(roots))
+        checked = self._paths.get(path)
+        if checked is None or not checked <= now < checked + self._recheck or not tail:
+            spiffe_id = verify_svid(leaf, tail, roots, now=now)
+            self._paths[path] = now
+            self._paths.move_to_end(path)
+            while len(self._paths) > self._capacity:
+                self._paths.popitem(last=False)
+            return spiffe_id
+        if is_ca(leaf):
+            raise ChainVerificationError("an X509-SVID leaf must not be a CA certificate")
+        spiffe_id = spiffe_id_of(leaf)
+        if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
+            raise ChainVerificationError(f"chain of {spiffe_id} does not verify: the leaf is not valid at {now}")
+        try:
+            leaf.verify_directly_issued_by(tail[0])
+        except (ValueError, TypeError, InvalidSignature):
+            raise ChainVerificationError(f"chain of {spiffe_id} does not verify: the leaf is not signed by "
+                                         "the chain's intermediate") from None
+        return spiffe_id

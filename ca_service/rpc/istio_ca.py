@@ -27,7 +27,7 @@ from ca_service.clock import Clock
 from ca_service.config import GrpcListener, ListenerPolicy
 from ca_service.errors import CAServiceError, CSRRejectedError, OverloadedError
 from ca_service.pki.csr import CsrKeyType, InvalidCSRError, check_csr, parse_csr, resolve_ttl
-from ca_service.pki.verify import verify_svid
+from ca_service.pki.verify import IssuedChainVerifier
 from ca_service.rpc.authn import (
     Authenticator,
     AuthenticatorChain,
@@ -72,6 +72,7 @@ class IstioCAServicer(ca_pb2_grpc.IstioCertificateServiceServicer):  # type: ign
         self._telemetry = telemetry
         self._clock = clock
         self._peer_certificate_verified = peer_certificate_verified
+        self._chains = IssuedChainVerifier()
 
     async def CreateCertificate(self, request: ca_pb2.IstioCertificateRequest,
                                 context: Context) -> ca_pb2.IstioCertificateResponse:
@@ -103,10 +104,10 @@ class IstioCAServicer(ca_pb2_grpc.IstioCertificateServiceServicer):  # type: ign
         svid = await self._signer.sign(entitled, public_key, ttl=ttl, now=now)
         bundle = self._authority.bundle()
         # Per leaf, not per signer: what we hand out must verify against exactly the roots we send.
-        verify_svid(svid.leaf, svid.chain[1:], bundle.roots, now=now)
+        self._chains.verify(svid.leaf, svid.chain[1:], bundle.roots, now=now)
         self._record(svid, caller, now)
         log.info("certificate issued", extra={"spiffe_id": str(entitled), "caller": str(caller.spiffe_id),
-                                              "method": caller.method, "serial": f"{svid.leaf.serial_number:x}",
+                                              "method": caller.method, "serial": svid.serial,
                                               "not_after": svid.not_after.isoformat()})
         return chain_for(svid, bundle.to_pem())
 
@@ -122,7 +123,7 @@ class IstioCAServicer(ca_pb2_grpc.IstioCertificateServiceServicer):  # type: ign
 
     def _record(self, svid: IssuedSvid, caller: Caller, now: Any) -> None:
         self._ledger.record(IssuanceRecord(
-            serial=f"{svid.leaf.serial_number:x}", spiffe_id=str(svid.spiffe_id), caller=str(caller.spiffe_id),
+            serial=svid.serial, spiffe_id=str(svid.spiffe_id), caller=str(caller.spiffe_id),
             method=caller.method, path="istio-ca", not_after=svid.not_after, issuer=svid.issuer_key_id,
             issued_at=now))
 

@@ -44,6 +44,11 @@ class IssuedSvid:
     def leaf(self) -> x509.Certificate:
         return self.chain[0]
 
+    @property
+    def serial(self) -> str:
+        """The leaf's serial in hex, as openssl prints it (logs, the issuance ledger, admin results)."""
+        return format(self.leaf.serial_number, "x")
+
     # Cached: the registry, the renewal heap and the expiry index read these on every install, and each
     # read of the certificate's validity is a call into cryptography's parser.
     @functools.cached_property

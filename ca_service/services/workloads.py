@@ -74,8 +74,7 @@ class WorkloadCert:
 
     @property
     def serial(self) -> str:
-        """The leaf's serial in hex, as openssl prints it (logs, admin results)."""
-        return format(self.svid.leaf.serial_number, "x")
+        return self.svid.serial
 
     @property
     def workload_key(self) -> WorkloadKey:

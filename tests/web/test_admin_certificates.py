@@ -54,3 +54,39 @@ async def test_certificates_issued_over_sds_are_listed_and_filtered_by_the_cli(t
         assert "2 live certificate(s) matched" in text.stdout
     finally:
         await app.stop()
+
+
+async def test_a_cli_issued_certificate_is_listed_and_the_list_survives_a_restart(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    settings = load_settings(environ={}, overrides={
+        "data_dir": str(data_dir), "ca": {"signing_workers": 0}, "http": {"address": "127.0.0.1:0"},
+        "grpc": [{"address": "127.0.0.1:0", "trust_node_metadata": True}],
+        "bundle_endpoint": {"address": "127.0.0.1:0"}})
+    app = build_app(settings)
+    await app.start()
+    try:
+        assert app.sds is not None
+        async with grpc.aio.insecure_channel(app.sds.bound_addresses[0]) as channel:
+            await sds_pb2_grpc.SecretDiscoveryServiceStub(channel).FetchSecrets(
+                request(["default"], n=node("frontend", "shop")), timeout=10)
+        issued = await asyncio.to_thread(subprocess.run, [
+            sys.executable, "-m", "ca_service", "--data-dir", str(data_dir), "issue", "--json",
+            "--spiffe-id", "spiffe://cluster.local/ns/ops/sa/debug", "--out", str(tmp_path / "out")],
+            capture_output=True, text=True, timeout=30, cwd=ROOT)
+        assert issued.returncode == 0, issued.stderr
+        serial = json.loads(issued.stdout)["serial"]
+        listed = json.loads((await asyncio.to_thread(_cli, data_dir, "--json")).stdout)["certificates"]
+        (cli,) = [c for c in listed if c["path"] == "cli"]
+        assert (cli["serial"], cli["spiffe_id"], cli["method"]) == (serial, "spiffe://cluster.local/ns/ops/sa/debug",
+                                                                    "local")
+        before = sorted((c["serial"], c["path"]) for c in listed)
+        assert [p for _, p in before].count("sds") == 1
+    finally:
+        await app.stop()
+    again = build_app(settings)
+    await again.start()
+    try:
+        listed = json.loads((await asyncio.to_thread(_cli, data_dir, "--json")).stdout)["certificates"]
+        assert sorted((c["serial"], c["path"]) for c in listed) == before
+    finally:
+        await again.stop()
