@@ -11,8 +11,8 @@ from pathlib import Path
 import grpc
 from envoy.service.secret.v3 import sds_pb2_grpc
 
-from ca_service.app import build_app
-from ca_service.config import load_settings
+from ca_service.app import App, build_app
+from ca_service.config import Settings, load_settings
 from tests.rpc.sds_fixtures import node, request
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,20 +23,28 @@ def _cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
                            *args], capture_output=True, text=True, timeout=30, cwd=ROOT)
 
 
-async def test_certificates_issued_over_sds_are_listed_and_filtered_by_the_cli(tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
-    settings = load_settings(environ={}, overrides={
+def _settings(data_dir: Path) -> Settings:
+    return load_settings(environ={}, overrides={
         "data_dir": str(data_dir), "ca": {"signing_workers": 0}, "http": {"address": "127.0.0.1:0"},
         "grpc": [{"address": "127.0.0.1:0", "trust_node_metadata": True}],
         "bundle_endpoint": {"address": "127.0.0.1:0"}})
+
+
+async def _fetch(app: App, *service_accounts: str) -> None:
+    assert app.sds is not None
+    async with grpc.aio.insecure_channel(app.sds.bound_addresses[0]) as channel:
+        stub = sds_pb2_grpc.SecretDiscoveryServiceStub(channel)
+        for sa in service_accounts:
+            await stub.FetchSecrets(request(["default"], n=node(sa, "shop")), timeout=10)
+
+
+async def test_certificates_issued_over_sds_are_listed_and_filtered_by_the_cli(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    settings = _settings(data_dir)
     app = build_app(settings)
     await app.start()
     try:
-        assert app.sds is not None
-        async with grpc.aio.insecure_channel(app.sds.bound_addresses[0]) as channel:
-            stub = sds_pb2_grpc.SecretDiscoveryServiceStub(channel)
-            for sa in ("frontend", "backend"):
-                await stub.FetchSecrets(request(["default"], n=node(sa, "shop")), timeout=10)
+        await _fetch(app, "frontend", "backend")
         everything = await asyncio.to_thread(_cli, data_dir, "--namespace", "shop", "--json")
         assert everything.returncode == 0, everything.stderr
         doc = json.loads(everything.stdout)
@@ -58,17 +66,11 @@ async def test_certificates_issued_over_sds_are_listed_and_filtered_by_the_cli(t
 
 async def test_a_cli_issued_certificate_is_listed_and_the_list_survives_a_restart(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    settings = load_settings(environ={}, overrides={
-        "data_dir": str(data_dir), "ca": {"signing_workers": 0}, "http": {"address": "127.0.0.1:0"},
-        "grpc": [{"address": "127.0.0.1:0", "trust_node_metadata": True}],
-        "bundle_endpoint": {"address": "127.0.0.1:0"}})
+    settings = _settings(data_dir)
     app = build_app(settings)
     await app.start()
     try:
-        assert app.sds is not None
-        async with grpc.aio.insecure_channel(app.sds.bound_addresses[0]) as channel:
-            await sds_pb2_grpc.SecretDiscoveryServiceStub(channel).FetchSecrets(
-                request(["default"], n=node("frontend", "shop")), timeout=10)
+        await _fetch(app, "frontend")
         issued = await asyncio.to_thread(subprocess.run, [
             sys.executable, "-m", "ca_service", "--data-dir", str(data_dir), "issue", "--json",
             "--spiffe-id", "spiffe://cluster.local/ns/ops/sa/debug", "--out", str(tmp_path / "out")],
