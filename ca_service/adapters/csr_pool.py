@@ -1,8 +1,8 @@
 """Istio CA API requests signed on the signing pool (an adapter: it drives the pool's workers).
 
 Requests that arrive in one event-loop turn are batched into chunks for the pool's worker processes,
-which already hold the signing intermediate; the loop only parses and assembles the results through
-the one :class:`~ca_service.services.issuer.Issuer`.  Measured slower than a thread for one leaf per
+which already hold the signing intermediate; the loop checks the CSRs, and parses and assembles the
+results through the one :class:`~ca_service.services.issuer.Issuer`.  Measured slower than a thread for one leaf per
 request (bench/istio_ca.py), so the daemon does not use it; the bench and a test do.
 """
 
@@ -19,9 +19,9 @@ from ca_service.adapters import signing_pool
 from ca_service.adapters.turn_batch import TurnBatcher
 from ca_service.errors import NotReadyError
 from ca_service.pki.identity import SpiffeId
-from ca_service.pki.keys import PublicKey
 from ca_service.pki.templates import build_svid_for
 from ca_service.services.authority import Authority
+from ca_service.services.csr_signing import CsrIssuance, CsrOrder, CsrResult
 from ca_service.services.issuer import IssuedSvid, SigningContext
 
 
@@ -53,13 +53,16 @@ class PoolCsrSigner:
     def __init__(self, authority: Authority, pool: signing_pool.SigningPool) -> None:
         self._authority = authority
         self._pool = pool
+        self._steps = CsrIssuance(authority)
         self._batches: TurnBatcher[_Request, IssuedSvid] = TurnBatcher(self._run)
 
-    async def sign(self, spiffe_id: SpiffeId, public_key: PublicKey, *, ttl: dt.timedelta,
-                   now: dt.datetime) -> IssuedSvid:
-        self._authority.issuer.check_member(spiffe_id)
+    async def sign(self, order: CsrOrder) -> CsrResult:
+        public_key = self._steps.check(order)
+        self._authority.issuer.check_member(order.entitled)
         der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        return await self._batches.submit(_Request(spiffe_id, der, self._authority.issuer.leaf_ttl(ttl)), now)
+        svid = await self._batches.submit(
+            _Request(order.entitled, der, self._authority.issuer.leaf_ttl(order.ttl)), order.now)
+        return self._steps.finish(order, svid)
 
     async def _run(self, batch: list[_Request], now: dt.datetime) -> list[IssuedSvid]:
         try:

@@ -8,6 +8,7 @@ cost) and by the independent checks of ``export-cacerts``.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -93,6 +94,7 @@ class IssuedChainVerifier:
     def __init__(self, *, recheck: dt.timedelta = dt.timedelta(minutes=1), capacity: int = 8) -> None:
         self._recheck = recheck
         self._capacity = capacity
+        self._lock = threading.Lock()
         # (tail, roots) -> when the full verifier last passed a leaf of that pair
         self._paths: OrderedDict[tuple[tuple[x509.Certificate, ...], tuple[x509.Certificate, ...]], dt.datetime] \
             = OrderedDict()
@@ -104,10 +106,11 @@ class IssuedChainVerifier:
         checked = self._paths.get(path)
         if checked is None or not checked <= now < checked + self._recheck or not tail:
             spiffe_id = verify_svid(leaf, tail, roots, now=now)
-            self._paths[path] = now
-            self._paths.move_to_end(path)
-            while len(self._paths) > self._capacity:
-                self._paths.popitem(last=False)
+            with self._lock:  # signers in several threads share one verifier
+                self._paths[path] = now
+                self._paths.move_to_end(path)
+                while len(self._paths) > self._capacity:
+                    self._paths.popitem(last=False)
             return spiffe_id
         if is_ca(leaf):
             raise ChainVerificationError("an X509-SVID leaf must not be a CA certificate")

@@ -26,8 +26,7 @@ from google.protobuf import json_format  # type: ignore[import-untyped]  # no ty
 from ca_service.clock import Clock
 from ca_service.config import GrpcListener, ListenerPolicy
 from ca_service.errors import CAServiceError, CSRRejectedError, OverloadedError
-from ca_service.pki.csr import CsrKeyType, InvalidCSRError, check_csr, parse_csr, resolve_ttl
-from ca_service.pki.verify import IssuedChainVerifier
+from ca_service.pki.csr import CsrKeyType, InvalidCSRError, resolve_ttl
 from ca_service.rpc.authn import (
     Authenticator,
     AuthenticatorChain,
@@ -43,7 +42,7 @@ from ca_service.rpc.impersonation import ImpersonationPolicy
 from ca_service.rpc.status import abort_with, status_for
 from ca_service.services.admission import InFlightLimit, RateLimiter
 from ca_service.services.authority import Authority, IssuedSvid
-from ca_service.services.csr_signing import CsrSigner
+from ca_service.services.csr_signing import CsrOrder, CsrSigner
 from ca_service.services.issuance_ledger import IssuanceLedger, IssuanceRecord
 from ca_service.telemetry import Telemetry
 
@@ -72,7 +71,6 @@ class IstioCAServicer(ca_pb2_grpc.IstioCertificateServiceServicer):  # type: ign
         self._telemetry = telemetry
         self._clock = clock
         self._peer_certificate_verified = peer_certificate_verified
-        self._chains = IssuedChainVerifier()
 
     async def CreateCertificate(self, request: ca_pb2.IstioCertificateRequest,
                                 context: Context) -> ca_pb2.IstioCertificateResponse:
@@ -97,14 +95,12 @@ class IstioCAServicer(ca_pb2_grpc.IstioCertificateServiceServicer):  # type: ign
         entitled = await self._impersonation.entitled(caller, metadata)
         check_policy(self._policy, caller)
         self._rate_limiter.acquire(str(entitled), time.monotonic())
-        public_key = check_csr(parse_csr(request.csr), entitled, self._allowed_key_types)
         settings = self._authority.settings
         ttl = resolve_ttl(request.validity_duration, default=settings.workload_ttl, maximum=settings.max_workload_ttl)
         now = self._clock.now()
-        svid = await self._signer.sign(entitled, public_key, ttl=ttl, now=now)
-        bundle = self._authority.bundle()
-        # Per leaf, not per signer: what we hand out must verify against exactly the roots we send.
-        self._chains.verify(svid.leaf, svid.chain[1:], bundle.roots, now=now)
+        # The CSR is parsed and checked by the signer (off the loop in the daemon's thread mode).
+        issued = await self._signer.sign(CsrOrder(request.csr, entitled, self._allowed_key_types, ttl, now))
+        svid, bundle = issued.svid, issued.bundle
         self._record(svid, caller, now)
         log.info("certificate issued", extra={"spiffe_id": str(entitled), "caller": str(caller.spiffe_id),
                                               "method": caller.method, "serial": svid.serial,

@@ -19,7 +19,7 @@ from ca_service.rpc.istio_ca import IstioCAService
 from ca_service.rpc.token_review import KubernetesTokenAuthenticator, KubernetesTokenReviewer, TokenReviewer
 from ca_service.services.admission import InFlightLimit, RateLimiter
 from ca_service.services.authority import Authority
-from ca_service.services.csr_signing import CsrSigner, ThreadCsrSigner
+from ca_service.services.csr_signing import CsrSigner, InlineCsrSigner
 from ca_service.services.issuance_ledger import IssuanceLedger, IssuanceRecord
 from ca_service.services.workloads import WorkloadCert, WorkloadRegistry
 from ca_service.telemetry import Telemetry
@@ -61,11 +61,12 @@ def build_istio_ca(settings: Settings, authority: Authority, registry: WorkloadR
     if restored:
         log.info("issuance ledger restored from its journal", extra={"records": restored})
     if signer is None:
-        # Measured (bench/istio_ca.py, 2 cores shared with other jobs; three runs, ops/s): thread 489/485/459,
-        # inline 174/331/610, pool 438/425/380.  The pool was last every time (its IPC costs what the second
-        # core gains at one leaf per request); thread vs inline is within this machine's noise, and a
-        # thread keeps gRPC's I/O (SDS, health) going while a leaf is signed.
-        signer = ThreadCsrSigner(authority)
+        # Measured with the Go load generator (bench/istio_ca.py; five runs, ops/s): inline 463/596/659/625/730,
+        # thread 374/459/558/558/566, pool 175/449/474/526.  On the loop wins every run: cryptography
+        # holds the GIL while it signs, and each hand-off to a thread costs futex wake-ups that this VM
+        # makes dear, more than the two GIL-free verifies gain.  A CSR holds the loop ~0.5 ms; the
+        # in-flight cap bounds how many queue, and SDS and health are served between them.
+        signer = InlineCsrSigner(authority)
     service = IstioCAService(
         authority=authority, token_authenticator=token_authenticator,
         impersonation=ImpersonationPolicy(ica.trusted_node_accounts, settings.domain, pods), signer=signer,
