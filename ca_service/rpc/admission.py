@@ -19,6 +19,7 @@ from typing import Any
 from prometheus_client import Counter
 
 from ca_service.errors import InvalidRequestError
+from ca_service.services.admission import TokenBucket
 from ca_service.settings import SdsLimits
 
 log = logging.getLogger(__name__)
@@ -61,24 +62,6 @@ def check_request(request: Any, limits: SdsLimits) -> None:
                                         f"{limits.max_resource_name_bytes} bytes")
 
 
-class TokenBucket:
-    """``rate`` tokens a second up to ``burst``; :meth:`take` never waits."""
-
-    def __init__(self, rate: float, burst: int, *, monotonic: Callable[[], float] = time.monotonic) -> None:
-        self._rate, self._burst, self._monotonic = rate, float(burst), monotonic
-        self._tokens = float(burst)
-        self._at = monotonic()
-
-    def take(self) -> bool:
-        now = self._monotonic()
-        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
-        self._at = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
-
-
 class StreamAdmission:
     """Admits new SDS streams at ``limits.admission_rate`` (shared by every listener of the daemon)."""
 
@@ -86,14 +69,14 @@ class StreamAdmission:
 
     def __init__(self, limits: SdsLimits, *, shed: Counter | None = None,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
-        self._bucket = TokenBucket(limits.admission_rate, limits.admission_burst, monotonic=monotonic)
+        self._bucket = TokenBucket.full(limits.admission_rate, limits.admission_burst, monotonic())
         self._shed, self._monotonic = shed, monotonic
         self._last_log = -SHED_LOG_INTERVAL
         self._since_log = 0
         self.shed_total = 0
 
     def admit(self) -> bool:
-        if self._bucket.take():
+        if not self._bucket.take(self._monotonic()):
             return True
         self.shed_total += 1
         self._since_log += 1

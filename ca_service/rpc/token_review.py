@@ -28,6 +28,7 @@ from ca_service.clock import Clock
 from ca_service.errors import AuthenticationError
 from ca_service.pki.identity import SpiffeId, TrustDomain
 from ca_service.rpc.authn import CallCredentials, Caller
+from ca_service.services.single_flight import SingleFlight
 from ca_service.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ class KubernetesTokenAuthenticator:
         self._telemetry = telemetry
         self._cache: dict[bytes, _Cached] = {}
         # Concurrent calls with one token (a pod's renewal burst) share one review.
-        self._pending: dict[bytes, asyncio.Task[KubernetesCaller]] = {}
+        self._pending: SingleFlight[bytes, KubernetesCaller] = SingleFlight()
 
     async def authenticate(self, call: CallCredentials) -> Caller | None:
         header = call.invocation_metadata.get("authorization")
@@ -165,20 +166,10 @@ class KubernetesTokenAuthenticator:
         if cached is not None:
             self._telemetry.token_review_cache_hits.inc()
             return cached
-        task = self._pending.get(key)
-        if task is not None:
+        if self._pending.running(key):
             self._telemetry.token_review_cache_hits.inc()
-        else:
-            # A task of its own: a caller that goes away does not cancel the review the others wait for.
-            task = asyncio.get_running_loop().create_task(self._review_and_remember(key, cluster_id, token, call.peer))
-            self._pending[key] = task
-            task.add_done_callback(lambda done: self._forget_pending(key, done))
-        return await asyncio.shield(task)
-
-    def _forget_pending(self, key: bytes, done: asyncio.Task[KubernetesCaller]) -> None:
-        self._pending.pop(key, None)
-        if not done.cancelled():
-            done.exception()  # retrieved: every waiter re-raises it; none left must not warn
+        # A caller that goes away does not cancel the review the others wait for.
+        return await self._pending.run(key, lambda: self._review_and_remember(key, cluster_id, token, call.peer))
 
     async def _review_and_remember(self, key: bytes, cluster_id: str, token: str, peer: str) -> KubernetesCaller:
         caller = await self._review(cluster_id, token, peer)

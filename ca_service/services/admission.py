@@ -22,9 +22,29 @@ IN_FLIGHT_RETRY_AFTER = 1.0
 
 
 @dataclass
-class _Bucket:
+class TokenBucket:
+    """``rate`` tokens a second up to ``burst``, refilled at each :meth:`take` from its ``now`` (monotonic
+    seconds); never waits.  Shared by SDS stream admission and the Istio CA API's per-identity limit."""
+
+    rate: float
+    burst: float
     tokens: float
     at: float
+
+    @classmethod
+    def full(cls, rate: float, burst: float, now: float) -> TokenBucket:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be positive and burst at least 1")
+        return cls(rate, float(burst), float(burst), now)
+
+    def take(self, now: float) -> float:
+        """Take one token: 0.0 if there was one, else the seconds until the next (and nothing is taken)."""
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
 
 
 class RateLimiter:
@@ -34,7 +54,7 @@ class RateLimiter:
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be positive and burst at least 1")
         self._rate, self._burst, self._max_keys = rate, float(burst), max_keys
-        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
 
     def acquire(self, key: str, now: float) -> None:
         """Take one token for ``key``.
@@ -42,17 +62,14 @@ class RateLimiter:
         Raises:
             OverloadedError: the bucket is empty; ``retry_after`` is when the next token arrives.
         """
-        bucket = self._buckets.pop(key, None) or _Bucket(self._burst, now)
-        bucket.tokens = min(self._burst, bucket.tokens + max(0.0, now - bucket.at) * self._rate)
-        bucket.at = now
+        bucket = self._buckets.pop(key, None) or TokenBucket.full(self._rate, self._burst, now)
         self._buckets[key] = bucket  # most recently used last
         if len(self._buckets) > self._max_keys:
             self._buckets.popitem(last=False)
-        if bucket.tokens < 1:
-            wait = (1 - bucket.tokens) / self._rate
+        wait = bucket.take(now)
+        if wait:
             raise OverloadedError(f"rate limit of {self._rate:g}/s for {key[:300]!r} exceeded",
                                   retry_after=math.ceil(wait))
-        bucket.tokens -= 1
 
 
 class InFlightLimit:

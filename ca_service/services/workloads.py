@@ -10,7 +10,6 @@ Renewal times sit in one heap, so a tick with nothing due costs O(1) however man
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime as dt
 import functools
@@ -29,6 +28,7 @@ from ca_service.pki.keys import KeyAlgorithm, PrivateKey, generate_private_key, 
 from ca_service.rotation.renewal import renewal_time
 from ca_service.services.authority import Authority
 from ca_service.services.issuer import IssuedSvid, Issuer
+from ca_service.services.single_flight import SingleFlight
 from ca_service.services.workload_expiry import ExpiryIndex, entry_for
 from ca_service.telemetry import Telemetry
 
@@ -117,7 +117,7 @@ class WorkloadRegistry:
         self._forced: set[WorkloadKey] = set()
         self._last_due: dt.datetime | None = None  # the ``now`` of the previous due() call
         # First issues signing off the event loop, one per workload: a node's streams that ask at once share it.
-        self._obtaining: dict[WorkloadKey, asyncio.Future[WorkloadCert]] = {}
+        self._obtaining: SingleFlight[WorkloadKey, WorkloadCert] = SingleFlight()
 
     @property
     def issuer(self) -> Issuer:
@@ -170,19 +170,8 @@ class WorkloadRegistry:
             return current
         if signer is None:
             return self.get_or_issue(node_id, spiffe_id)
-        key = (node_id, spiffe_id)
-        pending = self._obtaining.get(key)
-        if pending is None:
-            pending = asyncio.ensure_future(self._sign_first(node_id, spiffe_id, signer))
-            self._obtaining[key] = pending
-            pending.add_done_callback(lambda done: self._obtained(key, done))
-        # Shielded: a stream that goes away does not cancel the signing its node's other streams wait on.
-        return await asyncio.shield(pending)
-
-    def _obtained(self, key: WorkloadKey, done: asyncio.Future[WorkloadCert]) -> None:
-        self._obtaining.pop(key, None)
-        if not done.cancelled():
-            done.exception()  # retrieved: every waiter re-raises it, and none left must not warn
+        # A stream that goes away does not cancel the signing its node's other streams wait on.
+        return await self._obtaining.run((node_id, spiffe_id), lambda: self._sign_first(node_id, spiffe_id, signer))
 
     async def _sign_first(self, node_id: str, spiffe_id: SpiffeId, signer: BatchSigner) -> WorkloadCert:
         now = self._clock.now()

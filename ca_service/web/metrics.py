@@ -23,7 +23,7 @@ import asyncio
 import datetime as dt
 import platform
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from importlib import metadata
 
 from aiohttp import web
@@ -36,6 +36,7 @@ from prometheus_client.registry import Collector
 from ca_service.clock import Clock, SystemClock
 from ca_service.rotation.state import AuthorityState
 from ca_service.services.authority import Authority
+from ca_service.services.single_flight import SingleFlight
 from ca_service.services.state_changes import StateChange
 from ca_service.services.trust import TrustStore
 from ca_service.services.workloads import WorkloadRegistry
@@ -149,7 +150,7 @@ class StateMetrics:
         if registry is not None:
             self._workloads = WorkloadExpiryCollector(registry, self._clock, max_identity_series)
             r.register(self._workloads)
-        self._inflight: dict[bool, asyncio.Future[bytes]] = {}
+        self._renders: SingleFlight[bool, bytes] = SingleFlight()
 
     def attach(self) -> None:
         """Subscribe to the trust store and fill every gauge once (state changes come through
@@ -234,17 +235,15 @@ class StateMetrics:
         render and never holds the loop for the whole burst.
         """
         openmetrics = "application/openmetrics-text" in request.headers.get("Accept", "")
-        render = self._inflight.get(openmetrics)
-        if render is None:
-            self.refresh()
-            if self._workloads is not None:
-                self._workloads.snapshot()
-            render = asyncio.ensure_future(asyncio.to_thread(self._render, openmetrics))
-            self._inflight[openmetrics] = render
-            render.add_done_callback(lambda _: self._inflight.pop(openmetrics, None))
-        body = await asyncio.shield(render)
+        body = await self._renders.run(openmetrics, lambda: self._start_render(openmetrics))
         content_type = OPENMETRICS_CONTENT_TYPE if openmetrics else CONTENT_TYPE_LATEST
         return web.Response(body=body, headers={"Content-Type": content_type})
+
+    def _start_render(self, openmetrics: bool) -> Awaitable[bytes]:
+        self.refresh()
+        if self._workloads is not None:
+            self._workloads.snapshot()
+        return asyncio.to_thread(self._render, openmetrics)
 
     def _render(self, openmetrics: bool) -> bytes:
         if openmetrics:

@@ -13,9 +13,10 @@ from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 
 from ca_service.config import GrpcListener, RotationSettings
-from ca_service.rpc.admission import StreamAdmission, TokenBucket
+from ca_service.rpc.admission import StreamAdmission
 from ca_service.rpc.sds_listeners import SdsComponent
 from ca_service.rpc.sds_resources import SECRET_TYPE_URL
+from ca_service.services.admission import TokenBucket
 from ca_service.services.authority import Authority
 from ca_service.services.trust import TrustStore
 from ca_service.services.workloads import WorkloadRegistry
@@ -113,11 +114,12 @@ async def test_oversize_node_metadata_and_delta_names_are_refused(
 
 
 def test_the_token_bucket_admits_the_burst_then_the_rate() -> None:
-    now = [0.0]
-    bucket = TokenBucket(rate=10, burst=5, monotonic=lambda: now[0])
-    assert [bucket.take() for _ in range(7)] == [True] * 5 + [False] * 2
-    now[0] += 0.25  # 2.5 tokens
-    assert [bucket.take() for _ in range(3)] == [True, True, False]
+    bucket = TokenBucket.full(rate=10, burst=5, now=0.0)
+    assert [bucket.take(0.0) == 0.0 for _ in range(7)] == [True] * 5 + [False] * 2
+    assert bucket.take(0.0) == pytest.approx(0.1)  # an empty bucket says when the next token comes
+    assert [bucket.take(0.25) == 0.0 for _ in range(3)] == [True, True, False]  # 2.5 tokens
+    with pytest.raises(ValueError):
+        TokenBucket.full(rate=0, burst=5, now=0.0)
 
 
 async def _envoy_like_client(address: str, index: int) -> int:
