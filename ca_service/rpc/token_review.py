@@ -139,7 +139,8 @@ class KubernetesTokenAuthenticator:
     """The ``authorization: Bearer`` authenticator; clusters by ClusterID, the first one when none is sent."""
 
     def __init__(self, clusters: Mapping[str, TokenReviewer], *, audiences: Sequence[str], trust_domain: TrustDomain,
-                 cache_ttl: dt.timedelta, clock: Clock, telemetry: Telemetry) -> None:
+                 cache_ttl: dt.timedelta, clock: Clock, telemetry: Telemetry,
+                 max_cached: int = MAX_CACHED_REVIEWS) -> None:
         if not clusters:
             raise ValueError("KubernetesTokenAuthenticator needs at least one cluster")
         self._clusters = dict(clusters)
@@ -150,6 +151,7 @@ class KubernetesTokenAuthenticator:
         self._clock = clock
         self._telemetry = telemetry
         self._cache: dict[bytes, _Cached] = {}
+        self._max_cached = max_cached
         # Concurrent calls with one token (a pod's renewal burst) share one review.
         self._pending: SingleFlight[bytes, KubernetesCaller] = SingleFlight()
 
@@ -209,15 +211,18 @@ class KubernetesTokenAuthenticator:
             until = min(until, exp)
         if until <= now:
             return
-        if len(self._cache) >= MAX_CACHED_REVIEWS:
+        if len(self._cache) >= self._max_cached:
             self._evict(now)
         self._cache[key] = _Cached(caller, until)
 
     def _evict(self, now: dt.datetime) -> None:
+        """Every expired entry, and then the oldest until a tenth is free: a full cache is scanned once
+        per tenth of its size in new tokens, not at each (a herd of new pods fills it)."""
         for key in [k for k, v in self._cache.items() if v.until <= now]:
             del self._cache[key]
-        while len(self._cache) >= MAX_CACHED_REVIEWS:
-            del self._cache[next(iter(self._cache))]  # oldest insertion first
+        keep = self._max_cached - max(1, self._max_cached // 10)
+        while len(self._cache) > keep:
+            del self._cache[next(iter(self._cache))]  # oldest insertion first: the nearest to expiry
 
 
 def _bearer(header: str) -> str:
