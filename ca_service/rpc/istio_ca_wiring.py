@@ -19,7 +19,7 @@ from ca_service.rpc.istio_ca import IstioCAService
 from ca_service.rpc.token_review import KubernetesTokenAuthenticator, KubernetesTokenReviewer, TokenReviewer
 from ca_service.services.admission import InFlightLimit, RateLimiter
 from ca_service.services.authority import Authority
-from ca_service.services.csr_signing import CsrSigner, InlineCsrSigner
+from ca_service.services.csr_signing import CsrSigner, ThreadCsrSigner
 from ca_service.services.issuance_ledger import IssuanceLedger, IssuanceRecord
 from ca_service.services.workloads import WorkloadCert, WorkloadRegistry
 from ca_service.telemetry import Telemetry
@@ -61,12 +61,10 @@ def build_istio_ca(settings: Settings, authority: Authority, registry: WorkloadR
     if restored:
         log.info("issuance ledger restored from its journal", extra={"records": restored})
     if signer is None:
-        # Measured with the Go load generator (bench/istio_ca.py; five runs, ops/s): inline 463/596/659/625/730,
-        # thread 374/459/558/558/566, pool 175/449/474/526.  On the loop wins every run: cryptography
-        # holds the GIL while it signs, and each hand-off to a thread costs futex wake-ups that this VM
-        # makes dear, more than the two GIL-free verifies gain.  A CSR holds the loop ~0.5 ms; the
-        # in-flight cap bounds how many queue, and SDS and health are served between them.
-        signer = InlineCsrSigner(authority)
+        # Measured with the Go load generator (bench/istio_ca.py, README "Herds"): on a quiet machine the
+        # loop beat a thread (659 vs 558/s), on a busy one the thread beat the loop (528 vs 324/s, 475 vs
+        # 300/s); the thread's worst run was 449/s, the loop's 249/s.  The steadier one signs.
+        signer = ThreadCsrSigner(authority)
     service = IstioCAService(
         authority=authority, token_authenticator=token_authenticator,
         impersonation=ImpersonationPolicy(ica.trusted_node_accounts, settings.domain, pods), signer=signer,

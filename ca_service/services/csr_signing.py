@@ -2,11 +2,11 @@
 
 The steps are one :class:`CsrIssuance`, wherever they run:
 
-- :class:`InlineCsrSigner` (the daemon's): all on the event loop, ~0.5 ms a CSR.
-- :class:`ThreadCsrSigner`: all in a thread.  ``cryptography`` releases the GIL while it verifies a
-  signature (two per CSR: the CSR's own, and the leaf's under our intermediate) but not while it signs
-  (2 threads verify 1.9x as fast as one, and sign 1.0x); measured slower than inline all the same,
-  the hand-offs cost more than the verifies gain (see ``rpc/istio_ca_wiring.py``).
+- :class:`InlineCsrSigner`: all on the event loop, ~0.5 ms a CSR.
+- :class:`ThreadCsrSigner` (the daemon's): all in a thread.  ``cryptography`` releases the GIL while it
+  verifies a signature (two per CSR: the CSR's own, and the leaf's under our intermediate) but not while
+  it signs (2 threads verify 1.9x as fast as one, and sign 1.0x).  Faster than inline on a busy
+  machine, slower on a quiet one, and steadier (see ``rpc/istio_ca_wiring.py``).
 - ``adapters.csr_pool.PoolCsrSigner``: signs on the signing pool's worker processes; checks on the loop.
 
 bench/istio_ca.py measures them side by side.  All sign through the one :class:`Issuer`.
