@@ -30,12 +30,17 @@ def _call(token: str) -> CallCredentials:
     return CallCredentials(node_id="peer", invocation_metadata={"authorization": f"Bearer {token}"}, peer="peer")
 
 
-async def test_a_full_cache_stays_bounded_keeps_the_newest_and_frees_a_tenth_at_once() -> None:
+def _authenticator(*, max_cached: int) -> tuple[CountingReviewer, FakeClock, KubernetesTokenAuthenticator]:
     reviewer, clock = CountingReviewer(), FakeClock()
     authn = KubernetesTokenAuthenticator({"Kubernetes": reviewer}, audiences=["istio-ca"],
                                          trust_domain=TrustDomain("cluster.local"),
                                          cache_ttl=dt.timedelta(minutes=1), clock=clock, telemetry=Telemetry(),
-                                         max_cached=100)
+                                         max_cached=max_cached)
+    return reviewer, clock, authn
+
+
+async def test_a_full_cache_stays_bounded_keeps_the_newest_and_frees_a_tenth_at_once() -> None:
+    reviewer, _, authn = _authenticator(max_cached=100)
     for n in range(250):
         caller = await authn.authenticate(_call(f"t{n}"))
         assert caller is not None and str(caller.spiffe_id) == f"spiffe://cluster.local/ns/ns/sa/t{n}"
@@ -50,11 +55,7 @@ async def test_a_full_cache_stays_bounded_keeps_the_newest_and_frees_a_tenth_at_
 
 
 async def test_expired_reviews_go_first_when_the_cache_is_full() -> None:
-    reviewer, clock = CountingReviewer(), FakeClock()
-    authn = KubernetesTokenAuthenticator({"Kubernetes": reviewer}, audiences=["istio-ca"],
-                                         trust_domain=TrustDomain("cluster.local"),
-                                         cache_ttl=dt.timedelta(minutes=1), clock=clock, telemetry=Telemetry(),
-                                         max_cached=10)
+    reviewer, clock, authn = _authenticator(max_cached=10)
     for n in range(9):
         await authn.authenticate(_call(f"old{n}"))
     clock.advance(dt.timedelta(minutes=2))
