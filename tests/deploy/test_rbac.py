@@ -101,6 +101,9 @@ def _status(call: Callable[[], Any]) -> int:
     except ApiException as exc:
         return int(exc.status)
     if hasattr(result, "release_conn"):  # a watch opened with _preload_content=False
+        # Closed, not just released: an undrained watch stream handed back to the pool was read by the
+        # next request on that connection ("BadStatusLine: 800", a chunk header), a flake seen in CI.
+        result.close()
         result.release_conn()
     return 200
 
