@@ -76,11 +76,7 @@ def build_istio_ca(settings: Settings, authority: Authority, registry: WorkloadR
 
 
 def _record_sds(ledger: IssuanceLedger, cert: WorkloadCert, clock: Clock) -> None:
-    _record(ledger, cert.svid.leaf, str(cert.spiffe_id), cert.node_id, "sds", "sds", cert.svid.issuer_key_id, clock)
-
-
-def _record(ledger: IssuanceLedger, leaf: Any, spiffe_id: str, caller: str, method: str, path: str, issuer: str,
-            clock: Clock) -> None:
-    ledger.record(IssuanceRecord(serial=f"{leaf.serial_number:x}", spiffe_id=spiffe_id, caller=caller[:256],
-                                 method=method, path=path, not_after=leaf.not_valid_after_utc, issuer=issuer,
+    svid = cert.svid
+    ledger.record(IssuanceRecord(serial=svid.serial, spiffe_id=str(cert.spiffe_id), caller=cert.node_id[:256],
+                                 method="sds", path="sds", not_after=svid.not_after, issuer=svid.issuer_key_id,
                                  issued_at=clock.now()))
