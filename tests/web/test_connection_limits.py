@@ -143,11 +143,13 @@ async def test_a_client_sending_one_byte_at_a_time_is_dropped_before_its_request
 def test_the_open_file_soft_limit_is_raised_to_the_hard_limit() -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     low = min(256, hard)
-    code = ("import resource; from ca_service.process_limits import raise_open_file_limit; "
+    # The child lowers its own soft limit first: a preexec_fn in this threaded test process can abort the
+    # child between fork and exec (it did once in CI, SIGABRT).
+    code = (f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({low}, {hard})); "
+            "from ca_service.process_limits import raise_open_file_limit; "
             "print(*raise_open_file_limit(), *resource.getrlimit(resource.RLIMIT_NOFILE))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard)))
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     reported_soft, reported_hard, now_soft, now_hard = map(int, out.stdout.split())
     assert (reported_soft, reported_hard) == (hard, hard)
     assert (now_soft, now_hard) == (hard, hard)
