@@ -12,14 +12,14 @@ import asyncio
 import datetime as dt
 from dataclasses import dataclass
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ca_service.adapters import signing_pool
 from ca_service.adapters.turn_batch import TurnBatcher
 from ca_service.errors import NotReadyError
 from ca_service.pki.identity import SpiffeId
-from ca_service.pki.templates import build_svid_for
+from ca_service.pki.keys import public_key_der
+from ca_service.pki.templates import build_svid_der_for
 from ca_service.services.authority import Authority
 from ca_service.services.csr_signing import CsrIssuance, CsrOrder, CsrResult
 from ca_service.services.issuer import IssuedSvid, SigningContext
@@ -27,16 +27,15 @@ from ca_service.services.issuer import IssuedSvid, SigningContext
 
 def _sign_public_keys(key_id: str, items: list[tuple[str, bytes, float]], now: dt.datetime,
                       backdate: dt.timedelta) -> list[bytes]:
-    """In a pool worker: one leaf (DER) per ``(SPIFFE ID, public key DER, ttl seconds)``."""
+    """In a pool worker: one leaf (DER) per ``(SPIFFE ID, public key DER as OpenSSL writes it, ttl seconds)``."""
     held = signing_pool._worker_signer
     if held is None or held[0] != key_id:
         raise signing_pool.StaleSignerError(f"worker holds signer {held and held[0]}, asked for {key_id}")
     out = []
     for raw_id, key_der, ttl in items:
         public_key = serialization.load_der_public_key(key_der)
-        leaf = build_svid_for(public_key, SpiffeId.parse(raw_id), held[1], now=now,  # type: ignore[arg-type]
-                              ttl=dt.timedelta(seconds=ttl), backdate=backdate)
-        out.append(leaf.public_bytes(serialization.Encoding.DER))
+        out.append(build_svid_der_for(public_key, SpiffeId.parse(raw_id), held[1], now=now,  # type: ignore[arg-type]
+                                      ttl=dt.timedelta(seconds=ttl), backdate=backdate, spki=key_der))
     return out
 
 
@@ -57,9 +56,10 @@ class PoolCsrSigner:
         self._batches: TurnBatcher[_Request, IssuedSvid] = TurnBatcher(self._run)
 
     async def sign(self, order: CsrOrder) -> CsrResult:
-        public_key = self._steps.check(order)
+        public_key, spki = self._steps.check(order)
         self._authority.issuer.check_member(order.entitled)
-        der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        # Either way the bytes are OpenSSL's encoding of the key, which the worker's template may reuse.
+        der = spki or public_key_der(public_key)
         svid = await self._batches.submit(
             _Request(order.entitled, der, self._authority.issuer.leaf_ttl(order.ttl)), order.now)
         return self._steps.finish(order, svid)
@@ -78,4 +78,4 @@ class PoolCsrSigner:
             raise signing_pool.SigningPoolError(f"signing pool failed: {type(exc).__name__}") from exc
 
     def _assemble(self, request: _Request, leaf: bytes, context: SigningContext, now: dt.datetime) -> IssuedSvid:
-        return self._authority.issuer.assemble(request.spiffe_id, x509.load_der_x509_certificate(leaf), context, now)
+        return self._authority.issuer.assemble(request.spiffe_id, leaf, context, now)

@@ -103,8 +103,7 @@ def _sign_chunk(
         key = generate_private_key(algorithm)
         leaf = sign_leaf(profile, key.public_key(), SpiffeId.parse(raw), now=now, ttl=ttl, backdate=backdate,
                          encoder=encoder)
-        out.append((leaf.public_bytes(serialization.Encoding.DER), private_key_to_pem(key),
-                    time.perf_counter() - started))
+        out.append((leaf, private_key_to_pem(key), time.perf_counter() - started))
     return out
 
 
@@ -241,8 +240,7 @@ class SigningPool:
             # Each chunk is wrapped as soon as it returns, overlapping the parent's share with the workers.
             signed = await loop.run_in_executor(executor, _sign_chunk, context.key_id, [str(s) for s in chunk], now,
                                                 leaf_ttl, backdate, self._algorithm, plan.encoder)
-            return [SignedSvid(key_pem, self.issuer.assemble(
-                        spiffe_id, x509.load_der_x509_certificate(leaf), context, now), seconds)
+            return [SignedSvid(key_pem, self.issuer.assemble(spiffe_id, leaf, context, now), seconds)
                     for spiffe_id, (leaf, key_pem, seconds) in zip(chunk, signed, strict=True)]
 
         size = max(1, min(self._chunk, -(-len(spiffe_ids) // (self.workers * CHUNKS_PER_WORKER))))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -18,6 +19,15 @@ _SHA256 = hashes.SHA256()
 
 def cert_to_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def der_to_pem(der: bytes) -> bytes:
+    """A certificate's DER as PEM, the bytes :func:`cert_to_pem` gives (64-character lines).
+
+    For a leaf we just signed and so hold as DER: ``Certificate.public_bytes`` re-encodes the whole
+    certificate first, which made up most of a chain's PEM (11 us of a ~75 us issuance).
+    """
+    return ssl.DER_cert_to_PEM_cert(der).encode("ascii")
 
 
 def certs_to_pem(certs: Iterable[x509.Certificate]) -> bytes:

@@ -19,6 +19,7 @@ from cryptography.x509.oid import NameOID
 from ca_service.errors import CSRRejectedError, InvalidRequestError
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import KeyAlgorithm, PublicKey
+from ca_service.pki.leaf_der import element_at
 
 # istio-agent may put an Organization in the subject (its --org option); nothing else is tolerated.
 _TOLERATED_SUBJECT_OIDS = frozenset({NameOID.ORGANIZATION_NAME})
@@ -65,6 +66,31 @@ def parse_csr(pem: bytes | str) -> x509.CertificateSigningRequest:
         return x509.load_pem_x509_csr(data)
     except ValueError:
         raise InvalidCSRError("csr-syntax", "CSR is not a valid PEM certificate request") from None
+
+
+# The SubjectPublicKeyInfo OpenSSL writes for a named-curve key, up to and including the uncompressed
+# point's 04 octet, per total length (P-256: 91 bytes, P-384: 120).
+_EC_SPKI_PREFIXES = {
+    91: bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d03010703420004"),
+    120: bytes.fromhex("3076301006072a8648ce3d020106052b8104002203620004"),
+}
+
+
+def canonical_spki(csr: x509.CertificateSigningRequest) -> bytes | None:
+    """The CSR's own SubjectPublicKeyInfo DER if it is byte for byte what OpenSSL writes for that key (a
+    P-256 or P-384 key with an uncompressed point, which is what istio-agent sends), else None.
+
+    The leaf then carries these bytes instead of the key encoded afresh (see
+    :meth:`ca_service.pki.leaf_der.LeafTemplate.tbs`).  They are read from the CertificationRequestInfo
+    (version, subject, subjectPKInfo) by position, never searched for: a subject could hold the same bytes.
+    """
+    info = csr.tbs_certrequest_bytes
+    cursor, _ = element_at(info, 0)  # into CertificationRequestInfo
+    for _ in range(2):  # past version and subject
+        cursor = element_at(info, cursor)[1]
+    spki = info[cursor:element_at(info, cursor)[1]]
+    prefix = _EC_SPKI_PREFIXES.get(len(spki))
+    return spki if prefix is not None and spki.startswith(prefix) else None
 
 
 def csr_key_type(key: object) -> CsrKeyType:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ca_service.pki.identity import SpiffeId, TrustDomain
@@ -194,14 +194,27 @@ def build_svid_for(
     backdate: dt.timedelta = DEFAULT_BACKDATE, encoder: LeafEncoder = LeafEncoder.TEMPLATE,
     dns_names: Sequence[str] = (),
 ) -> x509.Certificate:
-    """Workload X509-SVID (``dns_names``: extra DNS SANs of a serving certificate; the SPIFFE spec allows
-    other SAN types next to the one URI SAN).
+    """Workload X509-SVID; see :func:`build_svid_der_for`."""
+    return x509.load_der_x509_certificate(build_svid_der_for(
+        public_key, spiffe_id, issuer, now=now, ttl=ttl, backdate=backdate, encoder=encoder, dns_names=dns_names))
+
+
+def build_svid_der_for(
+    public_key: PublicKey, spiffe_id: SpiffeId, issuer: IssuerProfile, *, now: dt.datetime, ttl: dt.timedelta,
+    backdate: dt.timedelta = DEFAULT_BACKDATE, encoder: LeafEncoder = LeafEncoder.TEMPLATE,
+    dns_names: Sequence[str] = (), spki: bytes | None = None,
+) -> bytes:
+    """Workload X509-SVID as Certificate DER (``dns_names``: extra DNS SANs of a serving certificate; the
+    SPIFFE spec allows other SAN types next to the one URI SAN).
 
     Empty subject with exactly one URI SAN (marked critical because the subject is empty, RFC 5280
     4.2.1.6), CA:FALSE, keyUsage digitalSignature (+keyEncipherment for RSA keys, which TLS 1.2 RSA key
     transport needs), EKU serverAuth+clientAuth, SKI/AKI.  notAfter is clamped to the issuer's.
     ``encoder`` picks the DER template or the builder; both give the same bytes, and whatever the
     template does not cover (see :meth:`LeafTemplate.tbs`) goes to the builder, which then decides.
+    DER, not a loaded certificate: the caller PEM-encodes it for the wire, and ``Certificate.public_bytes``
+    would encode it all over again.  ``spki``: the key's SubjectPublicKeyInfo as OpenSSL writes it, if the
+    caller holds it (see :meth:`LeafTemplate.tbs`; the builder encodes the key itself).
     """
     _require_aware(now)
     if not spiffe_id.path:
@@ -214,11 +227,11 @@ def build_svid_for(
     if encoder is LeafEncoder.TEMPLATE and issuer.template is not None and not dns_names:
         try:
             return issuer.template.build(public_key, str(spiffe_id), serial=serial, not_before=not_before,
-                                         not_after=not_after)
+                                         not_after=not_after, spki=spki)
         except TemplateNotApplicable:
             pass
     return build_leaf_with_builder(public_key, str(spiffe_id), issuer, serial=serial, not_before=not_before,
-                                   not_after=not_after, dns_names=dns_names)
+                                   not_after=not_after, dns_names=dns_names).public_bytes(serialization.Encoding.DER)
 
 
 def build_leaf_with_builder(

@@ -21,9 +21,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ca_service.errors import NotReadyError, PolicyViolationError
+from ca_service.pki.certs import der_to_pem
 from ca_service.pki.identity import SpiffeId, TrustDomain
 from ca_service.pki.keys import KeyAlgorithm, PrivateKey, PublicKey, generate_private_key
-from ca_service.pki.templates import CAKind, IssuerProfile, LeafEncoder, build_svid_for
+from ca_service.pki.templates import CAKind, IssuerProfile, LeafEncoder, build_svid_der_for
 from ca_service.pki.verify import verify_svid
 from ca_service.rotation.state import AuthorityState, CAEntry
 from ca_service.settings import CASettings
@@ -39,6 +40,8 @@ class IssuedSvid:
     issuer_key_id: str
     # PEM of chain[1:], shared by every SVID of one signer so that encoding a chain costs one leaf.
     tail_pem: bytes | None = None
+    # The leaf as signed: PEM from it skips the re-encoding Certificate.public_bytes does.
+    leaf_der: bytes | None = None
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -64,7 +67,9 @@ class IssuedSvid:
         tail = self.tail_pem
         if tail is None:
             tail = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.chain[1:])
-        return self.leaf.public_bytes(serialization.Encoding.PEM) + tail
+        if self.leaf_der is None:
+            return self.leaf.public_bytes(serialization.Encoding.PEM) + tail
+        return der_to_pem(self.leaf_der) + tail
 
 
 @dataclass(frozen=True)
@@ -129,10 +134,10 @@ class BatchPlan:
 
 def sign_leaf(profile: IssuerProfile, public_key: PublicKey, spiffe_id: SpiffeId, *, now: dt.datetime,
               ttl: dt.timedelta, backdate: dt.timedelta, dns_names: Sequence[str] = (),
-              encoder: LeafEncoder = LeafEncoder.TEMPLATE) -> x509.Certificate:
-    """Template + signature of one leaf: the part a signing-pool worker runs, with no state of its own."""
-    return build_svid_for(public_key, spiffe_id, profile, now=now, ttl=ttl, backdate=backdate, dns_names=dns_names,
-                          encoder=encoder)
+              encoder: LeafEncoder = LeafEncoder.TEMPLATE, spki: bytes | None = None) -> bytes:
+    """Template + signature of one leaf, as DER: the part a signing-pool worker runs, with no state of its own."""
+    return build_svid_der_for(public_key, spiffe_id, profile, now=now, ttl=ttl, backdate=backdate, dns_names=dns_names,
+                              encoder=encoder, spki=spki)
 
 
 class Issuer:
@@ -166,15 +171,18 @@ class Issuer:
         return min(requested or self.policy.workload_ttl, self.policy.max_workload_ttl)
 
     def issue(self, spiffe_id: SpiffeId, public_key: PublicKey, *, ttl: dt.timedelta | None = None,
-              now: dt.datetime) -> IssuedSvid:
+              now: dt.datetime, spki: bytes | None = None) -> IssuedSvid:
         """Sign an X509-SVID for ``spiffe_id`` over ``public_key``; the caller is already known to be entitled.
+
+        ``spki``: ``public_key``'s SubjectPublicKeyInfo as OpenSSL writes it, when the caller holds it
+        (a CSR's own, :func:`ca_service.pki.csr.canonical_spki`); it saves encoding the key again.
 
         Raises:
             PolicyViolationError: if ``spiffe_id`` is of another trust domain.
             NotReadyError: if no signing intermediate is active or its key is not available.
             ChainVerificationError: if the signer does not chain to the current roots.
         """
-        return self._issue(spiffe_id, public_key, ttl=ttl, now=now, dns_names=())
+        return self._issue(spiffe_id, public_key, ttl=ttl, now=now, dns_names=(), spki=spki)
 
     def issue_serving(self, spiffe_id: SpiffeId, public_key: PublicKey, *, dns_names: Sequence[str] = (),
                       ttl: dt.timedelta | None = None, now: dt.datetime) -> IssuedSvid:
@@ -183,11 +191,11 @@ class Issuer:
         return self._issue(spiffe_id, public_key, ttl=ttl, now=now, dns_names=tuple(dns_names))
 
     def _issue(self, spiffe_id: SpiffeId, public_key: PublicKey, *, ttl: dt.timedelta | None, now: dt.datetime,
-               dns_names: tuple[str, ...]) -> IssuedSvid:
+               dns_names: tuple[str, ...], spki: bytes | None = None) -> IssuedSvid:
         self.check_member(spiffe_id)
         context = self._source.signing_context()
         leaf = sign_leaf(context.profile, public_key, spiffe_id, now=now, ttl=self.leaf_ttl(ttl),
-                         backdate=self.policy.backdate, dns_names=dns_names, encoder=self.policy.encoder)
+                         backdate=self.policy.backdate, dns_names=dns_names, encoder=self.policy.encoder, spki=spki)
         return self.assemble(spiffe_id, leaf, context, now)
 
     def plan_batch(self, spiffe_ids: Sequence[SpiffeId], *, now: dt.datetime,
@@ -203,12 +211,12 @@ class Issuer:
         return BatchPlan(self._source.signing_context(), now, self.leaf_ttl(ttl), self.policy.backdate,
                          self.policy.key_algorithm, self.policy.encoder)
 
-    def assemble(self, spiffe_id: SpiffeId, leaf: x509.Certificate, context: SigningContext,
+    def assemble(self, spiffe_id: SpiffeId, leaf_der: bytes, context: SigningContext,
                  now: dt.datetime) -> IssuedSvid:
-        """Wrap a leaf signed under ``context`` (here or in a signing-pool worker), checking the chain."""
-        chain = (leaf, *context.tail)
+        """Wrap a leaf (DER) signed under ``context`` (here or in a signing-pool worker), checking the chain."""
+        chain = (x509.load_der_x509_certificate(leaf_der), *context.tail)
         marker = (context.key_id, context.state.bundle_sequence)
         if marker not in self._verified_signers:
             verify_svid(chain[0], chain[1:], context.roots, now=now)
             self._verified_signers.add(marker)
-        return IssuedSvid(spiffe_id, chain, context.roots, context.key_id, context.tail_pem)
+        return IssuedSvid(spiffe_id, chain, context.roots, context.key_id, context.tail_pem, leaf_der)

@@ -16,6 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from ca_service.pki.certs import der_to_pem
 from ca_service.pki.keys import KeyAlgorithm, PublicKey, generate_private_key
 from ca_service.pki.leaf_der import TemplateNotApplicable, encode_serial, encode_time
 from ca_service.pki.templates import IssuerProfile, build_leaf_with_builder
@@ -55,6 +56,8 @@ def assert_same_der(signer: KeyAlgorithm, key: PublicKey, uri: str, *, serial: i
     tbs = issuer.template.tbs(key, uri, serial=serial, not_before=not_before, not_after=not_after)
     assert tbs == reference.tbs_certificate_bytes, f"TBS differs:\n{tbs.hex()}\n{reference.tbs_certificate_bytes.hex()}"
     assert issuer.template.assemble(tbs, reference.signature) == reference.public_bytes(DER)
+    # The PEM the daemon sends is made from the DER it signed (der_to_pem): the same text as cryptography's.
+    assert der_to_pem(reference.public_bytes(DER)) == reference.public_bytes(serialization.Encoding.PEM)
     templated = x509.load_der_x509_certificate(issuer.template.sign(tbs))
     templated.verify_directly_issued_by(cached_hierarchy(signer).signing)
     if signer in RSA_SIGNERS:

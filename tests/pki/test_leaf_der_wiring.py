@@ -18,6 +18,7 @@ from spiffe.svid.x509_svid import X509Svid
 
 from ca_service.config import Settings, load_settings
 from ca_service.errors import ConfigError
+from ca_service.pki.certs import der_to_pem
 from ca_service.pki.keys import KeyAlgorithm, generate_private_key, private_key_to_pem
 from ca_service.pki.leaf_der import LeafTemplate
 from ca_service.pki.templates import IssuerProfile, LeafEncoder, build_svid_for
@@ -40,9 +41,11 @@ def _templated_chain(signer: KeyAlgorithm, leaf: KeyAlgorithm, tmp_path: Path) -
     template = profile(signer).template
     assert template is not None
     key = generate_private_key(leaf)
-    cert = template.build(key.public_key(), str(WORKLOAD), serial=SERIAL, not_before=NOT_BEFORE, not_after=NOT_AFTER)
+    der = template.build(key.public_key(), str(WORKLOAD), serial=SERIAL, not_before=NOT_BEFORE, not_after=NOT_AFTER)
+    cert = x509.load_der_x509_certificate(der)
     p.assert_is_svid(cert, h.signing, str(WORKLOAD))
-    files = {"leaf.pem": cert.public_bytes(PEM), "key.pem": private_key_to_pem(key),
+    # The PEM the daemon sends (der_to_pem), not cryptography's: the checkers below read what Envoy gets.
+    files = {"leaf.pem": der_to_pem(der), "key.pem": private_key_to_pem(key),
              "intermediate.pem": h.signing.public_bytes(PEM), "root.pem": h.root.public_bytes(PEM)}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
