@@ -162,11 +162,13 @@ def _signature_verifies(csr: x509.CertificateSigningRequest, key: object) -> boo
 
 def _check_extension(ext: x509.Extension[x509.ExtensionType], entitled: SpiffeId) -> None:
     value = ext.value
-    if isinstance(value, x509.BasicConstraints):
+    # Exact types: the parser makes these very classes, and isinstance against cryptography's ABCs costs
+    # ~0.5 us a check on every CSR.
+    if type(value) is x509.BasicConstraints:
         if value.ca:
             raise CSRRejectedError("ca-request", "CSR requests a CA certificate (basicConstraints CA:TRUE)")
         return
-    if isinstance(value, x509.SubjectAlternativeName):
+    if type(value) is x509.SubjectAlternativeName:
         _check_names(list(value), entitled)
         return
     # Unknown to us: a critical one we could not honour, a non-critical one we would silently drop;
@@ -183,14 +185,14 @@ _SAN_RULES: tuple[tuple[type[x509.GeneralName], str], ...] = (
 
 
 def _check_names(names: list[x509.GeneralName], entitled: SpiffeId) -> None:
-    wanted = x509.UniformResourceIdentifier(str(entitled))
+    wanted = str(entitled)
     for name in names:
-        if name == wanted:
+        if type(name) is x509.UniformResourceIdentifier and name.value == wanted:
             continue
         rule = next((r for cls, r in _SAN_RULES if isinstance(name, cls)), "san-other")
         shown = str(getattr(name, "value", name))[:200]
         raise CSRRejectedError(rule, f"CSR names {shown!r}; the caller is entitled only to {entitled}")
-    if names != [wanted]:
+    if len(names) != 1:  # every name is the entitled ID by now: it must be there, once
         raise CSRRejectedError("san-uri", f"CSR must name {entitled} exactly once; the caller is entitled only "
                                           "to it")
 
