@@ -68,7 +68,7 @@ class CsrIssuance:
         # The bundle is read after signing and the leaf checked against exactly it: a root rotation
         # between the two cannot hand out a chain that does not verify against the roots sent with it.
         bundle = self._authority.bundle()
-        self._chains.verify(svid.leaf, svid.chain[1:], bundle.roots, now=order.now)
+        self._chains.verify(svid.leaf, svid.chain[1:], bundle.roots, now=order.now, expected=order.entitled)
         return CsrResult(svid, bundle)
 
     def fulfil(self, order: CsrOrder) -> CsrResult:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 
 from ca_service.pki import verify as verify_module
 from ca_service.pki.identity import SpiffeId
@@ -45,6 +46,21 @@ def _same_name_intermediate(h: Hierarchy) -> tuple[x509.Certificate, PrivateKey]
     return cert, key
 
 
+def _under_another_name(h: Hierarchy) -> x509.Certificate:
+    """Signed with our intermediate's very key, but naming another issuer: a good signature is not enough."""
+    renamed = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "not our intermediate")]))
+               .issuer_name(h.root.subject).public_key(h.signing_key.public_key())  # type: ignore[arg-type]
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(NOW - dt.timedelta(hours=1)).not_valid_after(NOW + dt.timedelta(days=30))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(h.signing_key.public_key()),  # type: ignore[arg-type]
+                              critical=False)
+               .sign(h.root_key, hashes.SHA256()))  # type: ignore[arg-type]
+    return build_svid(generate_private_key().public_key(), WORKLOAD, issuer=renamed, issuer_key=h.signing_key,
+                      now=NOW, ttl=dt.timedelta(hours=1))
+
+
 def _under_same_name(h: Hierarchy) -> x509.Certificate:
     cert, key = _same_name_intermediate(h)
     return build_svid(generate_private_key().public_key(), WORKLOAD, issuer=cert, issuer_key=key, now=NOW,
@@ -62,6 +78,8 @@ BAD: dict[str, Callable[[Hierarchy], Chain]] = {
         _leaf(h, issuer_key=generate_private_key()), [h.signing], [h.root], NOW),
     "signed by a same-named intermediate of another root": lambda h: (
         _under_same_name(h), [h.signing], [h.root], NOW),
+    "signed by our intermediate's key under another issuer name": lambda h: (
+        _under_another_name(h), [h.signing], [h.root], NOW),
 }
 
 
@@ -109,3 +127,31 @@ def test_the_full_verifier_runs_once_per_path_and_again_after_recheck(monkeypatc
     other = build_hierarchy().root
     verifier.verify(_leaf(h), [h.signing], [h.root, other], now=later)
     assert len(full) == 3
+
+
+def test_a_leaf_naming_another_identity_than_expected_is_refused_cold_and_warm() -> None:
+    h = cached_hierarchy(KeyAlgorithm.EC_P256)
+    other = SpiffeId.parse("spiffe://cluster.local/ns/other/sa/other")
+    with pytest.raises(ChainVerificationError, match=re.escape(f"not {other}")):
+        IssuedChainVerifier().verify(_leaf(h), [h.signing], [h.root], now=NOW, expected=other)
+    verifier = _warm(h)
+    with pytest.raises(ChainVerificationError, match=re.escape(f"not {other}")):
+        verifier.verify(_leaf(h), [h.signing], [h.root], now=NOW, expected=other)
+    assert verifier.verify(_leaf(h), [h.signing], [h.root], now=NOW, expected=WORKLOAD) == WORKLOAD
+
+
+def test_equal_but_distinct_certificate_objects_find_the_same_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The last path is matched by identity; equal certificates loaded again must still be found (by
+    # value), not verified in full once more, and not mistaken for another path.
+    h = cached_hierarchy(KeyAlgorithm.EC_P256)
+    full: list[dt.datetime] = []
+    real = verify_module.verify_svid
+    monkeypatch.setattr(verify_module, "verify_svid", lambda leaf, tail, roots, *, now: (
+        full.append(now), real(leaf, tail, roots, now=now))[1])
+    verifier = IssuedChainVerifier()
+    verifier.verify(_leaf(h), [h.signing], [h.root], now=NOW)
+    other = build_hierarchy()
+    verifier.verify(other.leaf, [other.signing], [other.root], now=NOW)  # now the last path is another one
+    reloaded = [x509.load_der_x509_certificate(c.public_bytes(serialization.Encoding.DER)) for c in (h.signing, h.root)]
+    verifier.verify(_leaf(h), reloaded[:1], reloaded[1:], now=NOW)
+    assert len(full) == 2
