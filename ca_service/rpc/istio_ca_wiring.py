@@ -21,6 +21,7 @@ from ca_service.services.admission import InFlightLimit, RateLimiter
 from ca_service.services.authority import Authority
 from ca_service.services.csr_signing import CsrSigner, ThreadCsrSigner
 from ca_service.services.issuance_ledger import IssuanceLedger, IssuanceRecord
+from ca_service.services.issuer import IssuedSvid
 from ca_service.services.workloads import WorkloadCert, WorkloadRegistry
 from ca_service.telemetry import Telemetry
 
@@ -72,7 +73,15 @@ def build_istio_ca(settings: Settings, authority: Authority, registry: WorkloadR
         rate_limiter=RateLimiter(ica.rate_limit_per_identity, ica.rate_limit_burst), ledger=ledger,
         allowed_key_types=ica.allowed_key_types, telemetry=telemetry, clock=clock)
     registry.subscribe(lambda cert: _record_sds(ledger, cert, clock))
+    # Our listeners' own certificates (SDS TLS, side-port, bundle endpoint) are in the audit too.
+    authority.issuer.observe_serving(lambda svid: _record_serving(ledger, svid, clock))
     return IstioCA(service, ledger, journal)
+
+
+def _record_serving(ledger: IssuanceLedger, svid: IssuedSvid, clock: Clock) -> None:
+    ledger.record(IssuanceRecord(serial=svid.serial, spiffe_id=str(svid.spiffe_id), caller="ca-service",
+                                 method="internal", path="serving", not_after=svid.not_after,
+                                 issuer=svid.issuer_key_id, issued_at=clock.now()))
 
 
 def _record_sds(ledger: IssuanceLedger, cert: WorkloadCert, clock: Clock) -> None:

@@ -1,4 +1,4 @@
-"""The issuance ledger: every workload certificate issued (SDS, CSR, CLI) while it is still valid.
+"""The issuance ledger: every certificate issued (SDS, CSR, CLI, our listeners' own) while it is still valid.
 
 After an incident the first question is "which certificates are out there for this identity, and who
 asked for them?": no peer keeps that list.  The ledger is held in memory and bounded: expired certificates
@@ -26,7 +26,7 @@ class IssuanceRecord:
     spiffe_id: str
     caller: str  # the authenticated caller (its SPIFFE ID, node id, or "ca-service")
     method: str  # how it authenticated: kubernetes-jwt, peer-certificate, node-metadata, internal
-    path: str  # sds, istio-ca, cli
+    path: str  # sds, istio-ca, cli, serving
     not_after: dt.datetime
     issuer: str  # key id of the signing intermediate
     issued_at: dt.datetime

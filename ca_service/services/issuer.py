@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -149,6 +149,12 @@ class Issuer:
         # A signer's chain is verified once against the roots (not per leaf): the leaf profile is fixed
         # by our template, the chain is what can go wrong (a rotation that published nothing).
         self._verified_signers: set[tuple[str, int]] = set()
+        # Told of every serving certificate (the issuance ledger): those have no caller to record them.
+        self._serving_observers: list[Callable[[IssuedSvid], None]] = []
+
+    def observe_serving(self, observer: Callable[[IssuedSvid], None]) -> None:
+        """Call ``observer`` with every serving certificate issued from now on (after it is signed)."""
+        self._serving_observers.append(observer)
 
     @property
     def trust_domain(self) -> TrustDomain:
@@ -188,7 +194,10 @@ class Issuer:
                       ttl: dt.timedelta | None = None, now: dt.datetime) -> IssuedSvid:
         """A serving certificate of one of our listeners: an SVID that also names ``dns_names`` (the
         host names clients dial and check).  Raises as :meth:`issue`."""
-        return self._issue(spiffe_id, public_key, ttl=ttl, now=now, dns_names=tuple(dns_names))
+        svid = self._issue(spiffe_id, public_key, ttl=ttl, now=now, dns_names=tuple(dns_names))
+        for observe in self._serving_observers:
+            observe(svid)
+        return svid
 
     def _issue(self, spiffe_id: SpiffeId, public_key: PublicKey, *, ttl: dt.timedelta | None, now: dt.datetime,
                dns_names: tuple[str, ...], spki: bytes | None = None) -> IssuedSvid:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import subprocess
 import sys
 from pathlib import Path
 
 import grpc
+from cryptography import x509
 from envoy.service.secret.v3 import sds_pb2_grpc
 
 from ca_service.app import App, build_app
 from ca_service.config import Settings, load_settings
+from ca_service.federation.endpoint import BundleEndpoint
 from tests.rpc.sds_fixtures import node, request
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,7 +60,8 @@ async def test_certificates_issued_over_sds_are_listed_and_filtered_by_the_cli(t
         none = json.loads((await asyncio.to_thread(_cli, data_dir, "--namespace", "other", "--json")).stdout)
         assert none["matched"] == 0
         by_issuer = json.loads((await asyncio.to_thread(_cli, data_dir, "--issuer", issuer, "--json")).stdout)
-        assert by_issuer["matched"] == 2
+        # The two SDS SVIDs and the bundle endpoint's serving certificate, all under the one intermediate.
+        assert sorted(c["path"] for c in by_issuer["certificates"]) == ["sds", "sds", "serving"]
         text = await asyncio.to_thread(_cli, data_dir, "--namespace", "shop")
         assert "2 live certificate(s) matched" in text.stdout
     finally:
@@ -83,12 +87,32 @@ async def test_a_cli_issued_certificate_is_listed_and_the_list_survives_a_restar
                                                                     "local")
         before = sorted((c["serial"], c["path"]) for c in listed)
         assert [p for _, p in before].count("sds") == 1
+        assert [p for _, p in before].count("serving") == 1  # the bundle endpoint's
     finally:
         await app.stop()
     again = build_app(settings)
     await again.start()
     try:
         listed = json.loads((await asyncio.to_thread(_cli, data_dir, "--json")).stdout)["certificates"]
-        assert sorted((c["serial"], c["path"]) for c in listed) == before
+        # Everything from before, plus the serving certificate the restarted bundle endpoint was issued.
+        after = sorted((c["serial"], c["path"]) for c in listed)
+        assert set(before) < set(after)
+        assert [p for _, p in set(after) - set(before)] == ["serving"]
     finally:
         await again.stop()
+
+
+async def test_the_serving_certificate_a_listener_presents_is_in_the_audit(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    app = build_app(_settings(data_dir))
+    await app.start()
+    try:
+        (endpoint,) = [c for c in app.components if isinstance(c, BundleEndpoint)]
+        pem = await asyncio.to_thread(ssl.get_server_certificate, ("127.0.0.1", endpoint.port), timeout=10)
+        presented = format(x509.load_pem_x509_certificate(pem.encode()).serial_number, "x")
+        listed = json.loads((await asyncio.to_thread(_cli, data_dir, "--json")).stdout)["certificates"]
+        (serving,) = [c for c in listed if c["path"] == "serving"]
+        assert (serving["serial"], serving["spiffe_id"], serving["caller"], serving["method"]) == (
+            presented, str(endpoint.spiffe_id), "ca-service", "internal")
+    finally:
+        await app.stop()
