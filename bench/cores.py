@@ -97,7 +97,11 @@ def run(quick: bool) -> Result:
                                "all_cores_over_go": many / go_many})
     else:
         result.notes.append(go)
-    result.target(f"{cores} cores >= 1.7x one core for a signing storm", "all_over_one", ">=", 1.7)
+    # Issue 16: two cores give >= 1.8x one core where bare ECDSA on the machine gives >= 1.9x.
+    result.target(f"{cores} cores >= 1.8x one core for a signing storm", "all_over_one", ">=", 1.8)
+    if reference < 1.9:
+        result.notes.append(f"raw ECDSA itself scaled only {reference:.2f}x on {cores} cores in this run, under the "
+                            "1.9x the storm target presumes: the machine, not the pool, set the ceiling")
     if cores < 2:
         result.notes.append("only one usable core: the scaling target cannot be measured here")
     return result
