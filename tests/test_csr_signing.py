@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
+import re
 
 import pytest
 from cryptography import x509
@@ -16,9 +18,10 @@ from ca_service.errors import CSRRejectedError
 from ca_service.pki.csr import DEFAULT_ALLOWED_KEY_TYPES
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import PrivateKey, generate_private_key, same_public_key
-from ca_service.pki.verify import verify_svid
+from ca_service.pki.verify import ChainVerificationError, verify_svid
+from ca_service.rpc.istio_ca import chain_for
 from ca_service.services.authority import Authority
-from ca_service.services.csr_signing import CsrOrder, CsrSigner, InlineCsrSigner, ThreadCsrSigner
+from ca_service.services.csr_signing import CsrIssuance, CsrOrder, CsrSigner, InlineCsrSigner, ThreadCsrSigner
 from tests.clock import FakeClock
 
 HOUR = dt.timedelta(hours=1)
@@ -81,3 +84,28 @@ async def test_the_pool_signer_batches_a_burst_onto_the_workers(authority: Autho
         await _burst(PoolCsrSigner(authority, pool), authority, clock, 50)
     finally:
         await asyncio.to_thread(pool.close)
+
+
+async def test_a_leaf_for_another_identity_than_the_order_is_never_handed_out(authority: Authority,
+                                                                              clock: FakeClock) -> None:
+    # The last step checks the leaf against the identity the caller is entitled to, not only against the
+    # chain: a signer that got the identity wrong is caught before anything is returned.
+    steps = CsrIssuance(authority)
+    mine, theirs = (SpiffeId.parse(f"spiffe://cluster.local/ns/ns/sa/{n}") for n in ("mine", "theirs"))
+    key = generate_private_key()
+    order = _order(key, mine, clock)
+    for _ in range(2):  # the first leaf of a signer takes the full verifier, the next the per-leaf checks
+        assert steps.finish(order, authority.issue_svid(mine, key.public_key(), now=clock.now())).svid.spiffe_id == mine
+        with pytest.raises(ChainVerificationError, match=re.escape(f"not {mine}")):
+            steps.finish(order, authority.issue_svid(theirs, key.public_key(), now=clock.now()))
+
+
+def test_the_istio_ca_reply_has_each_certificate_as_cryptography_writes_it_then_the_roots(authority: Authority,
+                                                                                           clock: FakeClock) -> None:
+    svid = authority.issue_svid(SpiffeId.parse("spiffe://cluster.local/ns/ns/sa/mine"),
+                                generate_private_key().public_key(), now=clock.now())
+    roots = authority.bundle().to_pem()
+    expected = [c.public_bytes(serialization.Encoding.PEM).decode() for c in svid.chain] + [roots.decode()]
+    assert chain_for(svid, roots) == expected
+    # An SVID without the DER and tail PEM (built elsewhere) gets the same reply.
+    assert chain_for(dataclasses.replace(svid, leaf_der=None, tail_pem=None), roots) == expected

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,6 +29,8 @@ from ca_service.pki.templates import CAKind, IssuerProfile, LeafEncoder, build_s
 from ca_service.pki.verify import verify_svid
 from ca_service.rotation.state import AuthorityState, CAEntry
 from ca_service.settings import CASettings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,9 @@ class Issuer:
         """Sign an X509-SVID for ``spiffe_id`` over ``public_key``; the caller is already known to be entitled.
 
         ``spki``: ``public_key``'s SubjectPublicKeyInfo as OpenSSL writes it, when the caller holds it
-        (a CSR's own, :func:`ca_service.pki.csr.canonical_spki`); it saves encoding the key again.
+        (a CSR's own, :func:`ca_service.pki.csr.canonical_spki`); it saves encoding the key again.  It
+        goes into the leaf as given: it must encode ``public_key`` (nothing here compares the two), so
+        pass only what ``canonical_spki`` or ``public_key_der`` returned for that very key.
 
         Raises:
             PolicyViolationError: if ``spiffe_id`` is of another trust domain.
@@ -196,7 +201,11 @@ class Issuer:
         host names clients dial and check).  Raises as :meth:`issue`."""
         svid = self._issue(spiffe_id, public_key, ttl=ttl, now=now, dns_names=tuple(dns_names))
         for observe in self._serving_observers:
-            observe(svid)
+            try:
+                observe(svid)
+            except Exception:
+                # A listener must still get its certificate: the audit's failure is logged, not passed on.
+                log.exception("recording a serving certificate failed", extra={"serial": svid.serial})
         return svid
 
     def _issue(self, spiffe_id: SpiffeId, public_key: PublicKey, *, ttl: dt.timedelta | None, now: dt.datetime,

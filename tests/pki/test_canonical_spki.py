@@ -44,17 +44,34 @@ def test_an_rsa_csr_is_left_to_openssl() -> None:
     assert canonical_spki(_csr(generate_private_key(KeyAlgorithm.RSA_2048))) is None
 
 
-def test_a_compressed_point_is_not_reused() -> None:
-    # A CSR whose key is a compressed point: valid, but the leaf must carry the uncompressed form the
-    # builder writes, so the CSR's bytes are not reused.
-    key = ec.generate_private_key(ec.SECP256R1())
-    point = key.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
+def _csr_with_point(key: ec.EllipticCurvePrivateKey, point: bytes) -> x509.CertificateSigningRequest:
+    """A CSR whose SubjectPublicKeyInfo carries ``point`` as given, signed by ``key``."""
     algorithm = bytes.fromhex("301306072a8648ce3d020106082a8648ce3d030107")
-    compressed = _tlv(0x30, algorithm + _tlv(0x03, b"\x00" + point))
-    info = _tlv(0x30, bytes.fromhex("020100") + bytes.fromhex("3000") + compressed + bytes.fromhex("a000"))
+    spki = _tlv(0x30, algorithm + _tlv(0x03, b"\x00" + point))
+    info = _tlv(0x30, bytes.fromhex("020100") + bytes.fromhex("3000") + spki + bytes.fromhex("a000"))
     signature = key.sign(info, ec.ECDSA(hashes.SHA256()))
-    der = _tlv(0x30, info + bytes.fromhex("300a06082a8648ce3d040302") + _tlv(0x03, b"\x00" + signature))
-    csr = x509.load_der_x509_csr(der)
+    return x509.load_der_x509_csr(
+        _tlv(0x30, info + bytes.fromhex("300a06082a8648ce3d040302") + _tlv(0x03, b"\x00" + signature)))
+
+
+def test_a_hybrid_point_of_the_canonical_length_is_not_reused() -> None:
+    # X9.62 hybrid form (06/07 || X || Y) has the uncompressed form's length, so only the 04 octet tells
+    # them apart; the builder would write 04, so the CSR's bytes must not be taken.
+    key = ec.generate_private_key(ec.SECP256R1())
+    uncompressed = key.public_key().public_bytes(serialization.Encoding.X962,
+                                                 serialization.PublicFormat.UncompressedPoint)
+    hybrid = bytes((0x06 | (uncompressed[-1] & 1),)) + uncompressed[1:]
+    csr = _csr_with_point(key, hybrid)
+    assert csr.is_signature_valid and public_key_der(csr.public_key()) == public_key_der(key.public_key())  # type: ignore[arg-type]
+    assert canonical_spki(csr) is None
+    assert canonical_spki(_csr_with_point(key, uncompressed)) == public_key_der(key.public_key())
+
+
+def test_a_compressed_point_is_not_reused() -> None:
+    # Valid too, but the leaf must carry the uncompressed form the builder writes.
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = _csr_with_point(key, key.public_key().public_bytes(serialization.Encoding.X962,
+                                                             serialization.PublicFormat.CompressedPoint))
     assert csr.is_signature_valid  # a well-formed request, so the refusal is about the encoding alone
     assert canonical_spki(csr) is None
 

@@ -9,11 +9,13 @@ from collections.abc import Callable
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca_service.pki import verify as verify_module
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import KeyAlgorithm, PrivateKey, generate_private_key
-from ca_service.pki.templates import build_svid
+from ca_service.pki.leaf_der import _tlv
+from ca_service.pki.templates import IssuerProfile, build_svid
 from ca_service.pki.verify import ChainVerificationError, IssuedChainVerifier, verify_svid
 
 from .conftest import NOW, WORKLOAD, Hierarchy, build_hierarchy, cached_hierarchy
@@ -61,6 +63,18 @@ def _under_another_name(h: Hierarchy) -> x509.Certificate:
                       now=NOW, ttl=dt.timedelta(hours=1))
 
 
+def _algorithms_disagree(h: Hierarchy) -> x509.Certificate:
+    """Signed by our intermediate's key, but the TBS names ecdsa-with-SHA256 while the certificate says
+    (and the signature uses) SHA-384: the inner and outer signature algorithms must agree."""
+    template = IssuerProfile.of(h.signing, h.signing_key).template
+    assert template is not None
+    tbs = template.tbs(generate_private_key().public_key(), str(WORKLOAD), serial=x509.random_serial_number(),
+                       not_before=NOW - dt.timedelta(minutes=5), not_after=NOW + dt.timedelta(hours=1))
+    signature = h.signing_key.sign(tbs, ec.ECDSA(hashes.SHA384()))  # type: ignore[call-arg, arg-type]
+    ecdsa_with_sha384 = bytes.fromhex("300a06082a8648ce3d040303")
+    return x509.load_der_x509_certificate(_tlv(0x30, tbs + ecdsa_with_sha384 + _tlv(0x03, b"\x00" + signature)))
+
+
 def _under_same_name(h: Hierarchy) -> x509.Certificate:
     cert, key = _same_name_intermediate(h)
     return build_svid(generate_private_key().public_key(), WORKLOAD, issuer=cert, issuer_key=key, now=NOW,
@@ -80,6 +94,7 @@ BAD: dict[str, Callable[[Hierarchy], Chain]] = {
         _under_same_name(h), [h.signing], [h.root], NOW),
     "signed by our intermediate's key under another issuer name": lambda h: (
         _under_another_name(h), [h.signing], [h.root], NOW),
+    "inner and outer signature algorithms differ": lambda h: (_algorithms_disagree(h), [h.signing], [h.root], NOW),
 }
 
 
