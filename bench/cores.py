@@ -1,7 +1,8 @@
 """Issuance across cores: a signing storm on the process pool with 1 worker, then with every core.
 
 Both rates go through the same :class:`SigningPool` path (worker key generation + signing, parent
-wrapping), so their ratio is the scaling the pool buys; the in-process rate is printed alongside.
+wrapping), so their ratio is the scaling the pool buys: the median of five rounds' own ratios
+(``all_over_one``; best rate over best rate is ``all_over_one_best``).
 The Go reference's SDS path on one goroutine and on one per core (GOMAXPROCS = cores) runs in between,
 for ``one_worker_over_go`` and ``all_cores_over_go``.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -73,23 +75,28 @@ def run(quick: bool) -> Result:
     authority = fresh_authority()
     ids = [SpiffeId.parse(f"spiffe://cluster.local/ns/storm/sa/sa-{i}") for i in range(count)]
     go = go_reference(authority, make_csr(SPIFFE_ID), START)
-    one = many = go_one = go_many = 0.0
+    samples: list[tuple[float, float]] = []  # (1 worker, N workers) per round
+    go_one = go_many = 0.0
     # Alternate 1-worker and N-worker rounds (ours and Go's) so that noise from neighbours hits all alike.
+    # The one-worker rate of the same code moves by a third from round to round on this machine (6,600-8,400
+    # leaves/s in one sitting), so the ratio is the median of five rounds' own ratios, not best over best.
     try:
-        for _ in range(1 if quick else 2):
-            one = max(one, _pool_rate(authority, 1, ids, rounds))
-            many = max(many, _pool_rate(authority, cores, ids, rounds))
+        for _ in range(1 if quick else 5):
+            samples.append((_pool_rate(authority, 1, ids, rounds), _pool_rate(authority, cores, ids, rounds)))
             if isinstance(go, GoReference):
                 go_one = max(go_one, go.rate("sds", seconds=0.3 if quick else 1.5)[0])
                 go_many = max(go_many, go.rate("sds", seconds=0.3 if quick else 1.5, workers=cores)[0])
     finally:
         if isinstance(go, GoReference):
             go.close()
+    one, many = max(s[0] for s in samples), max(s[1] for s in samples)
+    ratio = statistics.median(m / o for o, m in samples)
     reference = max(_reference_scaling(cores, 0.3 if quick else 1.5) for _ in range(1 if quick else 2))
     result = Result("cores")
-    result.metrics.update({"cores": float(cores), "storm_size": float(count), "one_worker_ops_s": one,
-                           "all_cores_ops_s": many, "all_over_one": many / one,
-                           "raw_sign_all_over_one": reference, "scaling_vs_raw_sign": (many / one) / reference})
+    result.metrics.update({"cores": float(cores), "storm_size": float(count), "rounds": float(len(samples)),
+                           "one_worker_ops_s": one, "all_cores_ops_s": many, "all_over_one": ratio,
+                           "all_over_one_best": many / one,
+                           "raw_sign_all_over_one": reference, "scaling_vs_raw_sign": ratio / reference})
     if isinstance(go, GoReference):
         # Go's SDS path on one goroutine per core (GOMAXPROCS = cores): what istiod's signer gives a storm.
         result.metrics.update({"go_one_core_ops_s": go_one, "go_all_cores_ops_s": go_many,
