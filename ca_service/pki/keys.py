@@ -5,8 +5,9 @@ from __future__ import annotations
 import enum
 import hashlib
 
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from ca_service.errors import InvalidRequestError, PolicyViolationError
 
@@ -110,3 +111,25 @@ def key_id(key: PublicKey) -> bytes:
 
 def same_public_key(a: PublicKey, b: PublicKey) -> bool:
     return public_key_der(a) == public_key_der(b)
+
+
+def signature_verifies(key: object, signature: bytes, data: bytes, params: object,
+                       digest: hashes.HashAlgorithm | None) -> bool | None:
+    """Whether ``signature`` over ``data`` verifies under ``key``, with the signature parameters and digest a
+    certificate or CSR declares (its ``signature_algorithm_parameters`` and ``signature_hash_algorithm``).
+
+    With a key already loaded: ``is_signature_valid`` and ``verify_directly_issued_by`` load the key
+    again (or parse names) on every call.  None for a key and parameters this does not cover, for which
+    the caller asks ``cryptography``'s own check.
+    """
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(params, ec.ECDSA):
+            key.verify(signature, data, params)
+        elif isinstance(key, rsa.RSAPublicKey) and isinstance(params, padding.PKCS1v15 | padding.PSS) \
+                and digest is not None:
+            key.verify(signature, data, params, digest)
+        else:
+            return None
+    except (InvalidSignature, UnsupportedAlgorithm, ValueError):
+        return False
+    return True

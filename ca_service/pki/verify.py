@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 from ca_service.errors import PolicyViolationError
 from ca_service.pki.certs import is_ca, spiffe_id_of, uri_sans
 from ca_service.pki.identity import SpiffeId
+from ca_service.pki.keys import signature_verifies
 from ca_service.pki.leaf_der import element_at
 
 # root -> intermediate -> leaf is depth 2; one more allows an offline root above our root-of-record
@@ -202,14 +202,11 @@ def _tbs_fields(tbs: bytes) -> tuple[bytes, bytes]:
 def _signed_by(leaf: x509.Certificate, tbs: bytes, issuer: x509.Certificate) -> bool:
     """The leaf's signature over its ``tbs`` under ``issuer``'s key (already loaded on the certificate object)."""
     try:
-        key, params, digest = issuer.public_key(), leaf.signature_algorithm_parameters, leaf.signature_hash_algorithm
-        if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(params, ec.ECDSA):
-            key.verify(leaf.signature, tbs, params)
-        elif isinstance(key, rsa.RSAPublicKey) and isinstance(params, padding.PKCS1v15 | padding.PSS) \
-                and digest is not None:
-            key.verify(leaf.signature, tbs, params, digest)
-        else:
+        verdict = signature_verifies(issuer.public_key(), leaf.signature, tbs, leaf.signature_algorithm_parameters,
+                                     leaf.signature_hash_algorithm)
+        if verdict is None:
             leaf.verify_directly_issued_by(issuer)
+            return True
+        return verdict
     except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError):
         return False
-    return True

@@ -25,7 +25,7 @@ from google.protobuf import json_format  # type: ignore[import-untyped]  # no ty
 from ca_service.clock import Clock
 from ca_service.config import GrpcListener, ListenerPolicy
 from ca_service.errors import CAServiceError, CSRRejectedError, OverloadedError
-from ca_service.pki.certs import cert_to_pem, certs_to_pem, der_to_pem
+from ca_service.pki.certs import der_to_pem
 from ca_service.pki.csr import CsrKeyType, InvalidCSRError, resolve_ttl
 from ca_service.rpc.authn import (
     Authenticator,
@@ -137,19 +137,13 @@ def _reason(exc: CAServiceError) -> str:
     return type(exc).__name__.removesuffix("Error").lower()
 
 
-_PEM_END = "-----END CERTIFICATE-----\n"
-
-
 def chain_for(svid: IssuedSvid, roots_pem: bytes) -> list[str]:
     """``cert_chain``: one PEM per certificate of the chain, then every root in a single last element.
 
-    Made from the leaf's DER and the signer's shared tail PEM: ``Certificate.public_bytes`` re-encodes
+    Made from the leaf's DER and the signer's shared tail PEMs: ``Certificate.public_bytes`` re-encodes
     the certificate on every call (11 µs apiece).
     """
-    leaf = der_to_pem(svid.leaf_der) if svid.leaf_der is not None else cert_to_pem(svid.leaf)
-    tail = svid.tail_pem if svid.tail_pem is not None else certs_to_pem(svid.chain[1:])
-    return [leaf.decode(), *(block + _PEM_END for block in tail.decode().split(_PEM_END) if block.strip()),
-            roots_pem.decode()]
+    return [der_to_pem(svid.leaf_der).decode(), *(pem.decode() for pem in svid.tail_pems), roots_pem.decode()]
 
 
 class IstioCAService:

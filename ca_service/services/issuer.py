@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from ca_service.errors import NotReadyError, PolicyViolationError
-from ca_service.pki.certs import der_to_pem
+from ca_service.pki.certs import cert_to_pem, der_to_pem
 from ca_service.pki.identity import SpiffeId, TrustDomain
 from ca_service.pki.keys import KeyAlgorithm, PrivateKey, PublicKey, generate_private_key
 from ca_service.pki.templates import CAKind, IssuerProfile, LeafEncoder, build_svid_der_for
@@ -41,10 +40,10 @@ class IssuedSvid:
     chain: tuple[x509.Certificate, ...]
     roots: tuple[x509.Certificate, ...]
     issuer_key_id: str
-    # PEM of chain[1:], shared by every SVID of one signer so that encoding a chain costs one leaf.
-    tail_pem: bytes | None = None
+    # PEM of each of chain[1:], shared by every SVID of one signer so that encoding a chain costs one leaf.
+    tail_pems: tuple[bytes, ...]
     # The leaf as signed: PEM from it skips the re-encoding Certificate.public_bytes does.
-    leaf_der: bytes | None = None
+    leaf_der: bytes
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -67,12 +66,7 @@ class IssuedSvid:
 
     def chain_pem(self) -> bytes:
         """The chain as concatenated PEM, leaf first (what SDS ``tls_certificate.certificate_chain`` carries)."""
-        tail = self.tail_pem
-        if tail is None:
-            tail = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.chain[1:])
-        if self.leaf_der is None:
-            return self.leaf.public_bytes(serialization.Encoding.PEM) + tail
-        return der_to_pem(self.leaf_der) + tail
+        return b"".join((der_to_pem(self.leaf_der), *self.tail_pems))
 
 
 @dataclass(frozen=True)
@@ -84,7 +78,7 @@ class SigningContext:
     profile: IssuerProfile
     key_id: str
     tail: tuple[x509.Certificate, ...]  # chain after the leaf: the signer, then any non-root CAs above it
-    tail_pem: bytes
+    tail_pems: tuple[bytes, ...]
     roots: tuple[x509.Certificate, ...]
 
     @classmethod
@@ -96,7 +90,7 @@ class SigningContext:
         roots = state.roots
         tail = (signer.cert, *[c for c in state.chain_above(signer) if c not in roots])
         return cls(state, signer, IssuerProfile.of(signer.cert, signer.key), signer.key_id, tail,
-                   b"".join(c.public_bytes(serialization.Encoding.PEM) for c in tail), roots)
+                   tuple(cert_to_pem(c) for c in tail), roots)
 
 
 @dataclass(frozen=True)
@@ -237,4 +231,4 @@ class Issuer:
         if marker not in self._verified_signers:
             verify_svid(chain[0], chain[1:], context.roots, now=now)
             self._verified_signers.add(marker)
-        return IssuedSvid(spiffe_id, chain, context.roots, context.key_id, context.tail_pem, leaf_der)
+        return IssuedSvid(spiffe_id, chain, context.roots, context.key_id, context.tail_pems, leaf_der)
