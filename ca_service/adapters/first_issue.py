@@ -21,7 +21,7 @@ from ca_service.adapters.signing_pool import SigningPool
 from ca_service.adapters.turn_batch import TurnBatcher
 from ca_service.errors import NotReadyError
 from ca_service.pki.identity import SpiffeId
-from ca_service.services.workloads import SignedSvid
+from ca_service.services.workloads import ChunkSink, SignedSvid
 
 
 class PoolColdError(NotReadyError):
@@ -35,10 +35,14 @@ class FirstIssueSigner:
         self._pool = pool
         self._batches: TurnBatcher[SpiffeId, SignedSvid] = TurnBatcher(self._sign)
 
-    async def issue_many(self, spiffe_ids: Sequence[SpiffeId], *, now: dt.datetime) -> list[SignedSvid]:
+    async def issue_many(self, spiffe_ids: Sequence[SpiffeId], *, now: dt.datetime,
+                         on_chunk: ChunkSink | None = None) -> list[SignedSvid]:
         if not self._pool.is_warm():
             raise PoolColdError("signing pool not warm for the current signer")
-        return list(await asyncio.gather(*(self._batches.submit(s, now) for s in spiffe_ids)))
+        signed = list(await asyncio.gather(*(self._batches.submit(s, now) for s in spiffe_ids)))
+        if on_chunk is not None:  # first issues are one identity at a time: the whole batch is one chunk
+            on_chunk(0, signed)
+        return signed
 
     async def _sign(self, spiffe_ids: list[SpiffeId], now: dt.datetime) -> list[SignedSvid]:
         return await self._pool.issue_many(spiffe_ids, now=now)

@@ -35,7 +35,7 @@ from ca_service.pki.templates import CAKind, IssuerProfile, LeafEncoder
 from ca_service.rotation.state import AuthorityState, SlotState
 from ca_service.services.issuer import Issuer, SigningContext, sign_leaf
 from ca_service.services.state_changes import StateChange
-from ca_service.services.workloads import SignedSvid
+from ca_service.services.workloads import ChunkSink, SignedSvid
 
 log = logging.getLogger(__name__)
 
@@ -221,9 +221,14 @@ class SigningPool:
         self.prepare(self.issuer.signing_context())
 
     async def issue_many(
-        self, spiffe_ids: Sequence[SpiffeId], *, now: dt.datetime, ttl: dt.timedelta | None = None
+        self, spiffe_ids: Sequence[SpiffeId], *, now: dt.datetime, ttl: dt.timedelta | None = None,
+        on_chunk: ChunkSink | None = None,
     ) -> list[SignedSvid]:
         """A new key (PKCS#8 PEM) and SVID per identity, in order; the event loop stays free while workers sign.
+
+        ``on_chunk`` gets each chunk on the event loop as soon as it is signed, with the index of its first
+        identity, so a storm's first certificates are installed and pushed while the rest is signed.  It is
+        never called once this method has raised: the chunks still signing are cancelled first.
 
         Raises:
             NotReadyError: if the CA cannot sign (no active intermediate).
@@ -236,17 +241,27 @@ class SigningPool:
         loop = asyncio.get_running_loop()
         leaf_ttl, backdate = plan.ttl, plan.backdate
 
-        async def one_chunk(chunk: Sequence[SpiffeId]) -> list[SignedSvid]:
+        async def one_chunk(start: int, chunk: Sequence[SpiffeId]) -> list[SignedSvid]:
             # Each chunk is wrapped as soon as it returns, overlapping the parent's share with the workers.
             signed = await loop.run_in_executor(executor, _sign_chunk, context.key_id, [str(s) for s in chunk], now,
                                                 leaf_ttl, backdate, self._algorithm, plan.encoder)
-            return [SignedSvid(key_pem, self.issuer.assemble(spiffe_id, leaf, context, now), seconds)
-                    for spiffe_id, (leaf, key_pem, seconds) in zip(chunk, signed, strict=True)]
+            out = [SignedSvid(key_pem, self.issuer.assemble(spiffe_id, leaf, context, now), seconds)
+                   for spiffe_id, (leaf, key_pem, seconds) in zip(chunk, signed, strict=True)]
+            if on_chunk is not None:
+                on_chunk(start, out)
+            return out
 
         size = max(1, min(self._chunk, -(-len(spiffe_ids) // (self.workers * CHUNKS_PER_WORKER))))
-        chunks = [spiffe_ids[i:i + size] for i in range(0, len(spiffe_ids), size)]
+        tasks = [asyncio.ensure_future(one_chunk(i, spiffe_ids[i:i + size])) for i in range(0, len(spiffe_ids), size)]
         try:
-            results = await asyncio.gather(*[one_chunk(chunk) for chunk in chunks])
+            try:
+                results = await asyncio.gather(*tasks)
+            except BaseException:
+                # gather leaves the other chunks running: stop them before the caller hears of the failure,
+                # so none reaches on_chunk after it (a cancelled task never resumes past its await).
+                for chunk_task in tasks:
+                    chunk_task.cancel()
+                raise
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():

@@ -6,6 +6,7 @@ constructor and a violation raises :class:`InvalidSpiffeIdError` quoting the inp
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from dataclasses import dataclass
@@ -146,14 +147,30 @@ class SpiffeId:
         """Istio's identity for a Kubernetes service account: ``spiffe://<td>/ns/<ns>/sa/<sa>``."""
         return cls(trust_domain, f"/ns/{namespace}/sa/{service_account}")
 
-    @property
+    @functools.cached_property
     def kubernetes(self) -> tuple[str, str] | None:
-        """``(namespace, service_account)`` when the path has Istio's ``/ns/<ns>/sa/<sa>`` shape."""
+        """``(namespace, service_account)`` when the path has Istio's ``/ns/<ns>/sa/<sa>`` shape.
+
+        Cached: the registry's expiry index and the metrics ask for it on every install.
+        """
         match = _K8S_PATH.match(self.path)
         return (match["ns"], match["sa"]) if match else None
 
     def is_member_of(self, trust_domain: TrustDomain) -> bool:
         return self.trust_domain == trust_domain
+
+    def __hash__(self) -> int:
+        # Defined here, so dataclass keeps it: the generated one hashed (trust_domain, path) anew on every
+        # dict lookup, and a re-issue push looks a SPIFFE ID up a dozen times (registry, hub, sessions).
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash((self.trust_domain.name, self.path))
+
+    def __reduce__(self) -> tuple[type[SpiffeId], tuple[TrustDomain, str]]:
+        # Pickle the fields only: a cached hash is valid in this process alone (str hashes are salted).
+        return (SpiffeId, (self.trust_domain, self.path))
 
     def __str__(self) -> str:
         return f"{SCHEME}{self.trust_domain.name}{self.path}"

@@ -94,6 +94,8 @@ class WatchHub:
         return self._streams_of.get(node_id, 0)
 
     def set_keys(self, watch: StreamWatch, keys: frozenset[ChangeKey]) -> None:
+        if keys is watch.keys:  # the servicer calls this after every step; most change nothing
+            return
         for key in watch.keys - keys:
             watchers = self._by_key.get(key)
             if watchers is not None:

@@ -206,7 +206,7 @@ def _parse_name(name: str) -> SpiffeId:
 
 
 def _svid_version(cert: WorkloadCert) -> str:
-    return f"{cert.generation}-{cert.svid.leaf.serial_number:x}"
+    return f"{cert.generation}-{cert.svid.serial}"
 
 
 def _bundles_version(bundles: Mapping[TrustDomain, TrustBundle]) -> str:

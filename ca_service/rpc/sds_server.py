@@ -63,6 +63,7 @@ class _Malformed:
 
 
 MALFORMED = _Malformed()
+_STREAM_ENDS = (Shutdown, _EndOfStream)  # a tuple: "Shutdown | _EndOfStream" built a new union per request
 _MALFORMED_ERROR = InvalidRequestError("request frame is not a valid protobuf message")
 
 
@@ -162,7 +163,7 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[
         session: SotwSession | DeltaSession | None = None
         while True:
             item = await watch.queue.get()
-            if isinstance(item, Shutdown | _EndOfStream):
+            if isinstance(item, _STREAM_ENDS):
                 return
             try:
                 if item is MALFORMED:

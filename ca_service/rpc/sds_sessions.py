@@ -15,7 +15,7 @@ which change keys a name depends on and which names a wildcard means.
 from __future__ import annotations
 
 import hashlib
-import uuid
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -76,27 +76,46 @@ class _Session:
     def __init__(self, catalog: SecretCatalog, caller: Caller) -> None:
         self.catalog, self.caller = catalog, caller
         self.names: set[str] = set()
-        self.wildcard = False
-        self.name_keys: dict[str, frozenset[ChangeKey]] = {}
+        self._wildcard = False
+        self._name_keys: dict[str, frozenset[ChangeKey]] = {}
+        # The union of _name_keys (and TRUST_SET for a wildcard), made again only when one of them changes:
+        # the servicer hands it to the hub after every step, and pushes and ACKs change nothing in it.
+        self._watched: frozenset[ChangeKey] | None = None
         self.last_nonce = ""
         self._started = False
 
     @property
+    def wildcard(self) -> bool:
+        return self._wildcard
+
+    @wildcard.setter
+    def wildcard(self, value: bool) -> None:
+        if value != self._wildcard:
+            self._wildcard, self._watched = value, None
+
+    @property
     def watched_keys(self) -> frozenset[ChangeKey]:
         """The change keys this stream depends on (the hub wakes it on these)."""
-        # A wildcard stream also watches the set of trust domains: a new peer is a new name for it.
-        keys: frozenset[ChangeKey] = frozenset({TRUST_SET}) if self.wildcard else frozenset()
-        return keys.union(*self.name_keys.values())
+        if self._watched is None:
+            # A wildcard stream also watches the set of trust domains: a new peer is a new name for it.
+            keys: frozenset[ChangeKey] = frozenset({TRUST_SET}) if self._wildcard else frozenset()
+            self._watched = keys.union(*self._name_keys.values())
+        return self._watched
+
+    def _watch(self, name: str, keys: frozenset[ChangeKey]) -> None:
+        if self._name_keys.get(name) != keys:
+            self._name_keys[name], self._watched = keys, None
 
     def _subscribe(self, names: Iterable[str]) -> None:
         for name in names:
             self.names.add(name)
-            self.name_keys[name] = self.catalog.keys_for(name)
+            self._watch(name, self.catalog.keys_for(name))
 
     def _unsubscribe(self, names: Iterable[str]) -> None:
         for name in names:
             self.names.discard(name)
-            self.name_keys.pop(name, None)
+            if self._name_keys.pop(name, None) is not None:
+                self._watched = None
 
     def _resolved(self, wanted: Wanted, resolutions: Resolutions) -> list[tuple[str, Resolved | None]]:
         """The resolutions of ``wanted`` in order, remembering each name's change keys."""
@@ -105,17 +124,19 @@ class _Session:
             if name not in resolutions:
                 continue  # skipped (missing_ok): its keys stay as they were
             resolved = resolutions[name]
-            self.name_keys[name] = resolved.keys if resolved is not None else self.catalog.keys_for(name)
+            self._watch(name, resolved.keys if resolved is not None else self.catalog.keys_for(name))
             out.append((name, resolved))
         return out
 
     def _affected(self, keys: frozenset[ChangeKey]) -> list[str]:
         if self.wildcard and TRUST_SET in keys:
             self._subscribe(set(self.catalog.visible_names(self.caller)) - self.names)
-        return sorted(n for n in self.names if self.name_keys.get(n, frozenset()) & keys)
+        return sorted(n for n in self.names if self._name_keys.get(n, frozenset()) & keys)
 
     def _new_push(self, resolved: list[Resolved]) -> Pushed:
-        self.last_nonce = uuid.uuid4().hex
+        # Random, so that no other stream's or an earlier connection's nonce can match; os.urandom directly,
+        # because building a uuid.UUID around the same 16 bytes cost three times as much.
+        self.last_nonce = os.urandom(16).hex()
         return Pushed(self.last_nonce, max((r.own_bundle_sequence for r in resolved), default=0))
 
     def _answer(self, request: discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest,
@@ -135,6 +156,7 @@ class SotwSession(_Session):
     def __init__(self, catalog: SecretCatalog, caller: Caller) -> None:
         super().__init__(catalog, caller)
         self._sent: dict[str, str] = {}
+        self._last_names: list[str] = []  # resource_names of the previous request, as sent
 
     def on_request(self, request: discovery_pb2.DiscoveryRequest,
                    ) -> SessionStep[discovery_pb2.DiscoveryResponse] | Wanted:
@@ -144,7 +166,13 @@ class SotwSession(_Session):
         ack = self._answer(request)
         if ack is not None and ack.error is not None:
             return SessionStep(ack=ack)  # resending the same content would be rejected again
-        requested = set(request.resource_names)
+        names = list(request.resource_names)
+        if ack is not None and names and names == self._last_names:
+            # The common request by far: an ACK naming what the stream already has.  Nothing to resolve
+            # or subscribe (a wildcard one, with no names, still looks for new trust domains below).
+            return SessionStep(ack=ack)
+        self._last_names = names
+        requested = set(names)
         self.wildcard = not requested
         if self.wildcard:
             requested = set(self.catalog.visible_names(self.caller))

@@ -252,10 +252,24 @@ class Reconciler:
                 return len(await self.registry.reissue_many([c.workload_key for c in due], reason=log_reason,
                                                             signer=self.signer))
             except CAServiceError as exc:
-                # A dead worker or a closed pool must not stall renewals: sign this batch in process.
+                # A dead worker or a closed pool must not stall renewals: sign the rest in process.
                 # (A CA that cannot sign at all fails again there, per certificate, with its retry.)
+                # The chunks the pool signed before it failed are installed already: not again.
+                # (A workload forgotten meanwhile, whose node went away, is not brought back either.)
+                generations = [self._generation_now(c) for c in due]
+                pending = [c for c, now_at in zip(due, generations, strict=True) if now_at == c.generation]
+                renewed = sum(1 for c, now_at in zip(due, generations, strict=True)
+                              if now_at is not None and now_at != c.generation)
                 log.error("signing pool failed; renewing in process",
-                          extra={"count": len(due), "cause": str(exc)})
+                          extra={"count": len(pending), "cause": str(exc)})
+                return renewed + self._renew_in_process(pending, now, log_reason)
+        return self._renew_in_process(due, now, log_reason)
+
+    def _generation_now(self, cert: WorkloadCert) -> int | None:
+        current = self.registry.get(cert.node_id, cert.spiffe_id)
+        return None if current is None else current.generation
+
+    def _renew_in_process(self, due: list[WorkloadCert], now: dt.datetime, log_reason: str) -> int:
         renewed = 0
         for cert in due:
             try:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+import subprocess
+import sys
+
 import pytest
 
 from ca_service.pki.identity import InvalidSpiffeIdError, SpiffeId, TrustDomain
@@ -121,3 +126,18 @@ def test_membership_is_by_trust_domain() -> None:
     sid = SpiffeId.parse("spiffe://us.cluster.local/a")
     assert sid.is_member_of(TrustDomain("us.cluster.local"))
     assert not sid.is_member_of(TrustDomain("eu.cluster.local"))
+
+
+def test_a_spiffe_id_caches_its_hash_but_never_sends_it_to_another_process() -> None:
+    # str hashes are salted per process: a hash cached here and unpickled in a worker would miss every
+    # dict lookup there.  The child runs with another salt and looks the unpickled ID up by a fresh one.
+    spiffe_id = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/web")
+    assert {spiffe_id: 1}[SpiffeId.parse(str(spiffe_id))] == 1 and spiffe_id.kubernetes == ("shop", "web")
+    child = (
+        "import pickle, sys\n"
+        "from ca_service.pki.identity import SpiffeId\n"
+        "received = pickle.loads(sys.stdin.buffer.read())\n"
+        "print({SpiffeId.parse(str(received)): 'found'}.get(received, 'missed'), received.kubernetes)\n")
+    out = subprocess.run([sys.executable, "-c", child], input=pickle.dumps(spiffe_id), capture_output=True,
+                         env={**os.environ, "PYTHONHASHSEED": "12345"}, check=True, timeout=60)
+    assert out.stdout.decode().split() == ["found", "('shop',", "'web')"]

@@ -16,7 +16,7 @@ from ca_service.rotation.state import SlotState
 from ca_service.services.ports import RotationRequest, RotationScope
 from ca_service.services.reconciler import POOL_MIN_BATCH
 from ca_service.services.rotator import RotationService
-from ca_service.services.workloads import SignedSvid
+from ca_service.services.workloads import ChunkSink, SignedSvid
 from tests.rotation.rotation_kit import Env
 
 
@@ -28,7 +28,8 @@ class FakeBlockingSigner:
         self.entered = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def issue_many(self, spiffe_ids: Sequence[SpiffeId], *, now: dt.datetime) -> list[SignedSvid]:
+    async def issue_many(self, spiffe_ids: Sequence[SpiffeId], *, now: dt.datetime,
+                         on_chunk: ChunkSink | None = None) -> list[SignedSvid]:
         self.entered.set()
         await self.release.wait()
         out = []
@@ -36,6 +37,8 @@ class FakeBlockingSigner:
             key = self._env.authority.issuer.new_key()
             svid = self._env.authority.issuer.issue(spiffe_id, key.public_key(), now=now)
             out.append(SignedSvid(b"unused-key-pem", svid, 0.0))
+        if on_chunk is not None:
+            on_chunk(0, out)
         return out
 
 

@@ -24,7 +24,7 @@ from ca_service.rpc.sds_listeners import SdsComponent
 from ca_service.services.authority import Authority
 from ca_service.services.issuer import Issuer
 from ca_service.services.trust import TrustStore
-from ca_service.services.workloads import BatchSigner, SignedSvid, WorkloadRegistry
+from ca_service.services.workloads import BatchSigner, ChunkSink, SignedSvid, WorkloadRegistry
 from ca_service.telemetry import Telemetry
 from tests.clock import FakeClock
 from tests.rpc.sds_fixtures import node, peer_bundle, read, request, secrets_of
@@ -55,7 +55,8 @@ class GatedSigner:
         self.calls = 0
         self._issuer = issuer
 
-    async def issue_many(self, spiffe_ids: Sequence[SpiffeId], *, now: dt.datetime) -> list[SignedSvid]:
+    async def issue_many(self, spiffe_ids: Sequence[SpiffeId], *, now: dt.datetime,
+                         on_chunk: ChunkSink | None = None) -> list[SignedSvid]:
         self.calls += 1
         await self.gate.wait()
         out = []
@@ -63,6 +64,8 @@ class GatedSigner:
             key = self._issuer.new_key()
             out.append(SignedSvid(private_key_to_pem(key), self._issuer.issue(spiffe_id, key.public_key(), now=now),
                                   0.001))
+        if on_chunk is not None:
+            on_chunk(0, out)
         return out
 
 

@@ -8,8 +8,8 @@ from google.rpc import status_pb2  # type: ignore[import-untyped]
 from ca_service.pki.identity import SpiffeId
 from ca_service.rpc.authn import Caller
 from ca_service.rpc.sds_acks import AckLedger
-from ca_service.rpc.sds_resources import ROOTCA_NAME
-from ca_service.rpc.sds_sessions import DeltaSession, SotwSession
+from ca_service.rpc.sds_resources import DEFAULT_NAME, ROOTCA_NAME, TRUST_SET, svid_key
+from ca_service.rpc.sds_sessions import DeltaSession, SessionStep, SotwSession, Wanted
 from ca_service.services.authority import Authority
 from tests.clock import FakeClock
 from tests.rpc.sessions import on_request
@@ -43,6 +43,39 @@ def test_an_ack_of_the_last_nonce_is_reported_and_sends_nothing(authority: Autho
     sent = first.responses[0]
     step = on_request(catalog, session, request([ROOTCA_NAME], sent.nonce, sent.version_info))
     assert step.responses == [] and step.ack is not None and step.ack.error is None
+
+
+def test_an_ack_naming_what_the_stream_has_is_answered_at_once_and_a_changed_name_list_is_not(
+        authority: Authority, clock: FakeClock):
+    catalog, _, _ = catalog_of(authority, clock)
+    session = SotwSession(catalog, CALLER)
+    sent = on_request(catalog, session, request([ROOTCA_NAME])).responses[0]
+    keys = session.watched_keys
+    ack = session.on_request(request([ROOTCA_NAME], sent.nonce, sent.version_info))
+    assert isinstance(ack, SessionStep) and ack.ack is not None and ack.responses == []
+    assert session.watched_keys is keys  # nothing changed: the hub is handed the very same set
+
+    # The same nonce with another name list is an ACK *and* a subscription change: resolved, keys widened.
+    more = session.on_request(request([ROOTCA_NAME, DEFAULT_NAME], sent.nonce, sent.version_info))
+    assert isinstance(more, Wanted) and more.names == (DEFAULT_NAME,) and more.ack is not None
+    step = session.complete(more, {DEFAULT_NAME: catalog.resolve(CALLER, DEFAULT_NAME)})
+    assert step.pushed is not None and len(step.responses[0].resources) == 1  # the SVID, not the bundle again
+    svid = svid_key(CALLER.node_id, CALLER.spiffe_id)
+    assert svid in session.watched_keys and keys < session.watched_keys
+
+    # Dropping the SVID again narrows them back.
+    latest = step.responses[0]
+    fewer = on_request(catalog, session, request([ROOTCA_NAME], latest.nonce, latest.version_info))
+    assert fewer.ack is not None and svid not in session.watched_keys and session.watched_keys == keys
+
+
+def test_a_wildcard_ack_still_looks_for_new_names(authority: Authority, clock: FakeClock):
+    catalog, _, _ = catalog_of(authority, clock)
+    session = SotwSession(catalog, CALLER)
+    sent = on_request(catalog, session, request([])).responses[0]
+    assert TRUST_SET in session.watched_keys
+    # No names means "everything I may see": an ACK of it is never taken as "the same as before".
+    assert isinstance(session.on_request(request([], sent.nonce, sent.version_info)), Wanted)
 
 
 def test_a_nack_is_reported_with_its_error_and_a_stale_nonce_is_ignored(authority: Authority, clock: FakeClock):
