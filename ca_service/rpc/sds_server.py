@@ -2,7 +2,9 @@
 
 One servicer per listener (each listener has its own authenticator and policy); all share the
 catalog and the hub.  A stream is one reader task (woken only by client requests) feeding the same
-queue the hub pushes changes into, and one handler loop that sleeps on that queue.  The session
+queue the hub pushes changes into, and one handler loop that sleeps on that queue.  The reader records
+a plain ACK itself when the handler is idle with nothing queued (every push is answered by one, and
+handing it over cost a task wake-up per push); anything else goes through the queue, in order.  The session
 (``sds_sessions``) says what to resolve and, given the resolutions, what to send; this loop resolves
 (a first SVID is signed on the signing pool, off the loop), writes it, counts it, logs it and records pushes
 and ACKs in the hub's :class:`~ca_service.rpc.sds_acks.AckLedger`.
@@ -149,10 +151,11 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, StreamAdmission.MESSAGE)
         watch = self._hub.open()
         slots = asyncio.Semaphore(MAX_PENDING_REQUESTS)
-        reader = asyncio.create_task(_pump(requests, watch.queue, slots))
+        stream = _StreamRecord(api, watch)
+        reader = asyncio.create_task(_pump(requests, watch.queue, slots, lambda r: self._ack_in_place(stream, r)))
         self._telemetry.sds_streams.labels(api).inc()
         try:
-            await self._serve(watch, slots, context, _StreamRecord(api, watch), session_type)
+            await self._serve(watch, slots, context, stream, session_type)
         finally:
             reader.cancel()
             self._hub.close_watch(watch)
@@ -162,7 +165,9 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[
                      session_type: Callable[[SecretCatalog, Caller], SotwSession | DeltaSession]) -> None:
         session: SotwSession | DeltaSession | None = None
         while True:
+            stream.busy = False
             item = await watch.queue.get()
+            stream.busy = True
             if isinstance(item, _STREAM_ENDS):
                 return
             try:
@@ -177,7 +182,7 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[
                     if session is None:
                         caller = await self._caller(item.node, context)
                         self._hub.attach_node(watch, caller.node_id)
-                        session = session_type(self._catalog, caller)
+                        session = stream.session = session_type(self._catalog, caller)
                     outcome = session.on_request(item)
                 if isinstance(outcome, SessionStep):
                     step = outcome
@@ -196,6 +201,22 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[
                 await context.write(response)
             if not isinstance(item, Changed):
                 slots.release()  # answered and written: the reader may take the next request
+
+    def _ack_in_place(self, stream: _StreamRecord, request: Any) -> bool:
+        """Record ``request`` here, in the reader, if it is a plain ACK and the handler is idle with nothing
+        queued (so nothing is reordered and no step is half done); False: queue it for the handler."""
+        session = stream.session
+        if session is None or stream.busy or not stream.watch.queue.empty() or request is MALFORMED:
+            return False
+        try:
+            check_request(request, self._limits)
+        except CAServiceError:
+            return False  # the handler refuses it, in its turn
+        step = session.acknowledged(request)
+        if step is None:
+            return False
+        self._record(stream, session, step)
+        return True
 
     async def _resolve(self, caller: Caller, wanted: Wanted) -> dict[str, Resolved | None]:
         """Phase two of a session step: resolve what the session asked for (a first SVID is signed off
@@ -267,11 +288,14 @@ class _StreamRecord:
         self.api, self.watch = api, watch
         self.pushed_at = 0.0
         self.pushes: Counter | None = None
+        self.session: SotwSession | DeltaSession | None = None  # once the first request is authenticated
+        self.busy = False  # the handler is in a step (not waiting on the queue)
 
 
-async def _pump(requests: AsyncIterator[Any], queue: asyncio.Queue[Any], slots: asyncio.Semaphore) -> None:
-    """Move client requests into the stream's queue, at most MAX_PENDING_REQUESTS ahead of the handler;
-    a broken read ends the stream like a half-close."""
+async def _pump(requests: AsyncIterator[Any], queue: asyncio.Queue[Any], slots: asyncio.Semaphore,
+                in_place: Callable[[Any], bool]) -> None:
+    """Move client requests into the stream's queue, at most MAX_PENDING_REQUESTS ahead of the handler,
+    unless ``in_place`` dealt with one already; a broken read ends the stream like a half-close."""
     iterator = aiter(requests)
     try:
         while True:
@@ -280,6 +304,9 @@ async def _pump(requests: AsyncIterator[Any], queue: asyncio.Queue[Any], slots: 
                 request = await anext(iterator)
             except StopAsyncIteration:
                 break
+            if in_place(request):
+                slots.release()
+                continue
             queue.put_nowait(request)
     except grpc.aio.AioRpcError:
         pass

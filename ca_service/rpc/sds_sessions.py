@@ -18,7 +18,7 @@ import hashlib
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from envoy.service.discovery.v3 import discovery_pb2
 
@@ -139,6 +139,12 @@ class _Session:
         self.last_nonce = os.urandom(16).hex()
         return Pushed(self.last_nonce, max((r.own_bundle_sequence for r in resolved), default=0))
 
+    def acknowledged(self, request: discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest,
+                     ) -> SessionStep[Any] | None:
+        """The step for ``request`` if it is a plain ACK of the last push that changes nothing else; None
+        otherwise (``on_request`` then handles it).  Only SotW has one; a Delta ACK goes through ``on_request``."""
+        return None
+
     def _answer(self, request: discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest,
                 ) -> Acknowledged | None:
         """An ACK or NACK of our last push, if ``request`` answers it."""
@@ -163,15 +169,13 @@ class SotwSession(_Session):
         nonce = request.response_nonce
         if self._started and nonce and nonce != self.last_nonce:
             return SessionStep(stale_nonce=nonce)
+        acked = self.acknowledged(request)
+        if acked is not None:
+            return acked
         ack = self._answer(request)
         if ack is not None and ack.error is not None:
             return SessionStep(ack=ack)  # resending the same content would be rejected again
-        names = list(request.resource_names)
-        if ack is not None and names and names == self._last_names:
-            # The common request by far: an ACK naming what the stream already has.  Nothing to resolve
-            # or subscribe (a wildcard one, with no names, still looks for new trust domains below).
-            return SessionStep(ack=ack)
-        self._last_names = names
+        names = self._last_names = list(request.resource_names)
         requested = set(names)
         self.wildcard = not requested
         if self.wildcard:
@@ -183,6 +187,17 @@ class SotwSession(_Session):
         for gone in set(self._sent) - self.names:
             del self._sent[gone]
         return Wanted(tuple(sorted(added)), ack)
+
+    def acknowledged(self, request: discovery_pb2.DiscoveryRequest,
+                     ) -> SessionStep[discovery_pb2.DiscoveryResponse] | None:
+        # The common request by far: an ACK naming what the stream already has.  Nothing to resolve or
+        # subscribe (a wildcard one, with no names, still looks for new trust domains in on_request).
+        ack = self._answer(request)
+        if ack is None or ack.error is not None or not request.resource_names:
+            return None
+        if list(request.resource_names) != self._last_names:
+            return None
+        return SessionStep(ack=ack)
 
     def on_change(self, keys: frozenset[ChangeKey]) -> Wanted:
         return Wanted(tuple(self._affected(keys)), missing_ok=True, change=True)

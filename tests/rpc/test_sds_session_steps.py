@@ -109,3 +109,18 @@ def test_the_ack_ledger_counts_a_stream_behind_until_it_acks_the_sequence():
     assert ledger.streams_behind(3) == 0 and ledger.streams_behind(4) == 1
     ledger.close(stream)
     assert ledger.connected_streams() == 0
+
+
+def test_only_a_plain_ack_of_the_last_push_naming_the_same_resources_is_acknowledged_at_once(
+        authority: Authority, clock: FakeClock):
+    catalog, _, _ = catalog_of(authority, clock)
+    session = SotwSession(catalog, CALLER)
+    sent = on_request(catalog, session, request([ROOTCA_NAME])).responses[0]
+    nonce, version = sent.nonce, sent.version_info
+    assert session.acknowledged(request([ROOTCA_NAME], "an-old-nonce", version)) is None
+    assert session.acknowledged(request([ROOTCA_NAME], nonce, version, error="bad")) is None  # a NACK
+    assert session.acknowledged(request([ROOTCA_NAME, DEFAULT_NAME], nonce, version)) is None
+    assert session.acknowledged(request([], nonce, version)) is None
+    step = session.acknowledged(request([ROOTCA_NAME], nonce, version))
+    assert step is not None and step.ack is not None and step.ack.nonce == nonce and step.ack.error is None
+    assert DeltaSession(catalog, CALLER).acknowledged(discovery_pb2.DeltaDiscoveryRequest()) is None

@@ -16,6 +16,7 @@ from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import load_private_key, private_key_to_pem
 from tests.clock import FakeClock
 from tests.rpc.sds_fixtures import SdsStack, node, peer_bundle, read, request, secrets_of
+from tests.waiting import wait_for
 
 A_ID = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/a")
 
@@ -195,4 +196,33 @@ async def test_ack_tracker_counts_streams_behind_a_bundle_sequence(
     await call.write(request(["ROOTCA", "default"], version=first.version_info, nonce=first.nonce))
     await read(call)
     assert sds.component.hub.streams_behind(sequence) == 0
+    call.cancel()
+
+
+async def test_plain_acks_are_recorded_between_pushes_and_a_nack_or_a_new_name_still_reaches_the_handler(
+        sds: SdsStack, stub: sds_pb2_grpc.SecretDiscoveryServiceStub):
+    # A plain ACK is recorded by the stream's reader when the handler is idle; everything else is queued.
+    hub, call = sds.component.hub, stub.StreamSecrets()
+    acks = lambda: sds.metric("ca_sds_push_ack_latency_seconds_count")  # noqa: E731
+    await call.write(request(["ROOTCA"], n=node("a")))
+    first = await read(call)
+    sequence = sds.trust.own_bundle().sequence
+    await call.write(request(["ROOTCA"], version=first.version_info, nonce=first.nonce))
+    await wait_for(lambda: hub.streams_behind(sequence) == 0 and acks() == 1, "the first ACK recorded")
+
+    sds.trust.set_peer(peer_bundle("eu.cluster.local", sds.registry.clock.now()))
+    pushed = await read(call)  # ROOTCA carries the peers too
+    assert pushed.nonce != first.nonce
+    await call.write(request(["ROOTCA"], version=pushed.version_info, nonce=pushed.nonce, error="bad bundle"))
+    await wait_for(lambda: sds.metric("ca_sds_nacks_total", api="sotw") == 1, "the NACK counted")
+    assert acks() == 1  # a NACK is not an ACK
+
+    await call.write(request(["ROOTCA", "default"], version=pushed.version_info, nonce=pushed.nonce))
+    svid = await read(call)  # a new name in an ACK: resolved and pushed
+    assert set(secrets_of(svid)) == {"default"}
+    await call.write(request(["ROOTCA", "default"], version=svid.version_info, nonce=svid.nonce))
+    await wait_for(lambda: acks() == 3, "the ACK with the new name and the ACK of the SVID recorded")
+    await call.write(request(["ROOTCA", "default"], version=svid.version_info, nonce="an-old-nonce"))
+    await call.write(request(["ROOTCA"], version=svid.version_info, nonce=svid.nonce))
+    await wait_for(lambda: acks() == 4, "a stale nonce ignored, the narrowing ACK recorded")
     call.cancel()
