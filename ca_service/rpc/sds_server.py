@@ -163,44 +163,52 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[
 
     async def _serve(self, watch: StreamWatch, slots: asyncio.Semaphore, context: Context, stream: _StreamRecord,
                      session_type: Callable[[SecretCatalog, Caller], SotwSession | DeltaSession]) -> None:
-        session: SotwSession | DeltaSession | None = None
         while True:
             stream.busy = False
             item = await watch.queue.get()
             stream.busy = True
             if isinstance(item, _STREAM_ENDS):
                 return
-            try:
-                if item is MALFORMED:
-                    raise _MALFORMED_ERROR
-                if isinstance(item, Changed):
-                    if session is None:
-                        continue
-                    outcome: SessionStep[Any] | Wanted = session.on_change(item.keys)
-                else:
-                    check_request(item, self._limits)
-                    if session is None:
-                        caller = await self._caller(item.node, context)
-                        self._hub.attach_node(watch, caller.node_id)
-                        session = stream.session = session_type(self._catalog, caller)
-                    outcome = session.on_request(item)
-                if isinstance(outcome, SessionStep):
-                    step = outcome
-                else:
-                    if not outcome.change:
-                        # Watch new names before resolving them: a change while a first SVID is signed
-                        # wakes the stream again instead of being missed.  (A change re-resolves names
-                        # already watched.)
-                        self._hub.set_keys(watch, session.watched_keys)
-                    step = session.complete(outcome, await self._resolve(session.caller, outcome))
-            except CAServiceError as exc:
-                await self._refuse(context, exc, rpc=f"SDS {stream.api}")
-            self._hub.set_keys(watch, session.watched_keys)
-            self._record(stream, session, step)
-            for response in step.responses:
-                await context.write(response)
-            if not isinstance(item, Changed):
-                slots.release()  # answered and written: the reader may take the next request
+            # A step is a method of its own so that its request and responses are dropped before the stream
+            # waits again: an idle stream holding its last response (a whole secret) cost ~3 KB more.
+            await self._step(item, watch, slots, context, stream, session_type)
+            del item
+
+    async def _step(self, item: Any, watch: StreamWatch, slots: asyncio.Semaphore, context: Context,
+                    stream: _StreamRecord,
+                    session_type: Callable[[SecretCatalog, Caller], SotwSession | DeltaSession]) -> None:
+        session = stream.session
+        try:
+            if item is MALFORMED:
+                raise _MALFORMED_ERROR
+            if isinstance(item, Changed):
+                if session is None:
+                    return
+                outcome: SessionStep[Any] | Wanted = session.on_change(item.keys)
+            else:
+                check_request(item, self._limits)
+                if session is None:
+                    caller = await self._caller(item.node, context)
+                    self._hub.attach_node(watch, caller.node_id)
+                    session = stream.session = session_type(self._catalog, caller)
+                outcome = session.on_request(item)
+            if isinstance(outcome, SessionStep):
+                step = outcome
+            else:
+                if not outcome.change:
+                    # Watch new names before resolving them: a change while a first SVID is signed
+                    # wakes the stream again instead of being missed.  (A change re-resolves names
+                    # already watched.)
+                    self._hub.set_keys(watch, session.watched_keys)
+                step = session.complete(outcome, await self._resolve(session.caller, outcome))
+        except CAServiceError as exc:
+            await self._refuse(context, exc, rpc=f"SDS {stream.api}")
+        self._hub.set_keys(watch, session.watched_keys)
+        self._record(stream, session, step)
+        for response in step.responses:
+            await context.write(response)
+        if not isinstance(item, Changed):
+            slots.release()  # answered and written: the reader may take the next request
 
     def _ack_in_place(self, stream: _StreamRecord, request: Any) -> bool:
         """Record ``request`` here, in the reader, if it is a plain ACK and the handler is idle with nothing
