@@ -6,10 +6,9 @@ constructor and a violation raises :class:`InvalidSpiffeIdError` quoting the inp
 
 from __future__ import annotations
 
-import functools
 import re
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ca_service.errors import InvalidRequestError
 
@@ -75,7 +74,7 @@ class TrustDomain:
         return self.name
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class SpiffeId:
     """A SPIFFE ID: trust domain plus path (the path is ``""`` for the trust domain's own ID).
 
@@ -89,6 +88,12 @@ class SpiffeId:
 
     trust_domain: TrustDomain
     path: str = ""
+    # Caches, not part of the identity (never compared, never pickled: see __reduce__).  In slots, so a
+    # SPIFFE ID held by each of 100k workloads carries no dict.  The registry, the hub and the sessions look
+    # an ID up a dozen times per re-issue push, and the dataclass hash hashed (trust_domain, path) anew each
+    # time; the expiry index asks for the Kubernetes names on every install.
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
+    _kubernetes: tuple[str, str] | tuple[()] | None = field(init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
         if not isinstance(self.trust_domain, TrustDomain):
@@ -97,6 +102,7 @@ class SpiffeId:
         whole = str(self)
         if len(whole.encode("utf-8", "surrogatepass")) > MAX_SPIFFE_ID_BYTES:
             raise InvalidSpiffeIdError(f"SPIFFE ID {_quote(whole)} is longer than {MAX_SPIFFE_ID_BYTES} bytes")
+        object.__setattr__(self, "_hash", hash((self.trust_domain.name, path)))
         if not path:
             return
         if not path.startswith("/"):
@@ -147,26 +153,21 @@ class SpiffeId:
         """Istio's identity for a Kubernetes service account: ``spiffe://<td>/ns/<ns>/sa/<sa>``."""
         return cls(trust_domain, f"/ns/{namespace}/sa/{service_account}")
 
-    @functools.cached_property
+    @property
     def kubernetes(self) -> tuple[str, str] | None:
-        """``(namespace, service_account)`` when the path has Istio's ``/ns/<ns>/sa/<sa>`` shape.
-
-        Cached: the registry's expiry index and the metrics ask for it on every install.
-        """
-        match = _K8S_PATH.match(self.path)
-        return (match["ns"], match["sa"]) if match else None
+        """``(namespace, service_account)`` when the path has Istio's ``/ns/<ns>/sa/<sa>`` shape."""
+        cached = self._kubernetes
+        if cached == ():  # not looked at yet
+            match = _K8S_PATH.match(self.path)
+            cached = (match["ns"], match["sa"]) if match else None
+            object.__setattr__(self, "_kubernetes", cached)
+        return cached  # type: ignore[return-value]  # () was replaced just above
 
     def is_member_of(self, trust_domain: TrustDomain) -> bool:
         return self.trust_domain == trust_domain
 
-    def __hash__(self) -> int:
-        # Defined here, so dataclass keeps it: the generated one hashed (trust_domain, path) anew on every
-        # dict lookup, and a re-issue push looks a SPIFFE ID up a dozen times (registry, hub, sessions).
+    def __hash__(self) -> int:  # defined here, so dataclass keeps it (see _hash)
         return self._hash
-
-    @functools.cached_property
-    def _hash(self) -> int:
-        return hash((self.trust_domain.name, self.path))
 
     def __reduce__(self) -> tuple[type[SpiffeId], tuple[TrustDomain, str]]:
         # Pickle the fields only: a cached hash is valid in this process alone (str hashes are salted).

@@ -49,7 +49,7 @@ class IssuedSvid:
     def leaf(self) -> x509.Certificate:
         return self.chain[0]
 
-    @functools.cached_property
+    @property
     def serial(self) -> str:
         """The leaf's serial in hex, as openssl prints it (logs, the issuance ledger, admin results)."""
         return format(self.leaf.serial_number, "x")

@@ -133,6 +133,9 @@ def test_a_spiffe_id_caches_its_hash_but_never_sends_it_to_another_process() -> 
     # dict lookup there.  The child runs with another salt and looks the unpickled ID up by a fresh one.
     spiffe_id = SpiffeId.parse("spiffe://cluster.local/ns/shop/sa/web")
     assert {spiffe_id: 1}[SpiffeId.parse(str(spiffe_id))] == 1 and spiffe_id.kubernetes == ("shop", "web")
+    assert not hasattr(spiffe_id, "__dict__")  # slots: 100k workloads' IDs carry no dict each
+    assert SpiffeId.parse("spiffe://cluster.local/a/b").kubernetes is None
+    assert spiffe_id == SpiffeId.parse(str(spiffe_id)) and spiffe_id < SpiffeId.parse("spiffe://cluster.local/z")
     child = (
         "import pickle, sys\n"
         "from ca_service.pki.identity import SpiffeId\n"
