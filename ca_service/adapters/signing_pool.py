@@ -111,6 +111,14 @@ class SigningPoolError(NotReadyError):
     """The pool cannot sign now (closed, or a worker died); the caller signs in process instead."""
 
 
+class _SinkError(Exception):
+    """What ``on_chunk`` raised, carried past the pool's own failure handling to the caller as it was."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def default_workers() -> int:
     """One worker per core this process may run on (the affinity mask, which containers narrow)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -248,7 +256,10 @@ class SigningPool:
             out = [SignedSvid(key_pem, self.issuer.assemble(spiffe_id, leaf, context, now), seconds)
                    for spiffe_id, (leaf, key_pem, seconds) in zip(chunk, signed, strict=True)]
             if on_chunk is not None:
-                on_chunk(start, out)
+                try:
+                    on_chunk(start, out)
+                except Exception as exc:
+                    raise _SinkError(exc) from exc  # the caller's own failure, not the pool's
             return out
 
         size = max(1, min(self._chunk, -(-len(spiffe_ids) // (self.workers * CHUNKS_PER_WORKER))))
@@ -262,6 +273,8 @@ class SigningPool:
                 for chunk_task in tasks:
                     chunk_task.cancel()
                 raise
+        except _SinkError as exc:
+            raise exc.error from None  # the workers are fine: nothing to discard or to call a pool failure
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():

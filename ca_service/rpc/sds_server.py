@@ -312,7 +312,12 @@ async def _pump(requests: AsyncIterator[Any], queue: asyncio.Queue[Any], slots: 
                 request = await anext(iterator)
             except StopAsyncIteration:
                 break
-            if in_place(request):
+            try:
+                handled = in_place(request)
+            except Exception:  # a bug there must not end the stream: the handler takes the request instead
+                log.exception("recording an SDS ACK in the stream's reader failed")
+                handled = False
+            if handled:
                 slots.release()
                 continue
             queue.put_nowait(request)

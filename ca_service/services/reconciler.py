@@ -248,26 +248,24 @@ class Reconciler:
         """Renew ``due``: on the signing pool when it is a storm, else (and on any pool failure) in process."""
         log_reason = "renewal" if reason is RotationReason.SCHEDULED else "forced renewal"
         if self.signer is not None and len(due) >= POOL_MIN_BATCH:
+            installed: list[WorkloadCert] = []
             try:
                 return len(await self.registry.reissue_many([c.workload_key for c in due], reason=log_reason,
-                                                            signer=self.signer))
+                                                            signer=self.signer, installed=installed))
             except CAServiceError as exc:
                 # A dead worker or a closed pool must not stall renewals: sign the rest in process.
                 # (A CA that cannot sign at all fails again there, per certificate, with its retry.)
-                # The chunks the pool signed before it failed are installed already: not again.
-                # (A workload forgotten meanwhile, whose node went away, is not brought back either.)
-                generations = [self._generation_now(c) for c in due]
-                pending = [c for c, now_at in zip(due, generations, strict=True) if now_at == c.generation]
-                renewed = sum(1 for c, now_at in zip(due, generations, strict=True)
-                              if now_at is not None and now_at != c.generation)
+                # What the pool installed before it failed is not signed again, and a workload that
+                # changed meanwhile (forgotten, or given a first SVID anew) is left as it is.
+                pending = [c for c in due if self._unchanged(c)]
                 log.error("signing pool failed; renewing in process",
                           extra={"count": len(pending), "cause": str(exc)})
-                return renewed + self._renew_in_process(pending, now, log_reason)
+                return len(installed) + self._renew_in_process(pending, now, log_reason)
         return self._renew_in_process(due, now, log_reason)
 
-    def _generation_now(self, cert: WorkloadCert) -> int | None:
+    def _unchanged(self, cert: WorkloadCert) -> bool:
         current = self.registry.get(cert.node_id, cert.spiffe_id)
-        return None if current is None else current.generation
+        return current is not None and current.generation == cert.generation
 
     def _renew_in_process(self, due: list[WorkloadCert], now: dt.datetime, log_reason: str) -> int:
         renewed = 0

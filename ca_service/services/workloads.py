@@ -217,8 +217,8 @@ class WorkloadRegistry:
                  extra={"spiffe_id": str(spiffe_id), "node": node_id, "reason": reason, "serial": cert.serial})
         return cert
 
-    async def reissue_many(self, keys: Sequence[WorkloadKey], *, reason: str,
-                           signer: BatchSigner | None = None) -> list[WorkloadCert]:
+    async def reissue_many(self, keys: Sequence[WorkloadKey], *, reason: str, signer: BatchSigner | None = None,
+                           installed: list[WorkloadCert] | None = None) -> list[WorkloadCert]:
         """New keys and certificates for many workloads (a renewal tick, a forced rotation), pushed to listeners.
 
         With ``signer`` (a signing pool) the keys are made and signed on every core while the event loop
@@ -228,6 +228,9 @@ class WorkloadRegistry:
         Each chunk the pool signs is installed (and pushed) as soon as it is back, while the workers sign
         the rest: a storm's first pushes do not wait for its last signature.
 
+        Returns the new certificates in the order of ``keys`` (forgotten workloads left out); ``installed``,
+        if given, receives each as it is installed, so a caller still knows them when this raises.
+
         Raises:
             CAServiceError: the signer failed; the chunks signed before the failure are installed (their
                 generation moved on), the others were not.
@@ -235,22 +238,25 @@ class WorkloadRegistry:
         now = self._clock.now()
         if signer is None:
             return [self.reissue(node_id, spiffe_id, reason=reason) for node_id, spiffe_id in keys]
-        out: list[WorkloadCert] = []
+        placed: list[WorkloadCert | None] = [None] * len(keys)
+        out = installed if installed is not None else []
 
         def install(start: int, chunk: Sequence[SignedSvid]) -> None:
-            for (node_id, spiffe_id), (key_pem, svid, seconds) in zip(keys[start:start + len(chunk)], chunk,
-                                                                      strict=True):
+            for index, (key_pem, svid, seconds) in enumerate(chunk, start):
+                node_id, spiffe_id = keys[index]
                 self._count(seconds)  # signed, whether or not it is installed
                 current = self._certs.get((node_id, spiffe_id))
                 if current is None:
                     continue
-                out.append(self._install(node_id, spiffe_id, key_pem, svid, now, generation=current.generation + 1))
+                cert = self._install(node_id, spiffe_id, key_pem, svid, now, generation=current.generation + 1)
+                placed[index] = cert
+                out.append(cert)
 
         try:
             await signer.issue_many([spiffe_id for _, spiffe_id in keys], now=now, on_chunk=install)
         finally:
             log.info("workload certificates re-issued", extra={"count": len(out), "reason": reason})
-        return out
+        return [cert for cert in placed if cert is not None]
 
     def _issue(self, node_id: str, spiffe_id: SpiffeId, now: dt.datetime, *, generation: int) -> WorkloadCert:
         started = time.perf_counter()

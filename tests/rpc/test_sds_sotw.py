@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import stat
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -14,6 +15,7 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 from ca_service.pki.certs import spiffe_id_of
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import load_private_key, private_key_to_pem
+from ca_service.rpc.sds_server import SdsServicer
 from tests.clock import FakeClock
 from tests.rpc.sds_fixtures import SdsStack, node, peer_bundle, read, request, secrets_of
 from tests.waiting import wait_for
@@ -200,8 +202,18 @@ async def test_ack_tracker_counts_streams_behind_a_bundle_sequence(
 
 
 async def test_plain_acks_are_recorded_between_pushes_and_a_nack_or_a_new_name_still_reaches_the_handler(
-        sds: SdsStack, stub: sds_pb2_grpc.SecretDiscoveryServiceStub):
+        sds: SdsStack, stub: sds_pb2_grpc.SecretDiscoveryServiceStub, monkeypatch: pytest.MonkeyPatch):
     # A plain ACK is recorded by the stream's reader when the handler is idle; everything else is queued.
+    in_reader: list[str] = []
+    real = SdsServicer._ack_in_place
+
+    def counted(self: SdsServicer, stream: Any, request: Any) -> bool:
+        handled = real(self, stream, request)
+        if handled:
+            in_reader.append(request.response_nonce)
+        return handled
+
+    monkeypatch.setattr(SdsServicer, "_ack_in_place", counted)
     hub, call = sds.component.hub, stub.StreamSecrets()
     acks = lambda: sds.metric("ca_sds_push_ack_latency_seconds_count")  # noqa: E731
     await call.write(request(["ROOTCA"], n=node("a")))
@@ -209,20 +221,25 @@ async def test_plain_acks_are_recorded_between_pushes_and_a_nack_or_a_new_name_s
     sequence = sds.trust.own_bundle().sequence
     await call.write(request(["ROOTCA"], version=first.version_info, nonce=first.nonce))
     await wait_for(lambda: hub.streams_behind(sequence) == 0 and acks() == 1, "the first ACK recorded")
+    assert in_reader == [first.nonce]
 
     sds.trust.set_peer(peer_bundle("eu.cluster.local", sds.registry.clock.now()))
     pushed = await read(call)  # ROOTCA carries the peers too
-    assert pushed.nonce != first.nonce
     await call.write(request(["ROOTCA"], version=pushed.version_info, nonce=pushed.nonce, error="bad bundle"))
     await wait_for(lambda: sds.metric("ca_sds_nacks_total", api="sotw") == 1, "the NACK counted")
     assert acks() == 1  # a NACK is not an ACK
 
     await call.write(request(["ROOTCA", "default"], version=pushed.version_info, nonce=pushed.nonce))
-    svid = await read(call)  # a new name in an ACK: resolved and pushed
+    svid = await read(call)  # a new name in an ACK: resolved and pushed by the handler
     assert set(secrets_of(svid)) == {"default"}
     await call.write(request(["ROOTCA", "default"], version=svid.version_info, nonce=svid.nonce))
-    await wait_for(lambda: acks() == 3, "the ACK with the new name and the ACK of the SVID recorded")
     await call.write(request(["ROOTCA", "default"], version=svid.version_info, nonce="an-old-nonce"))
-    await call.write(request(["ROOTCA"], version=svid.version_info, nonce=svid.nonce))
-    await wait_for(lambda: acks() == 4, "a stale nonce ignored, the narrowing ACK recorded")
+    await call.write(request(["ROOTCA"], version=svid.version_info, nonce=svid.nonce))  # an ACK that narrows
+    await call.write(request(["ROOTCA", "default"], version=svid.version_info, nonce=svid.nonce))  # and widens
+    marker = await read(call)  # the widening is answered, so everything before it has been handled
+    assert set(secrets_of(marker)) == {"default"}
+    # ACKs: the first, the one with the new name, the SVID's, the narrowing and the widening one; the
+    # stale nonce is not one.  Only the first and (when the handler was idle) the SVID's were plain.
+    assert acks() == 5
+    assert in_reader[0] == first.nonce and set(in_reader) <= {first.nonce, svid.nonce}
     call.cancel()
