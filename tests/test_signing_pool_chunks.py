@@ -119,11 +119,11 @@ async def test_no_chunk_lands_after_the_batch_failed(
 
 
 async def test_an_error_of_the_callers_own_is_raised_as_it_is_not_as_a_pool_failure(
-        authority: Authority, clock: FakeClock, held: tuple[SigningPool, HeldExecutor]) -> None:
+        authority: Authority, clock: FakeClock, held: tuple[SigningPool, HeldExecutor],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     pool, executor = held
     discarded: list[object] = []
-    monkeypatch_discard = pool._discard
-    pool._discard = lambda executor_: (discarded.append(executor_), monkeypatch_discard(executor_))  # type: ignore[method-assign]
+    monkeypatch.setattr(pool, "_discard", discarded.append)
 
     def broken(start: int, chunk: list[SignedSvid]) -> None:
         raise RuntimeError("the registry broke (test)")

@@ -169,10 +169,10 @@ class SotwSession(_Session):
         nonce = request.response_nonce
         if self._started and nonce and nonce != self.last_nonce:
             return SessionStep(stale_nonce=nonce)
-        acked = self.acknowledged(request)
-        if acked is not None:
-            return acked
         ack = self._answer(request)
+        plain = self._plain(request, ack)
+        if plain is not None:
+            return plain
         if ack is not None and ack.error is not None:
             return SessionStep(ack=ack)  # resending the same content would be rejected again
         names = self._last_names = list(request.resource_names)
@@ -190,9 +190,12 @@ class SotwSession(_Session):
 
     def acknowledged(self, request: discovery_pb2.DiscoveryRequest,
                      ) -> SessionStep[discovery_pb2.DiscoveryResponse] | None:
+        return self._plain(request, self._answer(request))
+
+    def _plain(self, request: discovery_pb2.DiscoveryRequest, ack: Acknowledged | None,
+               ) -> SessionStep[discovery_pb2.DiscoveryResponse] | None:
         # The common request by far: an ACK naming what the stream already has.  Nothing to resolve or
         # subscribe (a wildcard one, with no names, still looks for new trust domains in on_request).
-        ack = self._answer(request)
         if ack is None or ack.error is not None or not request.resource_names:
             return None
         if list(request.resource_names) != self._last_names:

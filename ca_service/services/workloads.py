@@ -239,7 +239,6 @@ class WorkloadRegistry:
         if signer is None:
             return [self.reissue(node_id, spiffe_id, reason=reason) for node_id, spiffe_id in keys]
         placed: list[WorkloadCert | None] = [None] * len(keys)
-        out = installed if installed is not None else []
 
         def install(start: int, chunk: Sequence[SignedSvid]) -> None:
             for index, (key_pem, svid, seconds) in enumerate(chunk, start):
@@ -250,13 +249,15 @@ class WorkloadRegistry:
                     continue
                 cert = self._install(node_id, spiffe_id, key_pem, svid, now, generation=current.generation + 1)
                 placed[index] = cert
-                out.append(cert)
+                if installed is not None:
+                    installed.append(cert)
 
         try:
             await signer.issue_many([spiffe_id for _, spiffe_id in keys], now=now, on_chunk=install)
         finally:
-            log.info("workload certificates re-issued", extra={"count": len(out), "reason": reason})
-        return [cert for cert in placed if cert is not None]
+            done = [cert for cert in placed if cert is not None]
+            log.info("workload certificates re-issued", extra={"count": len(done), "reason": reason})
+        return done
 
     def _issue(self, node_id: str, spiffe_id: SpiffeId, now: dt.datetime, *, generation: int) -> WorkloadCert:
         started = time.perf_counter()
