@@ -12,6 +12,7 @@ import asyncio
 import datetime as dt
 from dataclasses import dataclass
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ca_service.adapters import signing_pool
@@ -19,23 +20,24 @@ from ca_service.adapters.turn_batch import TurnBatcher
 from ca_service.errors import NotReadyError
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import public_key_der
-from ca_service.pki.templates import build_svid_der_for
+from ca_service.pki.templates import build_svid_der_for, leaf_validity
 from ca_service.services.authority import Authority
 from ca_service.services.csr_signing import CsrIssuance, CsrOrder, CsrResult
-from ca_service.services.issuer import IssuedSvid, SigningContext
+from ca_service.services.issuer import IssuedSvid
 
 
-def _sign_public_keys(key_id: str, items: list[tuple[str, bytes, float]], now: dt.datetime,
-                      backdate: dt.timedelta) -> list[bytes]:
-    """In a pool worker: one leaf (DER) per ``(SPIFFE ID, public key DER as OpenSSL writes it, ttl seconds)``."""
+def _sign_public_keys(key_id: str, items: list[tuple[str, bytes, dt.datetime, dt.datetime]]) -> list[tuple[bytes, int]]:
+    """In a pool worker: one leaf (DER) and its serial per ``(SPIFFE ID, public key DER as OpenSSL writes it,
+    notBefore, notAfter)``."""
     held = signing_pool._worker_signer
     if held is None or held[0] != key_id:
         raise signing_pool.StaleSignerError(f"worker holds signer {held and held[0]}, asked for {key_id}")
     out = []
-    for raw_id, key_der, ttl in items:
+    for raw_id, key_der, not_before, not_after in items:
         public_key = serialization.load_der_public_key(key_der)
-        out.append(build_svid_der_for(public_key, SpiffeId.parse(raw_id), held[1], now=now,  # type: ignore[arg-type]
-                                      ttl=dt.timedelta(seconds=ttl), backdate=backdate, spki=key_der))
+        serial = x509.random_serial_number()
+        out.append((build_svid_der_for(public_key, SpiffeId.parse(raw_id), held[1], serial=serial,  # type: ignore[arg-type]
+                                       not_before=not_before, not_after=not_after, spki=key_der), serial))
     return out
 
 
@@ -68,14 +70,16 @@ class PoolCsrSigner:
         try:
             context = self._authority.signing_context()
             executor = self._pool._executor_for(context)  # the pool's workers hold this context's signer
-            items = [(str(r.spiffe_id), r.key_der, r.ttl.total_seconds()) for r in batch]
+            validity = {ttl: leaf_validity(context.profile, now=now, ttl=ttl,
+                                           backdate=self._authority.issuer.policy.backdate)
+                        for ttl in {r.ttl for r in batch}}
+            items = [(str(r.spiffe_id), r.key_der, *validity[r.ttl]) for r in batch]
             leaves = await asyncio.get_running_loop().run_in_executor(
-                executor, _sign_public_keys, context.key_id, items, now, self._authority.issuer.policy.backdate)
-            return [self._assemble(r, leaf, context, now) for r, leaf in zip(batch, leaves, strict=True)]
+                executor, _sign_public_keys, context.key_id, items)
+            assemble = self._authority.issuer.assemble
+            return [assemble(r.spiffe_id, leaf, serial, context, *validity[r.ttl], now)
+                    for r, (leaf, serial) in zip(batch, leaves, strict=True)]
         except NotReadyError:
             raise
         except Exception as exc:
             raise signing_pool.SigningPoolError(f"signing pool failed: {type(exc).__name__}") from exc
-
-    def _assemble(self, request: _Request, leaf: bytes, context: SigningContext, now: dt.datetime) -> IssuedSvid:
-        return self._authority.issuer.assemble(request.spiffe_id, leaf, context, now)

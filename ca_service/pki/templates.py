@@ -194,34 +194,49 @@ def build_svid_for(
     backdate: dt.timedelta = DEFAULT_BACKDATE, encoder: LeafEncoder = LeafEncoder.TEMPLATE,
     dns_names: Sequence[str] = (),
 ) -> x509.Certificate:
-    """Workload X509-SVID; see :func:`build_svid_der_for`."""
+    """Workload X509-SVID with a fresh serial and the validity :func:`leaf_validity` gives; see
+    :func:`build_svid_der_for`."""
+    not_before, not_after = leaf_validity(issuer, now=now, ttl=ttl, backdate=backdate)
     return x509.load_der_x509_certificate(build_svid_der_for(
-        public_key, spiffe_id, issuer, now=now, ttl=ttl, backdate=backdate, encoder=encoder, dns_names=dns_names))
+        public_key, spiffe_id, issuer, serial=x509.random_serial_number(), not_before=not_before,
+        not_after=not_after, encoder=encoder, dns_names=dns_names))
+
+
+def leaf_validity(issuer: IssuerProfile, *, now: dt.datetime, ttl: dt.timedelta,
+                  backdate: dt.timedelta = DEFAULT_BACKDATE) -> tuple[dt.datetime, dt.datetime]:
+    """A leaf's (notBefore, notAfter): ``now - backdate`` to ``now + ttl``, clamped to the issuer's own
+    validity, in whole seconds and UTC, so exactly what a parser reads back from the leaf.
+
+    The issuer keeps these next to the leaf it signed (``IssuedSvid.not_after``) instead of parsing them
+    back out of the DER, and a signing storm computes them once for every leaf of the batch.
+    """
+    _require_aware(now)
+    not_before, not_after = max(now - backdate, issuer.not_before), min(now + ttl, issuer.not_after)
+    # DER times have whole seconds; both encoders drop the fraction, as this does.
+    return (not_before.astimezone(dt.UTC).replace(microsecond=0),
+            not_after.astimezone(dt.UTC).replace(microsecond=0))
 
 
 def build_svid_der_for(
-    public_key: PublicKey, spiffe_id: SpiffeId, issuer: IssuerProfile, *, now: dt.datetime, ttl: dt.timedelta,
-    backdate: dt.timedelta = DEFAULT_BACKDATE, encoder: LeafEncoder = LeafEncoder.TEMPLATE,
-    dns_names: Sequence[str] = (), spki: bytes | None = None,
+    public_key: PublicKey, spiffe_id: SpiffeId, issuer: IssuerProfile, *, serial: int, not_before: dt.datetime,
+    not_after: dt.datetime, encoder: LeafEncoder = LeafEncoder.TEMPLATE, dns_names: Sequence[str] = (),
+    spki: bytes | None = None,
 ) -> bytes:
     """Workload X509-SVID as Certificate DER (``dns_names``: extra DNS SANs of a serving certificate; the
     SPIFFE spec allows other SAN types next to the one URI SAN).
 
     Empty subject with exactly one URI SAN (marked critical because the subject is empty, RFC 5280
     4.2.1.6), CA:FALSE, keyUsage digitalSignature (+keyEncipherment for RSA keys, which TLS 1.2 RSA key
-    transport needs), EKU serverAuth+clientAuth, SKI/AKI.  notAfter is clamped to the issuer's.
+    transport needs), EKU serverAuth+clientAuth, SKI/AKI.  ``serial`` and the validity are the caller's
+    (the issuer's: :func:`leaf_validity` clamps it to the issuer's, x509.random_serial_number draws the serial).
     ``encoder`` picks the DER template or the builder; both give the same bytes, and whatever the
     template does not cover (see :meth:`LeafTemplate.tbs`) goes to the builder, which then decides.
     DER, not a loaded certificate: the caller PEM-encodes it for the wire, and ``Certificate.public_bytes``
     would encode it all over again.  ``spki``: the key's SubjectPublicKeyInfo as OpenSSL writes it, if the
     caller holds it (see :meth:`LeafTemplate.tbs`; the builder encodes the key itself).
     """
-    _require_aware(now)
     if not spiffe_id.path:
         raise ValueError(f"{spiffe_id} names a trust domain, not a workload")
-    # The same clamp as _clamp, on the issuer's precomputed validity.
-    not_before, not_after = max(now - backdate, issuer.not_before), min(now + ttl, issuer.not_after)
-    serial = x509.random_serial_number()
     # The template encodes the workload profile (one URI SAN); serving certificates with DNS SANs are rare
     # (one per listener per half-life) and take the builder.
     if encoder is LeafEncoder.TEMPLATE and issuer.template is not None and not dns_names:

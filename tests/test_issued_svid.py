@@ -1,0 +1,125 @@
+"""What the issuer keeps next to a leaf (serial, validity) is what the leaf itself says, on every path
+(template and builder, EC and RSA keys, clamped to the signer, across 2050, sub-second and non-UTC
+clocks, in process and on the pool), and a storm's parent process does not parse the leaves it gets back."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from ca_service.adapters.signing_pool import SigningPool
+from ca_service.config import Settings
+from ca_service.pki.identity import SpiffeId
+from ca_service.pki.keys import KeyAlgorithm, generate_private_key
+from ca_service.pki.templates import CAKind, LeafEncoder
+from ca_service.services import issuer as issuer_module
+from ca_service.services.authority import Authority
+from ca_service.services.issuer import IssuedSvid
+from ca_service.storage.directory import DirectoryStore
+from tests.clock import FakeClock
+
+WORKLOAD = SpiffeId.parse("spiffe://cluster.local/ns/facts/sa/web")
+INSTANTS = {
+    "sub-second": dt.datetime(2030, 1, 1, 12, 0, 0, 987654, tzinfo=dt.UTC),
+    # notBefore is a UTCTime (2049), notAfter a GeneralizedTime (2050).
+    "across 2050": dt.datetime(2049, 12, 31, 23, 30, 0, 500000, tzinfo=dt.UTC),
+    "non-UTC clock": dt.datetime(2030, 6, 1, 3, 15, 42, 250000, tzinfo=dt.timezone(dt.timedelta(hours=5, minutes=30))),
+}
+
+
+def _authority(settings: Settings, tmp_path: Path, now: dt.datetime, encoder: LeafEncoder) -> Authority:
+    authority = Authority(DirectoryStore(tmp_path / f"state-{encoder.value}"), settings.domain,
+                          dataclasses.replace(settings.ca, leaf_encoder=encoder), FakeClock(now))
+    authority.load_or_bootstrap()
+    return authority
+
+
+def _assert_facts_match_the_leaf(svid: IssuedSvid) -> None:
+    parsed = x509.load_der_x509_certificate(svid.leaf_der)
+    assert (svid.serial_number, svid.not_before, svid.not_after) == (
+        parsed.serial_number, parsed.not_valid_before_utc, parsed.not_valid_after_utc)
+    assert svid.serial == format(parsed.serial_number, "x")
+    assert svid.leaf == parsed and svid.chain[0] == parsed
+
+
+@pytest.mark.parametrize("encoder", list(LeafEncoder), ids=lambda e: e.value)
+@pytest.mark.parametrize("key_algorithm", [KeyAlgorithm.EC_P256, KeyAlgorithm.RSA_2048], ids=lambda a: a.value)
+@pytest.mark.parametrize("instant", list(INSTANTS.values()), ids=list(INSTANTS))
+def test_an_issued_svid_carries_the_serial_and_validity_its_leaf_was_signed_with(
+    settings: Settings, tmp_path: Path, encoder: LeafEncoder, key_algorithm: KeyAlgorithm, instant: dt.datetime,
+) -> None:
+    authority = _authority(settings, tmp_path, instant, encoder)
+    svid = authority.issue_svid(WORKLOAD, generate_private_key(key_algorithm).public_key(), now=instant)
+    _assert_facts_match_the_leaf(svid)
+    assert svid.not_before.microsecond == svid.not_after.microsecond == 0
+
+
+@pytest.mark.parametrize("encoder", list(LeafEncoder), ids=lambda e: e.value)
+def test_the_kept_validity_is_the_clamped_one_at_both_ends_of_the_signer(
+    settings: Settings, tmp_path: Path, encoder: LeafEncoder,
+) -> None:
+    start = INSTANTS["sub-second"]
+    authority = _authority(settings, tmp_path, start, encoder)
+    signer = authority.signer(CAKind.INTERMEDIATE).cert
+    key = generate_private_key().public_key()
+    # Signed just after the signer starts: the 5-minute backdate would reach before it.
+    early = authority.issuer.issue(WORKLOAD, key,
+                                   now=signer.not_valid_before_utc + dt.timedelta(seconds=1, microseconds=3))
+    _assert_facts_match_the_leaf(early)
+    assert early.not_before == signer.not_valid_before_utc
+    # Signed an hour before the signer ends: a 24-hour leaf would outlive it.
+    late = authority.issuer.issue(WORKLOAD, key, now=signer.not_valid_after_utc - dt.timedelta(hours=1, microseconds=7))
+    _assert_facts_match_the_leaf(late)
+    assert late.not_after == signer.not_valid_after_utc
+
+
+def test_a_serving_certificate_with_dns_names_carries_its_facts_too(settings: Settings, tmp_path: Path) -> None:
+    instant = INSTANTS["sub-second"]
+    authority = _authority(settings, tmp_path, instant, LeafEncoder.TEMPLATE)  # DNS SANs take the builder
+    svid = authority.issuer.issue_serving(WORKLOAD, generate_private_key().public_key(), dns_names=["ca.local"],
+                                          now=instant)
+    _assert_facts_match_the_leaf(svid)
+
+
+@pytest.fixture
+def pool(authority: Authority) -> Iterator[SigningPool]:
+    signing_pool = SigningPool(authority.issuer, workers=2, chunk=2)
+    yield signing_pool
+    signing_pool.close()
+
+
+async def test_a_storm_parent_parses_one_leaf_per_signer_and_its_svids_carry_their_facts(
+    authority: Authority, pool: SigningPool, clock: FakeClock, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool.warm_up()  # workers spawned and holding the signer: nothing below but the storms
+    ids = [SpiffeId.parse(f"spiffe://cluster.local/ns/facts/sa/sa-{i}") for i in range(7)]
+    issuer_module._parsed_leaf.cache_clear()
+    parsed: list[bytes] = []
+    original = x509.load_der_x509_certificate
+
+    def counting(data: bytes, *args: object) -> x509.Certificate:
+        parsed.append(data)
+        return original(data, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(x509, "load_der_x509_certificate", counting)
+    first = await pool.issue_many(ids, now=clock.now())
+    # The signer's chain is verified once, on the first leaf it signs; no other leaf is parsed.
+    assert len(parsed) == 1 and parsed[0] in {s.svid.leaf_der for s in first}
+    second = await pool.issue_many(ids, now=clock.now())
+    assert len(parsed) == 1
+    monkeypatch.undo()
+    for signed in (*first, *second):
+        _assert_facts_match_the_leaf(signed.svid)
+    assert len({s.svid.serial_number for s in (*first, *second)}) == 2 * len(ids)
+
+
+def test_the_leaf_is_parsed_on_demand_and_shared_with_the_chain(authority: Authority) -> None:
+    svid = authority.issue_svid(WORKLOAD, generate_private_key().public_key())
+    assert svid.leaf is svid.leaf is svid.chain[0]
+    assert svid.chain[1:] == authority.issuer.signing_context().tail
+    assert svid.roots == authority.issuer.signing_context().roots
