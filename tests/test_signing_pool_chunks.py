@@ -17,9 +17,11 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ca_service.adapters import signing_pool
-from ca_service.adapters.signing_pool import SigningPool, SigningPoolError
+from ca_service.adapters.signing_pool import SigningPool, SigningPoolError, chunk_bounds
 from ca_service.config import RotationSettings
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.templates import IssuerProfile
@@ -135,3 +137,26 @@ async def test_an_error_of_the_callers_own_is_raised_as_it_is_not_as_a_pool_fail
         await batch
     assert not isinstance(raised.value, SigningPoolError)
     assert discarded == []  # the workers are fine: not torn down as a broken pool
+
+
+# ---------------------------------------------------------------- how a storm is cut (pure)
+
+
+@settings(max_examples=300, deadline=None)
+@given(total=st.integers(0, 20_000), workers=st.integers(1, 16), largest=st.integers(1, 2048))
+def test_chunks_cover_the_storm_once_in_order_and_shrink_towards_the_end(total: int, workers: int,
+                                                                         largest: int) -> None:
+    bounds = chunk_bounds(total, workers, largest)
+    assert [start for start, _ in bounds] == ([0, *(end for _, end in bounds[:-1])] if total else [])
+    assert (bounds[-1][1] if bounds else 0) == total
+    sizes = [end - start for start, end in bounds]
+    assert all(0 < size <= largest for size in sizes)
+    assert all(size >= min(signing_pool.MIN_CHUNK, largest) for size in sizes[:-1])
+    assert sizes == sorted(sizes, reverse=True)
+
+
+def test_a_large_storm_is_a_few_large_chunks_then_small_ones_for_the_last_leaves() -> None:
+    sizes = [end - start for start, end in chunk_bounds(4000, 2, signing_pool.DEFAULT_CHUNK)]
+    assert sizes[0] == signing_pool.DEFAULT_CHUNK and len(sizes) <= 12
+    # What either worker may still be signing when the other runs out of work: a small chunk.
+    assert max(sizes[-2:]) <= 2 * signing_pool.MIN_CHUNK
