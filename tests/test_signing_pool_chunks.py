@@ -2,7 +2,7 @@
 
 The order in which real worker processes finish is not under a test's control, so these tests put a FAKE
 executor in place of the pool's ``ProcessPoolExecutor`` (:class:`HeldExecutor`): it runs the real worker
-function (``_sign_chunk``, with the real signer in this process) only when the test releases that chunk,
+function (``sign_chunk``, with the real signer in this process) only when the test releases that chunk,
 or fails it with the error a dead worker gives.  Everything else (the pool's batching and error handling,
 ``Issuer.assemble``, the registry) is the real code.
 """
@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ca_service.adapters import signing_pool
+from ca_service.adapters import signing_pool, signing_worker
 from ca_service.adapters.signing_pool import SigningPool, SigningPoolError, chunk_bounds
 from ca_service.config import RotationSettings
 from ca_service.pki.identity import SpiffeId
@@ -61,8 +61,8 @@ def held(authority: Authority, monkeypatch: pytest.MonkeyPatch) -> Iterator[tupl
     pool = SigningPool(authority.issuer, workers=1, chunk=1)  # one identity per chunk
     executor = HeldExecutor()
     context = authority.issuer.signing_context()
-    # The worker's global signer, set in this process as _init_worker sets it in a worker.
-    monkeypatch.setattr(signing_pool, "_worker_signer",
+    # The worker's global signer, set in this process as init_worker sets it in a worker.
+    monkeypatch.setattr(signing_worker, "_worker_signer",
                         (context.key_id, IssuerProfile.of(context.signer.cert, context.signer.key)))
     monkeypatch.setattr(pool, "_executor_for", lambda _context: executor)
     yield pool, executor

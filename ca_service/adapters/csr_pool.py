@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ca_service.adapters import signing_pool
+from ca_service.adapters import signing_pool, signing_worker
 from ca_service.adapters.turn_batch import TurnBatcher
 from ca_service.errors import NotReadyError
 from ca_service.pki.identity import SpiffeId
@@ -29,9 +29,9 @@ from ca_service.services.issuer import IssuedSvid
 def _sign_public_keys(key_id: str, items: list[tuple[str, bytes, dt.datetime, dt.datetime]]) -> list[tuple[bytes, int]]:
     """In a pool worker: one leaf (DER) and its serial per ``(SPIFFE ID, public key DER as OpenSSL writes it,
     notBefore, notAfter)``."""
-    held = signing_pool._worker_signer
+    held = signing_worker._worker_signer
     if held is None or held[0] != key_id:
-        raise signing_pool.StaleSignerError(f"worker holds signer {held and held[0]}, asked for {key_id}")
+        raise signing_worker.StaleSignerError(f"worker holds signer {held and held[0]}, asked for {key_id}")
     out = []
     for raw_id, key_der, not_before, not_after in items:
         public_key = serialization.load_der_public_key(key_der)

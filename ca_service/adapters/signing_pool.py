@@ -2,8 +2,8 @@
 
 A rotation storm (a forced re-issue of every node, an intermediate rotation) is CPU-bound: key
 generation plus an ECDSA signature per leaf.  One Python process uses one core, so the work goes to a
-:class:`concurrent.futures.ProcessPoolExecutor` whose workers load the signing intermediate once
-(initializer) and return DER bytes; the event loop only awaits, parses and wraps the results.
+:class:`concurrent.futures.ProcessPoolExecutor` whose workers (:mod:`.signing_worker`) load the signing
+intermediate once and return DER bytes; the event loop only awaits and wraps the results, parsing none.
 
 The :class:`~ca_service.services.issuer.Issuer` stays the one place that decides *what* is signed:
 the parent asks it for a :class:`~ca_service.services.issuer.BatchPlan` (identities checked, TTL
@@ -24,17 +24,15 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
 from multiprocessing.process import BaseProcess
-from typing import NamedTuple
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from ca_service.adapters.signing_worker import init_worker, sign_chunk
 from ca_service.errors import NotReadyError
 from ca_service.pki.identity import SpiffeId
-from ca_service.pki.keys import KeyAlgorithm, generate_private_key, load_private_key, private_key_to_pem
-from ca_service.pki.templates import CAKind, IssuerProfile, LeafEncoder
+from ca_service.pki.templates import CAKind
 from ca_service.rotation.state import AuthorityState, SlotState
-from ca_service.services.issuer import Issuer, SigningContext, sign_leaf
+from ca_service.services.issuer import Issuer, SigningContext
 from ca_service.services.state_changes import StateChange
 from ca_service.services.workloads import ChunkSink, SignedSvid
 
@@ -48,79 +46,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK = 512
 MIN_CHUNK = 32
 
-# How long close() lets workers finish before killing them: a chunk is ~25 ms of work and a worker
+# How long close() lets workers finish before killing them: a chunk is at most ~60 ms of work and a worker
 # that is still importing needs ~0.5 s; SIGTERM of the daemon must drain within a few seconds.
 CLOSE_GRACE = dt.timedelta(seconds=2)
-
-_worker_signer: tuple[str, IssuerProfile] | None = None
-
-
-class StaleSignerError(NotReadyError):
-    """A worker was asked to sign with an intermediate other than the one it loaded."""
-
-
-def _exit_with_parent() -> None:
-    """End this worker the moment the daemon ends, however it ends (SIGKILL included).
-
-    A worker holds the signing intermediate's key; an orphan would keep it in memory indefinitely.
-    ``spawn`` gives each child a pipe whose other end only the parent holds (``parent_process().sentinel``):
-    the kernel closes it when the parent dies, so the wait below returns at once.  (PR_SET_PDEATHSIG
-    would fire when the *thread* that spawned us exits, which for a pool started from a warm-up thread
-    is long before the daemon does.)
-    """
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return
-
-    def watch() -> None:
-        multiprocessing.connection.wait([parent.sentinel])
-        os._exit(1)  # no cleanup to run: nothing here is durable, and the key must go now
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-def _init_worker(key_id: str, cert_pem: bytes, key_pem: bytes) -> None:
-    global _worker_signer
-    _exit_with_parent()
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    _worker_signer = (key_id, IssuerProfile.of(cert, load_private_key(key_pem)))
-
-
-class SignedChunk(NamedTuple):
-    """A worker's answer for one chunk, a list per field: the parent takes it apart with one ``zip`` instead
-    of unpickling, tracking and freeing a tuple per leaf (a storm parent's share competes with the workers)."""
-
-    leaves: list[bytes]  # Certificate DER
-    serials: list[int]
-    key_pems: list[bytes]  # PKCS#8 PEM of each new key, as SDS sends it
-    seconds: list[float]  # key generation + signing time of each, for ``ca_signing_duration_seconds``
-
-
-def _sign_chunk(
-    key_id: str, spiffe_ids: Sequence[str], not_before: dt.datetime, not_after: dt.datetime,
-    algorithm: KeyAlgorithm, encoder: LeafEncoder = LeafEncoder.TEMPLATE,
-) -> SignedChunk:
-    """In a worker: a fresh key and a signed leaf per identity.
-
-    The parent parses nothing it gets back: the serial comes with the leaf, the validity is the batch's,
-    and the key comes as the PEM that SDS sends (parsing a key was 17 us, a leaf 2 us, of a parent's share
-    that on two cores competes with the workers).
-    """
-    if _worker_signer is None or _worker_signer[0] != key_id:
-        raise StaleSignerError(f"worker holds signer {_worker_signer and _worker_signer[0]}, asked for {key_id}")
-    profile = _worker_signer[1]
-    out = SignedChunk([], [], [], [])
-    for raw in spiffe_ids:
-        started = time.perf_counter()
-        key = generate_private_key(algorithm)
-        serial = x509.random_serial_number()
-        out.leaves.append(sign_leaf(profile, key.public_key(), SpiffeId.parse(raw), serial=serial,
-                                    not_before=not_before, not_after=not_after, encoder=encoder))
-        out.serials.append(serial)
-        out.key_pems.append(private_key_to_pem(key))
-        out.seconds.append(time.perf_counter() - started)
-    return out
-
 
 def chunk_bounds(total: int, workers: int, largest: int) -> list[tuple[int, int]]:
     """``(start, end)`` of each chunk of a ``total``-leaf storm, in the order they are handed out.
@@ -220,7 +148,7 @@ class SigningPool:
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
             # spawn, not fork: the daemon runs grpc and asyncio threads that must not be forked.
             self._executor = ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
                 initargs=(context.key_id, context.signer.cert.public_bytes(serialization.Encoding.PEM), key_pem))
             self._key_id = context.key_id
             return self._executor
@@ -250,7 +178,7 @@ class SigningPool:
         executor = self._executor_for(context)
         try:
             now = dt.datetime.now(dt.UTC)
-            futures = [executor.submit(_sign_chunk, context.key_id, (), now, now, self._algorithm)
+            futures = [executor.submit(sign_chunk, context.key_id, (), now, now, self._algorithm)
                        for _ in range(self.workers * 2)]
         except RuntimeError:  # shut down under us: a newer signer's warm-up or close() replaced it
             raise SigningPoolError("the pool's workers were replaced during warm-up") from None
@@ -285,7 +213,7 @@ class SigningPool:
 
         async def one_chunk(start: int, chunk: Sequence[SpiffeId]) -> list[SignedSvid]:
             # Each chunk is wrapped as soon as it returns, overlapping the parent's share with the workers.
-            signed = await loop.run_in_executor(executor, _sign_chunk, context.key_id, [str(s) for s in chunk],
+            signed = await loop.run_in_executor(executor, sign_chunk, context.key_id, [str(s) for s in chunk],
                                                 not_before, not_after, self._algorithm, plan.encoder)
             out = [SignedSvid(key_pem, assemble(spiffe_id, leaf, serial, context, not_before, not_after, now), seconds)
                    for spiffe_id, leaf, serial, key_pem, seconds in zip(chunk, *signed, strict=True)]
