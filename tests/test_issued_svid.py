@@ -4,6 +4,7 @@ clocks, in process and on the pool), and a storm's parent process does not parse
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 from collections.abc import Iterator
@@ -11,15 +12,20 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
+from ca_service.adapters.csr_pool import PoolCsrSigner
 from ca_service.adapters.signing_pool import SigningPool
 from ca_service.config import Settings
+from ca_service.pki.csr import DEFAULT_ALLOWED_KEY_TYPES
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import KeyAlgorithm, generate_private_key
 from ca_service.pki.templates import CAKind, LeafEncoder
+from ca_service.pki.verify import ChainVerificationError
 from ca_service.services import issuer as issuer_module
 from ca_service.services.authority import Authority
-from ca_service.services.issuer import IssuedSvid
+from ca_service.services.csr_signing import CsrOrder
+from ca_service.services.issuer import IssuedSvid, Issuer
 from ca_service.storage.directory import DirectoryStore
 from tests.clock import FakeClock
 
@@ -44,7 +50,8 @@ def _assert_facts_match_the_leaf(svid: IssuedSvid) -> None:
     assert (svid.serial_number, svid.not_before, svid.not_after) == (
         parsed.serial_number, parsed.not_valid_before_utc, parsed.not_valid_after_utc)
     assert svid.serial == format(parsed.serial_number, "x")
-    assert svid.leaf == parsed and svid.chain[0] == parsed
+    # Equal aware datetimes may differ in zone; the ledger and logs print these, so they are UTC.
+    assert svid.not_before.tzinfo is dt.UTC and svid.not_after.tzinfo is dt.UTC
 
 
 @pytest.mark.parametrize("encoder", list(LeafEncoder), ids=lambda e: e.value)
@@ -116,6 +123,41 @@ async def test_a_storm_parent_parses_one_leaf_per_signer_and_its_svids_carry_the
     for signed in (*first, *second):
         _assert_facts_match_the_leaf(signed.svid)
     assert len({s.svid.serial_number for s in (*first, *second)}) == 2 * len(ids)
+
+
+async def test_a_csr_batch_on_the_pool_keeps_each_leafs_own_facts_whatever_its_ttl(
+    authority: Authority, pool: SigningPool, clock: FakeClock,
+) -> None:
+    signer = PoolCsrSigner(authority, pool)
+    ttls = [dt.timedelta(hours=1), dt.timedelta(minutes=10), dt.timedelta(hours=1), dt.timedelta(minutes=10)]
+    orders = []
+    for i, ttl in enumerate(ttls):
+        spiffe_id = SpiffeId.parse(f"spiffe://cluster.local/ns/facts/sa/csr-{i}")
+        csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+               .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]),
+                              critical=False)
+               .sign(generate_private_key(), hashes.SHA256()).public_bytes(serialization.Encoding.PEM))  # type: ignore[arg-type]
+        orders.append(CsrOrder(csr, spiffe_id, DEFAULT_ALLOWED_KEY_TYPES, ttl, clock.now()))
+    results = await asyncio.gather(*[signer.sign(order) for order in orders])  # one event-loop turn: one batch
+    for ttl, result in zip(ttls, results, strict=True):
+        _assert_facts_match_the_leaf(result.svid)
+        assert result.svid.not_after - result.svid.not_before == ttl + authority.settings.backdate
+
+
+@pytest.mark.parametrize("wrong", ["serial", "not_after"])
+def test_the_first_leaf_of_a_signer_must_carry_the_facts_given_for_it(
+    authority: Authority, clock: FakeClock, wrong: str,
+) -> None:
+    signed = authority.issue_svid(WORKLOAD, generate_private_key().public_key())  # a leaf to re-wrap
+    fresh = Issuer(authority, authority.issuer.policy)  # has checked no signer yet
+    facts = {"serial": signed.serial_number, "not_before": signed.not_before, "not_after": signed.not_after}
+    facts[wrong] = facts[wrong] + (1 if wrong == "serial" else dt.timedelta(seconds=1))  # type: ignore[operator]
+    with pytest.raises(ChainVerificationError, match="serial and validity"):
+        fresh.assemble(WORKLOAD, signed.leaf_der, facts["serial"], authority.issuer.signing_context(),  # type: ignore[arg-type]
+                       not_before=facts["not_before"], not_after=facts["not_after"], now=clock.now())  # type: ignore[arg-type]
+    # The same leaf with the facts it carries is accepted.
+    assert fresh.assemble(WORKLOAD, signed.leaf_der, signed.serial_number, authority.issuer.signing_context(),
+                          not_before=signed.not_before, not_after=signed.not_after, now=clock.now()) == signed
 
 
 def test_the_leaf_is_parsed_on_demand_and_shared_with_the_chain(authority: Authority) -> None:

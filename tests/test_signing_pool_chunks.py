@@ -151,7 +151,8 @@ def test_chunks_cover_the_storm_once_in_order_and_shrink_towards_the_end(total: 
     assert (bounds[-1][1] if bounds else 0) == total
     sizes = [end - start for start, end in bounds]
     assert all(0 < size <= largest for size in sizes)
-    assert all(size >= min(signing_pool.MIN_CHUNK, largest) for size in sizes[:-1])
+    assert all(size >= min(signing_pool.MIN_CHUNK, largest, -(-total // workers)) for size in sizes[:-1])
+    assert not sizes or sizes[0] <= -(-total // workers)  # even a small storm is spread over the workers
     assert sizes == sorted(sizes, reverse=True)
 
 
@@ -160,3 +161,14 @@ def test_a_large_storm_is_a_few_large_chunks_then_small_ones_for_the_last_leaves
     assert sizes[0] == signing_pool.DEFAULT_CHUNK and len(sizes) <= 12
     # What either worker may still be signing when the other runs out of work: a small chunk.
     assert max(sizes[-2:]) <= 2 * signing_pool.MIN_CHUNK
+
+
+@pytest.mark.parametrize(("total", "expected"), [(16, [8, 8]), (40, [20, 20]), (100, [50, 32, 18]), (1, [1])])
+def test_a_small_storm_is_shared_between_the_workers(total: int, expected: list[int]) -> None:
+    assert [end - start for start, end in chunk_bounds(total, 2, signing_pool.DEFAULT_CHUNK)] == expected
+
+
+@pytest.mark.parametrize(("workers", "largest"), [(0, 512), (2, 0), (2, -1)])
+def test_chunk_bounds_refuses_no_workers_or_no_room(workers: int, largest: int) -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        chunk_bounds(10, workers, largest)

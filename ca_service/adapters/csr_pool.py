@@ -77,7 +77,8 @@ class PoolCsrSigner:
             leaves = await asyncio.get_running_loop().run_in_executor(
                 executor, _sign_public_keys, context.key_id, items)
             assemble = self._authority.issuer.assemble
-            return [assemble(r.spiffe_id, leaf, serial, context, *validity[r.ttl], now)
+            return [assemble(r.spiffe_id, leaf, serial, context, not_before=validity[r.ttl][0],
+                             not_after=validity[r.ttl][1], now=now)
                     for r, (leaf, serial) in zip(batch, leaves, strict=True)]
         except NotReadyError:
             raise

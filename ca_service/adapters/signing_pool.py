@@ -3,7 +3,8 @@
 A rotation storm (a forced re-issue of every node, an intermediate rotation) is CPU-bound: key
 generation plus an ECDSA signature per leaf.  One Python process uses one core, so the work goes to a
 :class:`concurrent.futures.ProcessPoolExecutor` whose workers (:mod:`.signing_worker`) load the signing
-intermediate once and return DER bytes; the event loop only awaits and wraps the results, parsing none.
+intermediate once and return DER bytes; the event loop only awaits and wraps the results (it parses one
+leaf per signer, to check the chain).
 
 The :class:`~ca_service.services.issuer.Issuer` stays the one place that decides *what* is signed:
 the parent asks it for a :class:`~ca_service.services.issuer.BatchPlan` (identities checked, TTL
@@ -39,10 +40,10 @@ from ca_service.services.workloads import ChunkSink, SignedSvid
 log = logging.getLogger(__name__)
 
 # Requests go to workers in chunks: one round trip per chunk amortises the parent's per-chunk cost
-# (executor bookkeeping, a future, pipe reads, thread wake-ups: ~0.4 ms of parent CPU, measured), which on
+# (executor bookkeeping, a future, pipe reads, thread wake-ups: ~0.5 ms of parent CPU, measured), which on
 # two cores competes with the workers.  A storm is cut by guided self-scheduling (see chunk_bounds): chunks
 # of at most DEFAULT_CHUNK leaves (~60 ms of work) first, then ever smaller ones down to MIN_CHUNK (~4 ms),
-# so that the workers finish together however their speeds differ.
+# so that the workers finish close together even when one is slowed by the parent or a neighbour.
 DEFAULT_CHUNK = 512
 MIN_CHUNK = 32
 
@@ -54,12 +55,18 @@ def chunk_bounds(total: int, workers: int, largest: int) -> list[tuple[int, int]
     """``(start, end)`` of each chunk of a ``total``-leaf storm, in the order they are handed out.
 
     Guided self-scheduling: each chunk is what is left divided by the workers, at most ``largest`` and at
-    least MIN_CHUNK (or ``largest`` if that is smaller).  Workers take chunks in order as they free up:
-    big chunks first keep the parent's per-chunk cost to a few chunks, and ever smaller ones at the end
-    leave no worker idle for longer than a small chunk while the other finishes (equal chunks left up to
-    one whole chunk, ~6% of a 4,000-leaf storm, on the worker that shared its core with the parent).
+    least the smallest of MIN_CHUNK, ``largest`` and an even share of the whole storm (so a storm of a few
+    dozen is still spread over the workers); the last chunk takes what remains.  Workers take chunks in order as
+    they free up: big chunks first keep the parent's per-chunk cost to a few chunks, and ever smaller ones
+    at the end leave a worker idle only while the other finishes a small one (equal chunks left up to one
+    whole chunk, ~6% of a 4,000-leaf storm, on the worker that shared its core with the parent).
+
+    Raises:
+        ValueError: if ``workers`` or ``largest`` is below 1.
     """
-    smallest = min(MIN_CHUNK, largest)
+    if workers < 1 or largest < 1:
+        raise ValueError(f"workers and largest must be at least 1, got {workers} and {largest}")
+    smallest = min(MIN_CHUNK, largest, -(-total // workers))
     bounds: list[tuple[int, int]] = []
     start = 0
     while start < total:
@@ -215,7 +222,8 @@ class SigningPool:
             # Each chunk is wrapped as soon as it returns, overlapping the parent's share with the workers.
             signed = await loop.run_in_executor(executor, sign_chunk, context.key_id, [str(s) for s in chunk],
                                                 not_before, not_after, self._algorithm, plan.encoder)
-            out = [SignedSvid(key_pem, assemble(spiffe_id, leaf, serial, context, not_before, not_after, now), seconds)
+            out = [SignedSvid(key_pem, assemble(spiffe_id, leaf, serial, context, not_before=not_before,
+                                                not_after=not_after, now=now), seconds)
                    for spiffe_id, leaf, serial, key_pem, seconds in zip(chunk, *signed, strict=True)]
             if on_chunk is not None:
                 try:

@@ -228,7 +228,8 @@ def build_svid_der_for(
     Empty subject with exactly one URI SAN (marked critical because the subject is empty, RFC 5280
     4.2.1.6), CA:FALSE, keyUsage digitalSignature (+keyEncipherment for RSA keys, which TLS 1.2 RSA key
     transport needs), EKU serverAuth+clientAuth, SKI/AKI.  ``serial`` and the validity are the caller's
-    (the issuer's: :func:`leaf_validity` clamps it to the issuer's, x509.random_serial_number draws the serial).
+    (the issuer's: x509.random_serial_number draws the serial, :func:`leaf_validity` gives the validity,
+    clamped to the issuer's, in whole seconds and UTC, so that what the caller keeps equals what is encoded).
     ``encoder`` picks the DER template or the builder; both give the same bytes, and whatever the
     template does not cover (see :meth:`LeafTemplate.tbs`) goes to the builder, which then decides.
     DER, not a loaded certificate: the caller PEM-encodes it for the wire, and ``Certificate.public_bytes``

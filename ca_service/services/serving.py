@@ -43,7 +43,7 @@ class ServingPair:
         return private_key_to_pem(self.key)
 
     def __repr__(self) -> str:  # never print the key
-        return f"ServingPair(spiffe_id='{self.svid.spiffe_id}', serial={self.svid.leaf.serial_number:x})"
+        return f"ServingPair(spiffe_id='{self.svid.spiffe_id}', serial={self.svid.serial})"
 
 
 class ServingCertificate:
@@ -73,7 +73,7 @@ class ServingCertificate:
         self._install(pair)
         self.current = pair
         log.info("%s issued", self.name, extra={"spiffe_id": str(self.spiffe_id),
-                                                 "serial": format(svid.leaf.serial_number, "x"),
+                                                 "serial": svid.serial,
                                                  "not_after": svid.not_after.isoformat()})
         return pair
 

@@ -96,7 +96,7 @@ class WorkloadCert:
 
     def __repr__(self) -> str:  # never print the key
         return (f"WorkloadCert(node_id={self.node_id!r}, spiffe_id='{self.spiffe_id}', "
-                f"serial={self.svid.leaf.serial_number:x}, generation={self.generation})")
+                f"serial={self.svid.serial}, generation={self.generation})")
 
 
 class WorkloadRegistry:
