@@ -163,5 +163,5 @@ def test_the_first_leaf_of_a_signer_must_carry_the_facts_given_for_it(
 def test_the_leaf_is_parsed_on_demand_and_shared_with_the_chain(authority: Authority) -> None:
     svid = authority.issue_svid(WORKLOAD, generate_private_key().public_key())
     assert svid.leaf is svid.leaf is svid.chain[0]
-    assert svid.chain[1:] == authority.issuer.signing_context().tail
-    assert svid.roots == authority.issuer.signing_context().roots
+    assert svid.chain[1:] == authority.issuer.signing_context().chain.tail
+    assert svid.roots == authority.issuer.signing_context().chain.roots

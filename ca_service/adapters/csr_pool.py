@@ -29,14 +29,12 @@ from ca_service.services.issuer import IssuedSvid
 def _sign_public_keys(key_id: str, items: list[tuple[str, bytes, dt.datetime, dt.datetime]]) -> list[tuple[bytes, int]]:
     """In a pool worker: one leaf (DER) and its serial per ``(SPIFFE ID, public key DER as OpenSSL writes it,
     notBefore, notAfter)``."""
-    held = signing_worker._worker_signer
-    if held is None or held[0] != key_id:
-        raise signing_worker.StaleSignerError(f"worker holds signer {held and held[0]}, asked for {key_id}")
+    profile = signing_worker.held_signer(key_id)
     out = []
     for raw_id, key_der, not_before, not_after in items:
         public_key = serialization.load_der_public_key(key_der)
         serial = x509.random_serial_number()
-        out.append((build_svid_der_for(public_key, SpiffeId.parse(raw_id), held[1], serial=serial,  # type: ignore[arg-type]
+        out.append((build_svid_der_for(public_key, SpiffeId.parse(raw_id), profile, serial=serial,  # type: ignore[arg-type]
                                        not_before=not_before, not_after=not_after, spki=key_der), serial))
     return out
 

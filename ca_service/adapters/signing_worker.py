@@ -52,6 +52,17 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def held_signer(key_id: str) -> IssuerProfile:
+    """In a worker: the signer it loaded, which must be ``key_id``.
+
+    Raises:
+        StaleSignerError: if the worker holds another intermediate (or none).
+    """
+    if _worker_signer is None or _worker_signer[0] != key_id:
+        raise StaleSignerError(f"worker holds signer {_worker_signer and _worker_signer[0]}, asked for {key_id}")
+    return _worker_signer[1]
+
+
 def init_worker(key_id: str, cert_pem: bytes, key_pem: bytes) -> None:
     global _worker_signer
     _exit_with_parent()
@@ -79,9 +90,7 @@ def sign_chunk(
     and the key comes as the PEM that SDS sends (parsing a key was 17 us, a leaf 2 us, of a parent's share
     that on two cores competes with the workers).
     """
-    if _worker_signer is None or _worker_signer[0] != key_id:
-        raise StaleSignerError(f"worker holds signer {_worker_signer and _worker_signer[0]}, asked for {key_id}")
-    profile = _worker_signer[1]
+    profile = held_signer(key_id)
     out = SignedChunk([], [], [], [])
     for raw in spiffe_ids:
         started = time.perf_counter()

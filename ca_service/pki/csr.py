@@ -97,15 +97,21 @@ def canonical_spki(csr: x509.CertificateSigningRequest) -> bytes | None:
     (version, subject, subjectPKInfo) by position, never searched for: a subject could hold the same bytes.
     """
     info = csr.tbs_certrequest_bytes
-    cursor, _ = element_at(info, 0)  # into CertificationRequestInfo
-    if info.startswith(_V1_EMPTY_SUBJECT, cursor):
-        cursor += len(_V1_EMPTY_SUBJECT)
-    else:
+    cursor = _past_empty_subject(info)
+    if cursor is None:
+        cursor, _ = element_at(info, 0)  # into CertificationRequestInfo
         for _ in range(2):  # past version and subject
             cursor = element_at(info, cursor)[1]
     spki = info[cursor:element_at(info, cursor)[1]]
     prefix = _EC_SPKI_PREFIXES.get(len(spki))
     return spki if prefix is not None and spki.startswith(prefix) else None
+
+
+def _past_empty_subject(info: bytes) -> int | None:
+    """Where the SubjectPublicKeyInfo starts in a CertificationRequestInfo (DER) of version 0 with an empty
+    subject, or None for any other layout (then the caller walks or parses it)."""
+    start = element_at(info, 0)[0]
+    return start + len(_V1_EMPTY_SUBJECT) if info.startswith(_V1_EMPTY_SUBJECT, start) else None
 
 
 def csr_key_type(key: object) -> CsrKeyType:
@@ -153,7 +159,7 @@ def check_csr(
         raise InvalidCSRError("signature", "CSR signature does not verify")
     for ext in csr.extensions:
         _check_extension(ext, entitled)
-    if info.startswith(_V1_EMPTY_SUBJECT, element_at(info, 0)[0]):
+    if _past_empty_subject(info) is not None:
         return public_key  # type: ignore[return-value]
     extra = [attr for attr in csr.subject if attr.oid not in _TOLERATED_SUBJECT_OIDS]
     if extra:
