@@ -33,7 +33,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from bench.common import START, Result, fresh_authority
 from bench.go_reference import GoReference, GoUnavailable
-from ca_service.pki.csr import DEFAULT_ALLOWED_KEY_TYPES, canonical_spki, check_csr, parse_csr
+from ca_service.pki.csr import DEFAULT_ALLOWED_KEY_TYPES, accept_csr, parse_csr
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import generate_private_key, key_id, private_key_to_pem
 from ca_service.pki.templates import CAKind, LeafEncoder
@@ -51,9 +51,8 @@ def ours_once(authority: Authority, spiffe_id: SpiffeId, now: dt.datetime) -> tu
 
 
 def ours_csr_once(authority: Authority, csr_pem: bytes, spiffe_id: SpiffeId, now: dt.datetime) -> bytes:
-    csr = parse_csr(csr_pem)
-    public_key = check_csr(csr, spiffe_id)
-    return authority.issuer.issue(spiffe_id, public_key, now=now, spki=canonical_spki(csr)).chain_pem()
+    public_key, spki = accept_csr(parse_csr(csr_pem), spiffe_id)
+    return authority.issuer.issue(spiffe_id, public_key, now=now, spki=spki).chain_pem()
 
 
 def make_csr_checked(authority: Authority, csr_pem: bytes, spiffe_id: SpiffeId,

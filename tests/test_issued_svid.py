@@ -7,12 +7,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ca_service.adapters.csr_pool import PoolCsrSigner
 from ca_service.adapters.signing_pool import SigningPool
@@ -20,7 +23,7 @@ from ca_service.config import Settings
 from ca_service.pki.csr import DEFAULT_ALLOWED_KEY_TYPES
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import KeyAlgorithm, generate_private_key
-from ca_service.pki.templates import CAKind, LeafEncoder
+from ca_service.pki.templates import CAKind, LeafEncoder, leaf_validity
 from ca_service.pki.verify import ChainVerificationError
 from ca_service.services import issuer as issuer_module
 from ca_service.services.authority import Authority
@@ -165,3 +168,33 @@ def test_the_leaf_is_parsed_on_demand_and_shared_with_the_chain(authority: Autho
     assert svid.leaf is svid.leaf is svid.chain[0]
     assert svid.chain[1:] == authority.issuer.signing_context().chain.tail
     assert svid.roots == authority.issuer.signing_context().chain.roots
+
+
+# ---------------------------------------------------------------- leaf_validity against its definition
+
+_ZONES = [dt.UTC, dt.timezone(dt.timedelta(hours=5, minutes=30)), dt.timezone(dt.timedelta(hours=-8))]
+
+
+@settings(max_examples=400, deadline=None)
+@given(now=st.datetimes(min_value=dt.datetime(1990, 1, 1), max_value=dt.datetime(2200, 1, 1)),
+       zone=st.sampled_from(_ZONES), bound_zone=st.sampled_from(_ZONES),
+       ttl=st.timedeltas(min_value=dt.timedelta(seconds=1), max_value=dt.timedelta(days=400)),
+       backdate=st.timedeltas(min_value=dt.timedelta(0), max_value=dt.timedelta(hours=2)),
+       whole=st.booleans(), start=st.timedeltas(min_value=dt.timedelta(0), max_value=dt.timedelta(days=30)),
+       end=st.timedeltas(min_value=dt.timedelta(0), max_value=dt.timedelta(days=30)))
+def test_leaf_validity_is_the_clamped_window_in_whole_utc_seconds(
+        now: dt.datetime, zone: dt.tzinfo, bound_zone: dt.tzinfo, ttl: dt.timedelta, backdate: dt.timedelta,
+        whole: bool, start: dt.timedelta, end: dt.timedelta) -> None:
+    # Whole-second durations take a shortcut (drop the fraction from now first); both must agree with
+    # the definition, for any zone of the clock and of the issuer's bounds, and bounds off whole seconds.
+    if whole:
+        ttl, backdate = dt.timedelta(seconds=int(ttl.total_seconds()) or 1), \
+            dt.timedelta(seconds=int(backdate.total_seconds()))
+    aware = now.replace(tzinfo=zone)
+    issuer = types.SimpleNamespace(not_before=(aware - start).astimezone(bound_zone),
+                                   not_after=(aware + end).astimezone(bound_zone))
+    got = leaf_validity(issuer, now=aware, ttl=ttl, backdate=backdate)  # type: ignore[arg-type]
+    want = tuple(t.astimezone(dt.UTC).replace(microsecond=0) for t in (
+        max(aware - backdate, issuer.not_before), min(aware + ttl, issuer.not_after)))
+    assert got == want
+    assert all(t.tzinfo is dt.UTC and t.microsecond == 0 for t in got)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import binascii
 import datetime as dt
-import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -27,7 +27,10 @@ def der_to_pem(der: bytes) -> bytes:
     For a leaf we just signed and so hold as DER: ``Certificate.public_bytes`` re-encodes the whole
     certificate first, which made up most of a chain's PEM (11 us of a ~75 us issuance).
     """
-    return ssl.DER_cert_to_PEM_cert(der).encode("ascii")
+    # As ssl.DER_cert_to_PEM_cert writes it, without its detour through str (~1 us of ~5).
+    text = binascii.b2a_base64(der, newline=False)
+    return b"".join((b"-----BEGIN CERTIFICATE-----\n", b"\n".join([text[i:i + 64] for i in range(0, len(text), 64)]),
+                     b"\n-----END CERTIFICATE-----\n"))
 
 
 def certs_to_pem(certs: Iterable[x509.Certificate]) -> bytes:

@@ -24,13 +24,13 @@ import datetime as dt
 import functools
 import hashlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from ca_service.pki.keys import PrivateKey, PublicKey
+from ca_service.pki.keys import PrivateKey, PublicKey, key_family
 
 # DER tags used below (X.690 8.x).
 _INTEGER, _BIT_STRING, _OCTET_STRING, _SEQUENCE = 0x02, 0x03, 0x04, 0x30
@@ -77,17 +77,18 @@ def _length(n: int) -> bytes:
     return bytes((0x80 | len(octets),)) + octets
 
 
-def _tlv(tag: int, content: bytes) -> bytes:
+def tlv(tag: int, content: bytes) -> bytes:
+    """One DER element: ``tag``, the definite length of ``content``, ``content``."""
     return bytes((tag,)) + _length(len(content)) + content
 
 
 def _extension(oid: bytes, critical: bool, value: bytes) -> bytes:
-    return _tlv(_SEQUENCE, oid + (_BOOLEAN_TRUE if critical else b"") + _tlv(_OCTET_STRING, value))
+    return tlv(_SEQUENCE, oid + (_BOOLEAN_TRUE if critical else b"") + tlv(_OCTET_STRING, value))
 
 
 def encode_serial(serial: int) -> bytes:
     """A positive INTEGER: minimal big-endian octets, a leading 0x00 when the top bit is set."""
-    return _tlv(_INTEGER, serial.to_bytes(serial.bit_length() // 8 + 1, "big"))
+    return tlv(_INTEGER, serial.to_bytes(serial.bit_length() // 8 + 1, "big"))
 
 
 def encode_time(when: dt.datetime) -> bytes:
@@ -96,8 +97,8 @@ def encode_time(when: dt.datetime) -> bytes:
     ``when`` is naive UTC (see :func:`_naive_utc`).
     """
     if when.year in _UTC_TIME_YEARS:
-        return _tlv(_UTC_TIME, when.strftime("%y%m%d%H%M%SZ").encode("ascii"))
-    return _tlv(_GENERALIZED_TIME, f"{when.year:04d}{when.strftime('%m%d%H%M%SZ')}".encode("ascii"))
+        return tlv(_UTC_TIME, when.strftime("%y%m%d%H%M%SZ").encode("ascii"))
+    return tlv(_GENERALIZED_TIME, f"{when.year:04d}{when.strftime('%m%d%H%M%SZ')}".encode("ascii"))
 
 
 class TemplateNotApplicable(ValueError):
@@ -115,6 +116,9 @@ class LeafTemplate:
     aki_extension: bytes
     key: PrivateKey
     digest: hashes.SHA256 | hashes.SHA384
+    # The ECDSA scheme for an EC signing key, None for RSA (PKCS#1 v1.5): decided once, as an isinstance
+    # against cryptography's key ABC costs ~0.7 us a leaf.
+    ecdsa: ec.ECDSA | None
 
     @classmethod
     def for_signer(
@@ -137,7 +141,7 @@ class LeafTemplate:
         heads = {is_rsa: b"".join(_extension(_oid_der(ext.oid), critical, ext.public_bytes()) for ext, critical in exts)
                  for is_rsa, exts in leaf_extensions.items()}
         return cls(algorithm, name.public_bytes(), heads, _extension(_OID_AKI, False, aki.public_bytes()),
-                   key, digest)
+                   key, digest, _ECDSA[digest.name] if kind == "ec" else None)
 
     def tbs(self, public_key: PublicKey, uri: str, *, serial: int, not_before: dt.datetime,
             not_after: dt.datetime, spki: bytes | None = None) -> bytes:
@@ -167,21 +171,21 @@ class LeafTemplate:
         extensions = (self.head_extensions[family == "rsa"]
                       + _SKI_PREFIX + ski
                       + self.aki_extension + _san_extension(uri))
-        return _tlv(_SEQUENCE, b"".join((
+        return tlv(_SEQUENCE, b"".join((
             _VERSION_V3, encode_serial(serial), self.signature_algorithm, self.issuer_name,
             validity, _EMPTY_SUBJECT, spki,
-            _tlv(0xA3, _tlv(_SEQUENCE, extensions)),
+            tlv(0xA3, tlv(_SEQUENCE, extensions)),
         )))
 
     def sign(self, tbs: bytes) -> bytes:
         """The Certificate DER of ``tbs`` signed with the signer's key (PKCS#1 v1.5 for RSA)."""
-        if isinstance(self.key, ec.EllipticCurvePrivateKey):
-            return self.assemble(tbs, self.key.sign(tbs, _ECDSA[self.digest.name]))
-        return self.assemble(tbs, self.key.sign(tbs, padding.PKCS1v15(), self.digest))
+        if self.ecdsa is not None:
+            return self.assemble(tbs, cast(ec.EllipticCurvePrivateKey, self.key).sign(tbs, self.ecdsa))
+        return self.assemble(tbs, cast(rsa.RSAPrivateKey, self.key).sign(tbs, padding.PKCS1v15(), self.digest))
 
     def assemble(self, tbs: bytes, signature: bytes) -> bytes:
         """The Certificate DER: ``tbs``, the algorithm, and ``signature`` as a BIT STRING (no unused bits)."""
-        return _tlv(_SEQUENCE, tbs + self.signature_algorithm + _tlv(_BIT_STRING, b"\x00" + signature))
+        return tlv(_SEQUENCE, tbs + self.signature_algorithm + tlv(_BIT_STRING, b"\x00" + signature))
 
     def build(self, public_key: PublicKey, uri: str, *, serial: int, not_before: dt.datetime,
               not_after: dt.datetime, spki: bytes | None = None) -> bytes:
@@ -195,21 +199,12 @@ class LeafTemplate:
 @functools.lru_cache(maxsize=4096)
 def _san_extension(uri: str) -> bytes:
     """The critical subjectAltName extension holding the one URI (ASCII, checked by the caller)."""
-    return _extension(_OID_SAN, True, _tlv(_SEQUENCE, _tlv(_URI, uri.encode("ascii"))))
+    return uri_san_extension(uri, critical=True)
 
 
-KeyFamily = Literal["ec", "rsa"]
-_FAMILIES: dict[type, KeyFamily | None] = {}
-
-
-def key_family(public_key: object) -> KeyFamily | None:
-    """``"ec"``, ``"rsa"`` or None: isinstance against cryptography's ABCs costs ~0.7 us a check, and
-    issuance asked it five times a leaf; the answer per concrete key class is kept."""
-    cls = type(public_key)
-    if cls not in _FAMILIES:
-        _FAMILIES[cls] = "ec" if issubclass(cls, ec.EllipticCurvePublicKey) else \
-            "rsa" if issubclass(cls, rsa.RSAPublicKey) else None
-    return _FAMILIES[cls]
+def uri_san_extension(uri: str, *, critical: bool) -> bytes:
+    """The subjectAltName Extension DER holding exactly the one URI ``uri`` (ASCII, checked by the caller)."""
+    return _extension(_OID_SAN, critical, tlv(_SEQUENCE, tlv(_URI, uri.encode("ascii"))))
 
 
 # A storm signs every leaf with the same ``now`` and so the same validity; a few entries cover the
@@ -224,7 +219,7 @@ def encode_validity(not_before: dt.datetime, not_after: dt.datetime) -> bytes:
     start, end = _naive_utc(not_before), _naive_utc(not_after)
     if start.year < _UTC_TIME_YEARS.start or start > end:
         raise TemplateNotApplicable("validity before 1950 or inverted")
-    return _tlv(_SEQUENCE, encode_time(start) + encode_time(end))
+    return tlv(_SEQUENCE, encode_time(start) + encode_time(end))
 
 
 def subject_public_key_bits(spki: bytes) -> bytes:
@@ -276,4 +271,4 @@ def _oid_der(oid: x509.ObjectIdentifier) -> bytes:
             chunk.append(0x80 | (arc & 0x7F))
             arc >>= 7
         content += bytes(reversed(chunk))
-    return _tlv(0x06, bytes(content))
+    return tlv(0x06, bytes(content))

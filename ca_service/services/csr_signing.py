@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ca_service.pki.bundle import TrustBundle
-from ca_service.pki.csr import CsrKeyType, canonical_spki, check_csr, parse_csr
+from ca_service.pki.csr import CsrKeyType, accept_csr, parse_csr
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import KeyAlgorithm, PublicKey
 from ca_service.pki.verify import IssuedChainVerifier
@@ -61,8 +61,7 @@ class CsrIssuance:
 
     def check(self, order: CsrOrder) -> tuple[PublicKey, bytes | None]:
         """The CSR's checked public key, and its SubjectPublicKeyInfo DER if the leaf can reuse it."""
-        csr = parse_csr(order.csr_pem)
-        return check_csr(csr, order.entitled, order.allowed_key_types), canonical_spki(csr)
+        return accept_csr(parse_csr(order.csr_pem), order.entitled, order.allowed_key_types)
 
     def finish(self, order: CsrOrder, svid: IssuedSvid) -> CsrResult:
         # The bundle is read after signing and the leaf checked against exactly it: a root rotation

@@ -12,7 +12,7 @@ from cryptography.x509.oid import NameOID
 
 from ca_service.pki.csr import canonical_spki
 from ca_service.pki.keys import KeyAlgorithm, PrivateKey, generate_private_key, public_key_der
-from ca_service.pki.leaf_der import _tlv
+from ca_service.pki.leaf_der import tlv
 
 from .conftest import WORKLOAD
 from .test_leaf_der import NOT_AFTER, NOT_BEFORE, SERIAL, profile
@@ -47,11 +47,11 @@ def test_an_rsa_csr_is_left_to_openssl() -> None:
 def _csr_with_point(key: ec.EllipticCurvePrivateKey, point: bytes) -> x509.CertificateSigningRequest:
     """A CSR whose SubjectPublicKeyInfo carries ``point`` as given, signed by ``key``."""
     algorithm = bytes.fromhex("301306072a8648ce3d020106082a8648ce3d030107")
-    spki = _tlv(0x30, algorithm + _tlv(0x03, b"\x00" + point))
-    info = _tlv(0x30, bytes.fromhex("020100") + bytes.fromhex("3000") + spki + bytes.fromhex("a000"))
+    spki = tlv(0x30, algorithm + tlv(0x03, b"\x00" + point))
+    info = tlv(0x30, bytes.fromhex("020100") + bytes.fromhex("3000") + spki + bytes.fromhex("a000"))
     signature = key.sign(info, ec.ECDSA(hashes.SHA256()))
     return x509.load_der_x509_csr(
-        _tlv(0x30, info + bytes.fromhex("300a06082a8648ce3d040302") + _tlv(0x03, b"\x00" + signature)))
+        tlv(0x30, info + bytes.fromhex("300a06082a8648ce3d040302") + tlv(0x03, b"\x00" + signature)))
 
 
 def test_a_hybrid_point_of_the_canonical_length_is_not_reused() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 
 import pytest
@@ -108,6 +109,21 @@ def test_parse_csr_round_trips_pem_and_rejects_garbage() -> None:
     assert parse_csr(pem.decode()) == csr
     with pytest.raises(InvalidRequestError, match="not a valid PEM"):
         parse_csr(b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n")
+
+
+@pytest.mark.parametrize("plain", [True, False], ids=["plain-pem", "pem-parser"])
+def test_a_csr_of_another_version_is_refused_as_a_bad_csr(plain: bool) -> None:
+    # cryptography raises InvalidVersion, which is no ValueError, for a version other than v1 (0).
+    der = bytearray(_csr().public_bytes(serialization.Encoding.DER))
+    at = der.index(bytes.fromhex("020100"))  # the first INTEGER: CertificationRequestInfo.version
+    der[at + 2] = 1
+    body = base64.encodebytes(bytes(der)).replace(b"\n", b"")
+    lines = [body[i:i + 64] for i in range(0, len(body), 64)]
+    data = b"\n".join([b"-----BEGIN CERTIFICATE REQUEST-----", *lines, b"-----END CERTIFICATE REQUEST-----", b""])
+    if not plain:
+        data = data.replace(b"\n", b"\r\n")  # not the plain form: cryptography's PEM parser reads it
+    with pytest.raises(InvalidRequestError, match="not a valid PEM"):
+        parse_csr(data)
 
 
 # ---------------------------------------------------------------- chain verification

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ca_service.pki import verify as verify_module
 from ca_service.pki.identity import SpiffeId
 from ca_service.pki.keys import KeyAlgorithm, PrivateKey, generate_private_key
-from ca_service.pki.leaf_der import _tlv
+from ca_service.pki.leaf_der import tlv
 from ca_service.pki.templates import IssuerProfile, build_svid
 from ca_service.pki.verify import ChainVerificationError, IssuedChainVerifier, verify_svid
 
@@ -72,7 +72,7 @@ def _algorithms_disagree(h: Hierarchy) -> x509.Certificate:
                        not_before=NOW - dt.timedelta(minutes=5), not_after=NOW + dt.timedelta(hours=1))
     signature = h.signing_key.sign(tbs, ec.ECDSA(hashes.SHA384()))  # type: ignore[call-arg, arg-type]
     ecdsa_with_sha384 = bytes.fromhex("300a06082a8648ce3d040303")
-    return x509.load_der_x509_certificate(_tlv(0x30, tbs + ecdsa_with_sha384 + _tlv(0x03, b"\x00" + signature)))
+    return x509.load_der_x509_certificate(tlv(0x30, tbs + ecdsa_with_sha384 + tlv(0x03, b"\x00" + signature)))
 
 
 def _under_same_name(h: Hierarchy) -> x509.Certificate:
