@@ -83,7 +83,7 @@ def _plain_pem_der(data: bytes) -> bytes | None:
 
     Its PEM parser searches the input with a pattern and was 40k of a CSR issuance's ~1.5M instructions
     (callgrind); ``binascii`` decodes a block that needs no searching for a tenth of that.  Whatever this
-    accepts, that parser reads as the same DER (tests/pki/test_csr_pem.py).
+    accepts, that parser reads as the same DER (tests/pki/test_csr_fast_paths.py).
     """
     if not data.startswith(_PEM_BEGIN):
         return None
@@ -256,8 +256,8 @@ def _requests_only(info: bytes, attributes: int, uri: str) -> bool:
 @functools.lru_cache(maxsize=1024)
 def _only_san_request(uri: str) -> tuple[bytes, bytes]:
     """The attributes ([0] IMPLICIT SET OF Attribute) of a CSR that requests one subjectAltName extension
-    with the one URI ``uri``: marked critical (as istio-agent and cryptography's builder write it with an
-    empty subject), then not."""
+    with the one URI ``uri``: marked critical (istio-agent's ``BuildSANExtension`` marks it so, its subject
+    being empty), then not."""
     return tuple(  # type: ignore[return-value]
         tlv(0xA0, tlv(_SEQUENCE, _OID_EXTENSION_REQUEST + tlv(_SET, tlv(_SEQUENCE, uri_san_extension(
             uri, critical=critical))))) for critical in (True, False))
