@@ -211,9 +211,10 @@ def leaf_validity(issuer: IssuerProfile, *, now: dt.datetime, ttl: dt.timedelta,
     back out of the DER, and a signing storm computes them once for every leaf of the batch.
     """
     _require_aware(now)
-    # DER times have whole seconds; both encoders drop the fraction, as this does.  With whole-second
-    # durations, dropping it from ``now`` first gives the same times for half the datetime objects (the
-    # CSR path's 1%); the issuer's bounds are a certificate's, so whole seconds too (_whole checks).
+    # DER times have whole seconds; both encoders drop the fraction, as this does.  Dropping it is a floor,
+    # which commutes with max/min and with adding whole seconds: with whole-second durations, flooring
+    # ``now`` first gives the same times for half the datetime objects (the CSR path's 1%).  _whole floors
+    # the issuer's bounds too, should one carry a fraction.
     if ttl.microseconds or backdate.microseconds:
         return (_whole(max(now - backdate, issuer.not_before)), _whole(min(now + ttl, issuer.not_after)))
     base = _whole(now)

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from ca_service.errors import InvalidRequestError
+from ca_service.pki import csr as csr_module
 from ca_service.pki.csr import CSRRejectedError, check_csr, parse_csr
 from ca_service.pki.keys import KeyAlgorithm, generate_private_key, same_public_key
 from ca_service.pki.verify import ChainVerificationError, verify_ca_chain, verify_svid
@@ -122,6 +123,7 @@ def test_a_csr_of_another_version_is_refused_as_a_bad_csr(plain: bool) -> None:
     data = b"\n".join([b"-----BEGIN CERTIFICATE REQUEST-----", *lines, b"-----END CERTIFICATE REQUEST-----", b""])
     if not plain:
         data = data.replace(b"\n", b"\r\n")  # not the plain form: cryptography's PEM parser reads it
+    assert (csr_module._plain_pem_der(data) is not None) is plain
     with pytest.raises(InvalidRequestError, match="not a valid PEM"):
         parse_csr(data)
 

@@ -175,6 +175,6 @@ def test_what_the_builder_refuses_the_template_hands_back_and_the_builder_refuse
 
 def test_der_to_pem_breaks_lines_as_the_ssl_module_does_at_every_length() -> None:
     # 48 bytes make one full 64-character line: every remainder, and exact multiples, are covered.
+    der = bytes(range(256)) * 2
     for size in range(1, 300):
-        der = bytes(range(256)) * 2
         assert der_to_pem(der[:size]) == ssl.DER_cert_to_PEM_cert(der[:size]).encode("ascii"), size
