@@ -147,21 +147,13 @@ def _canonical(info: bytes, start: int, end: int) -> bytes | None:
 
 def _spki_bounds(info: bytes) -> tuple[int, int, bool]:
     """Where the SubjectPublicKeyInfo starts and ends in a CertificationRequestInfo (DER), and whether
-    that begins with version 0 and an empty subject (matched as bytes)."""
-    start = _past_empty_subject(info)
-    if start is not None:
-        return start, element_at(info, start)[1], True
-    start, _ = element_at(info, 0)  # into CertificationRequestInfo
-    for _ in range(2):  # past version and subject
-        start = element_at(info, start)[1]
-    return start, element_at(info, start)[1], False
-
-
-def _past_empty_subject(info: bytes) -> int | None:
-    """Where the SubjectPublicKeyInfo starts in a CertificationRequestInfo (DER) of version 0 with an empty
-    subject, or None for any other layout (then the caller walks or parses it)."""
-    start = element_at(info, 0)[0]
-    return start + len(_V1_EMPTY_SUBJECT) if info.startswith(_V1_EMPTY_SUBJECT, start) else None
+    that begins with version 0 and an empty subject.  That layout (nearly every workload's CSR, istio-agent's
+    included) is matched as bytes; any other is walked past the version and the subject."""
+    content = element_at(info, 0)[0]
+    empty_subject = info.startswith(_V1_EMPTY_SUBJECT, content)
+    # Else past the version, then past the subject.
+    start = content + len(_V1_EMPTY_SUBJECT) if empty_subject else element_at(info, element_at(info, content)[1])[1]
+    return start, element_at(info, start)[1], empty_subject
 
 
 def csr_key_type(key: object) -> CsrKeyType:

@@ -215,9 +215,7 @@ def leaf_validity(issuer: IssuerProfile, *, now: dt.datetime, ttl: dt.timedelta,
     # which commutes with max/min and with adding whole seconds: with whole-second durations, flooring
     # ``now`` first gives the same times for half the datetime objects (the CSR path's 1%).  _whole floors
     # the issuer's bounds too, should one carry a fraction.
-    if ttl.microseconds or backdate.microseconds:
-        return (_whole(max(now - backdate, issuer.not_before)), _whole(min(now + ttl, issuer.not_after)))
-    base = _whole(now)
+    base = now if ttl.microseconds or backdate.microseconds else _whole(now)
     return _whole(max(base - backdate, issuer.not_before)), _whole(min(base + ttl, issuer.not_after))
 
 
