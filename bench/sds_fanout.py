@@ -3,14 +3,16 @@
 Metrics per stream count N: server memory per stream (RSS delta of the server process over N open
 streams), time from a trust-bundle change to the last ACK on every ``ROOTCA`` stream, time from a
 forced re-issue of every node to the last ACK on every ``default`` stream, and server CPU per pushed
-stream.  The server is an :class:`SdsTarget`; until the daemon's SDS server (issue 3) is merged, the
-run uses ``sds_stub_server.StubTarget`` and every figure is labelled ``target: stub``.
+stream.  The server is an :class:`SdsTarget`: the daemon, or with ``--sds-target stub`` only the stub,
+every figure then labelled as the stub's.  At the top stream count the daemon and the stub run in
+paired rounds (:func:`_paired_rounds`).
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Protocol
@@ -118,32 +120,55 @@ def _measure_target(kind: str, streams: int) -> dict[str, float]:
         target.close()
 
 
+# The daemon's push against the stub's, at the top stream count: one push of each kind takes ~1 s, and this
+# machine moves either side's by up to half from one start to the next (the stub's forced re-issue of 5,000
+# nodes: 0.55-0.99 s over five starts in one sitting).  So each round starts a daemon and a stub one after the
+# other (the order alternating), a round's ratio is daemon over stub, and a ratio is the median of the rounds'.
+PAIRED_ROUNDS = 3
+_RATIOS = ("bundle_push_last_ack_s", "reissue_last_ack_s")
+
+
+def _paired_rounds(result: Result, top: int, rounds: int) -> None:
+    """The daemon and the stub (the same-run floor) at ``top`` streams, ``rounds`` times, then the daemon with
+    in-process signing once; the daemon's figures at ``top`` are the rounds' medians."""
+    daemon: list[dict[str, float]] = []
+    stub: list[dict[str, float]] = []
+    for round_ in range(rounds):
+        for kind in ("daemon", "stub") if round_ % 2 == 0 else ("stub", "daemon"):
+            (daemon if kind == "daemon" else stub).append(_measure_target(kind, top))
+    for name in daemon[0]:
+        result.metrics[f"{name}@{top}"] = statistics.median(m[name] for m in daemon)
+    result.metrics[f"rounds@{top}"] = float(rounds)
+    # Same-run floor: the stub holds next to nothing per stream, so what it costs is grpc.aio's own
+    # price of an open stream; the daemon's excess over it is the daemon's per-stream state.
+    for name in ("server_bytes_per_stream", *_RATIOS):
+        result.metrics[f"stub_{name}@{top}"] = statistics.median(m[name] for m in stub)
+    result.metrics[f"daemon_over_stub_bytes_per_stream@{top}"] = (
+        result.metrics[f"server_bytes_per_stream@{top}"] / result.metrics[f"stub_server_bytes_per_stream@{top}"])
+    for name in _RATIOS:
+        ratios = [d[name] / s[name] for d, s in zip(daemon, stub, strict=True)]
+        short = name.removesuffix("_last_ack_s")
+        result.metrics[f"{short}_over_stub@{top}"] = statistics.median(ratios)
+        result.metrics[f"{short}_over_stub_min@{top}"] = min(ratios)
+        result.metrics[f"{short}_over_stub_max@{top}"] = max(ratios)
+    # Same-run comparison for the signing pool: the same fleet re-issued with signing_workers 0.
+    in_process = _measure_target("daemon-in-process", top)
+    for name in ("reissue_last_ack_s", "server_cpu_us_per_reissue_push"):
+        result.metrics[f"in_process_{name}@{top}"] = in_process[name]
+    result.metrics[f"pool_over_in_process_reissue_s@{top}"] = (
+        result.metrics[f"reissue_last_ack_s@{top}"] / in_process["reissue_last_ack_s"])
+
+
 def run(quick: bool, stream_counts: tuple[int, ...] | None = None, target_kind: str = "stub") -> Result:
     counts = stream_counts or ((20,) if quick else (1_000, 5_000, 10_000))
+    top = max(counts)
     result = Result("sds_fanout")
     result.metrics["target_is_stub"] = 1.0 if target_kind == "stub" else 0.0
-    for streams in counts:
+    for streams in (c for c in counts if target_kind == "stub" or c != top):
         for name, value in _measure_target(target_kind, streams).items():
             result.metrics[f"{name}@{streams}"] = value
     if target_kind != "stub":
-        # Same-run floor: the stub holds next to nothing per stream, so what it costs is grpc.aio's own
-        # price of an open stream; the daemon's excess over it is the daemon's per-stream state.
-        top = max(counts)
-        stub = _measure_target("stub", top)
-        for name in ("server_bytes_per_stream", "bundle_push_last_ack_s", "reissue_last_ack_s"):
-            result.metrics[f"stub_{name}@{top}"] = stub[name]
-        result.metrics[f"daemon_over_stub_bytes_per_stream@{top}"] = (
-            result.metrics[f"server_bytes_per_stream@{top}"] / stub["server_bytes_per_stream"])
-        # Same-run comparison for the signing pool: the same fleet re-issued with signing_workers 0.
-        in_process = _measure_target("daemon-in-process", top)
-        for name in ("reissue_last_ack_s", "server_cpu_us_per_reissue_push"):
-            result.metrics[f"in_process_{name}@{top}"] = in_process[name]
-        result.metrics[f"pool_over_in_process_reissue_s@{top}"] = (
-            result.metrics[f"reissue_last_ack_s@{top}"] / in_process["reissue_last_ack_s"])
-        for name in ("bundle_push_last_ack_s", "reissue_last_ack_s"):
-            result.metrics[f"{name.removesuffix('_last_ack_s')}_over_stub@{top}"] = (
-                result.metrics[f"{name}@{top}"] / stub[name])
-    top = max(counts)
+        _paired_rounds(result, top, 1 if quick else PAIRED_ROUNDS)
     result.target(f"{top} streams: <= 40 KB server memory per stream", f"server_bytes_per_stream@{top}", "<=",
                   40 * 1024)
     result.target(f"bundle push to {top} streams: last ACK <= 3 s", f"bundle_push_last_ack_s@{top}", "<=", 3.0)

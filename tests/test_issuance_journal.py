@@ -12,8 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
-from ca_service.adapters.issuance_journal import IssuanceJournal, read_file, write_file
+from ca_service.adapters.issuance_journal import IssuanceJournal, encode, read_file, write_file
 from ca_service.services.issuance_ledger import IssuanceLedger, IssuanceRecord
 
 T0 = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
@@ -154,3 +156,23 @@ def test_a_full_disk_loses_no_record_from_memory_and_the_journal_resumes_in_a_cl
     (fresh,) = tiny_fs.iterdir()
     records, skipped = read_file(fresh)
     assert [r.serial for r in records] == [f"{10_000:x}"] and skipped == 0
+
+
+_ANY_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=40)  # lone surrogates included
+_INSTANTS = st.datetimes(timezones=st.sampled_from([dt.UTC, dt.timezone(dt.timedelta(hours=-7, minutes=-30))]))
+
+
+@given(serial=_ANY_TEXT, spiffe_id=_ANY_TEXT, caller=_ANY_TEXT, method=_ANY_TEXT, path=_ANY_TEXT, issuer=_ANY_TEXT,
+       not_after=_INSTANTS, issued_at=_INSTANTS)
+@example(serial="1", spiffe_id="spiffe://td/\u2028", caller='a"b\\c\nd\x00\ud800', method="sds", path="sds",
+         issuer="k", not_after=T0, issued_at=T0)
+def test_a_journal_line_is_what_json_dumps_writes_and_reads_back_as_the_record(
+        serial: str, spiffe_id: str, caller: str, method: str, path: str, issuer: str, not_after: dt.datetime,
+        issued_at: dt.datetime) -> None:
+    """The line is filled in by hand for speed: it must stay json.dumps's own line, one line, read back whole."""
+    entry = IssuanceRecord(serial=serial, spiffe_id=spiffe_id, caller=caller, method=method, path=path,
+                           not_after=not_after, issuer=issuer, issued_at=issued_at)
+    line = encode(entry)
+    assert line == json.dumps(entry.to_json(), separators=(",", ":")).encode() + b"\n"
+    assert line.count(b"\n") == 1 and line.isascii()
+    assert IssuanceRecord.from_json(json.loads(line)) == entry

