@@ -244,8 +244,12 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
     if pool is not None:
         app.components.append(pool)  # stops after the scheduler, so no renewal runs on a closed pool
     # Full garbage collections on a schedule, in a quiet moment, never in the middle of a push storm.
-    app.components.append(CollectorSchedule(app.clock, lambda: sds.hub.acks.pushes,
-                                            observe=app.telemetry.gc_full_pass_seconds.observe))
+    collector = CollectorSchedule(app.clock, lambda: sds.hub.acks.pushes,
+                                  observe=app.telemetry.gc_full_pass_seconds.observe)
+    # Push waves: each chunk of a re-issue storm, each trust bundle change (to every ROOTCA stream).
+    app.registry.on_wave = collector.wave_started
+    app.trust.subscribe(lambda _changed: collector.wave_started())
+    app.components.append(collector)
     app.components.append(RotationScheduler(app.reconciler, settings.rotation, app.telemetry))
     endpoint = next((c for c in federation if isinstance(c, BundleEndpoint)), None)
     register_reactions(app.reactions, trust=app.trust, cacerts=cacerts, sideport=sideport, endpoint=endpoint,

@@ -74,6 +74,25 @@ async def test_reissue_many_gives_every_workload_a_new_certificate_and_tells_lis
     assert public_key_der(after[0].key.public_key()) == public_key_der(after[0].svid.leaf.public_key())
 
 
+@pytest.mark.parametrize("use_pool", [False, True], ids=["in process", "on the pool in chunks of two"])
+async def test_each_chunk_of_a_storm_starts_a_wave_before_its_certificates_are_installed(
+    authority: Authority, clock: FakeClock, use_pool: bool
+) -> None:
+    """The daemon's collector schedule freezes the heap on each wave (adapters/collector.py)."""
+    registry = WorkloadRegistry(authority, RotationSettings(), clock)
+    before = [registry.get_or_issue(f"node-{i}", spiffe_id) for i, spiffe_id in enumerate(IDS)]
+    events: list[str] = []
+    registry.on_wave = lambda: events.append("wave")
+    registry.subscribe(lambda cert: events.append(cert.node_id))
+    small = SigningPool(authority.issuer, workers=1, chunk=2)
+    try:
+        await registry.reissue_many([c.workload_key for c in before], reason="test", signer=small if use_pool else None)
+    finally:
+        small.close()
+    chunks = [["node-0", "node-1"], ["node-2", "node-3"], ["node-4"]] if use_pool else [[f"node-{i}" for i in range(5)]]
+    assert events == [e for chunk in chunks for e in ("wave", *chunk)]
+
+
 async def test_pool_workers_run_below_the_daemons_cpu_priority(authority: Authority, pool: SigningPool) -> None:
     """A storm's workers yield the CPU to the event loop that installs and pushes what they sign."""
     from ca_service.adapters.signing_worker import WORKER_NICENESS

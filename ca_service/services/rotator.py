@@ -64,6 +64,8 @@ class Workloads(Protocol):
 
     def reschedule(self, cert: WorkloadCert, at: dt.datetime, *, forced: bool | None = None) -> None: ...
 
+    def wave(self) -> None: ...  # a storm of re-issues and pushes begins
+
 
 @dataclass(frozen=True)
 class RotatorPorts:
@@ -135,6 +137,7 @@ class RotationService:
         window = ports.reissue_window
 
         def spread() -> None:
+            ports.workloads.wave()
             for cert, at in zip(selected, planner.spread_times(len(selected), now, window), strict=True):
                 ports.workloads.reschedule(cert, at, forced=True)
 

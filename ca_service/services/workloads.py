@@ -128,6 +128,7 @@ class WorkloadRegistry:
         self._tokens: dict[WorkloadKey, int] = {}
         self._next_token = 0
         self._listeners: list[WorkloadListener] = []
+        self.on_wave: Callable[[], None] | None = None  # told by wave(); the daemon's collector schedule
         # Workloads whose pending renewal an operator forced (spread over a window): the renewal is
         # then counted and logged as forced, not scheduled.  Cleared by the next certificate.
         self._forced: set[WorkloadKey] = set()
@@ -155,6 +156,14 @@ class WorkloadRegistry:
     def subscribe(self, listener: WorkloadListener) -> Callable[[], None]:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
+
+    def wave(self) -> None:
+        """A storm is under way: a forced re-issue is being spread, a chunk of :meth:`reissue_many` installed."""
+        if self.on_wave is not None:
+            try:
+                self.on_wave()
+            except Exception:  # the storm goes on: only the collector schedule listens
+                log.exception("wave listener failed")
 
     def current(self, node_id: str, spiffe_id: SpiffeId) -> WorkloadCert | None:
         """The node's SVID for ``spiffe_id`` if it is valid now.
@@ -210,9 +219,7 @@ class WorkloadRegistry:
 
     def reissue(self, node_id: str, spiffe_id: SpiffeId, *, reason: str) -> WorkloadCert:
         """A new key and certificate for a known workload, pushed to listeners."""
-        current = self._certs.get((node_id, spiffe_id))
-        generation = current.generation + 1 if current else 1
-        cert = self._issue(node_id, spiffe_id, self._clock.now(), generation=generation)
+        cert = self._issue(node_id, spiffe_id, self._clock.now(), generation=self._next_generation(node_id, spiffe_id))
         log.info("workload certificate re-issued",
                  extra={"spiffe_id": str(spiffe_id), "node": node_id, "reason": reason, "serial": cert.serial})
         return cert
@@ -223,10 +230,8 @@ class WorkloadRegistry:
 
         With ``signer`` (a signing pool) the keys are made and signed on every core while the event loop
         stays free; without it they are signed here, one after the other.  A workload forgotten while the
-        pool signed (its node disconnected) is not brought back: its new certificate is dropped.
-
-        Each chunk the pool signs is installed (and pushed) as soon as it is back, while the workers sign
-        the rest: a storm's first pushes do not wait for its last signature.
+        pool signed (its node disconnected) is not brought back: its new certificate is dropped.  Each chunk
+        the pool signs is installed (and pushed) as soon as it is back, while the workers sign the rest.
 
         Returns the new certificates in the order of ``keys`` (forgotten workloads left out); ``installed``,
         if given, receives each as it is installed, so a caller still knows them when this raises.
@@ -237,10 +242,12 @@ class WorkloadRegistry:
         """
         now = self._clock.now()
         if signer is None:
+            self.wave()
             return [self.reissue(node_id, spiffe_id, reason=reason) for node_id, spiffe_id in keys]
         placed: list[WorkloadCert | None] = [None] * len(keys)
 
         def install(start: int, chunk: Sequence[SignedSvid]) -> None:
+            self.wave()
             for index, (key_pem, svid, seconds) in enumerate(chunk, start):
                 node_id, spiffe_id = keys[index]
                 self._count(seconds)  # signed, whether or not it is installed
@@ -389,3 +396,4 @@ class WorkloadRegistry:
     def is_forced(self, cert: WorkloadCert) -> bool:
         """Whether ``cert``'s pending renewal was forced by an operator (see :meth:`reschedule`)."""
         return cert.workload_key in self._forced
+

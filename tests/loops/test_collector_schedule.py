@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -87,3 +88,42 @@ async def test_two_schedules_in_one_process_restore_the_collector_once_both_stop
     assert gc.get_threshold() != threshold  # the second daemon still runs
     await second.stop()
     assert gc.get_threshold() == threshold and gc.get_freeze_count() == 0
+
+
+class _Cycle:
+    """A garbage cycle the collector alone can free (a weak reference says when it has)."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def _garbage_cycle() -> weakref.ref[_Cycle]:
+    return weakref.ref(_Cycle())
+
+
+async def test_a_wave_freezes_what_exists_and_the_next_full_pass_still_frees_its_garbage(clock: FakeClock) -> None:
+    """What a push wave finds is kept out of the wave's young collections, never out of the scheduled full pass."""
+    schedule = CollectorSchedule(clock, lambda: 0)
+    cycle = _garbage_cycle()
+    schedule.wave_started()  # not running: CPython's collector is left alone
+    gc.collect(0)
+    assert cycle() is None
+    await schedule.start()
+    try:
+        await clock.settle()
+        cycle = _garbage_cycle()
+        frozen = gc.get_freeze_count()
+        schedule.wave_started()
+        assert gc.get_freeze_count() > frozen
+        gc.collect(1)  # a young collection does not see it any more
+        assert cycle() is not None
+        clock.advance(INTERVAL)
+        await clock.settle()
+        clock.advance(QUIET)
+        await clock.settle()
+        assert schedule.collections == 1
+        assert cycle() is None  # the full pass unfroze, freed it, and froze the survivors again
+        assert gc.get_freeze_count() > 0
+    finally:
+        await schedule.stop()
+    assert gc.get_freeze_count() == 0
