@@ -104,10 +104,10 @@ def measure(target: SdsTarget, streams: int, processes: int) -> dict[str, float]
 
 
 def _start(kind: str) -> SdsTarget:
-    if kind == "stub":
+    if kind in ("stub", "plain-stub"):
         from bench.sds_stub_server import StubTarget
 
-        return StubTarget()
+        return StubTarget(disciplined=kind == "stub")
     # "daemon-in-process": the daemon with ca.signing_workers 0, every re-issue signed on its event loop.
     return start_daemon_target(signing_workers=0 if kind == "daemon-in-process" else None)
 
@@ -122,35 +122,38 @@ def _measure_target(kind: str, streams: int) -> dict[str, float]:
 
 # The daemon's push against the stub's, at the top stream count: one push of each kind takes ~1 s, and this
 # machine moves either side's by up to half from one start to the next (the stub's forced re-issue of 5,000
-# nodes: 0.55-0.99 s over five starts in one sitting).  So each round starts a daemon and a stub one after the
-# other (the order alternating), a round's ratio is daemon over stub, and a ratio is the median of the rounds'.
+# nodes: 0.55-0.99 s over five starts in one sitting).  So each round starts a daemon and the stubs one after
+# the other (the order alternating), a round's ratio is daemon over stub, and a ratio is the median of the
+# rounds'.  The floor ("stub") runs with the daemon's collector discipline; the plain stub of the runs before
+# 2026-11-29 10:00 ("plain_stub") paid a full GC pass in some pushes (0.36-0.42 s), which favoured the daemon.
 PAIRED_ROUNDS = 3
 _RATIOS = ("bundle_push_last_ack_s", "reissue_last_ack_s")
 
 
 def _paired_rounds(result: Result, top: int, rounds: int) -> None:
-    """The daemon and the stub (the same-run floor) at ``top`` streams, ``rounds`` times, then the daemon with
+    """The daemon and the stubs (the same-run floor) at ``top`` streams, ``rounds`` times, then the daemon with
     in-process signing once; the daemon's figures at ``top`` are the rounds' medians."""
-    daemon: list[dict[str, float]] = []
-    stub: list[dict[str, float]] = []
+    runs: dict[str, list[dict[str, float]]] = {"daemon": [], "stub": [], "plain-stub": []}
     for round_ in range(rounds):
-        for kind in ("daemon", "stub") if round_ % 2 == 0 else ("stub", "daemon"):
-            (daemon if kind == "daemon" else stub).append(_measure_target(kind, top))
+        for kind in ("daemon", "stub", "plain-stub") if round_ % 2 == 0 else ("plain-stub", "stub", "daemon"):
+            runs[kind].append(_measure_target(kind, top))
+    daemon = runs["daemon"]
     for name in daemon[0]:
         result.metrics[f"{name}@{top}"] = statistics.median(m[name] for m in daemon)
     result.metrics[f"rounds@{top}"] = float(rounds)
-    # Same-run floor: the stub holds next to nothing per stream, so what it costs is grpc.aio's own
-    # price of an open stream; the daemon's excess over it is the daemon's per-stream state.
-    for name in ("server_bytes_per_stream", *_RATIOS):
-        result.metrics[f"stub_{name}@{top}"] = statistics.median(m[name] for m in stub)
+    for kind, prefix in (("stub", "stub"), ("plain-stub", "plain_stub")):
+        # Same-run floor: the stub holds next to nothing per stream, so what it costs is grpc.aio's own
+        # price of an open stream; the daemon's excess over it is the daemon's per-stream state.
+        for name in ("server_bytes_per_stream", *_RATIOS):
+            result.metrics[f"{prefix}_{name}@{top}"] = statistics.median(m[name] for m in runs[kind])
+        for name in _RATIOS:
+            ratios = [d[name] / s[name] for d, s in zip(daemon, runs[kind], strict=True)]
+            short = f"{name.removesuffix('_last_ack_s')}_over_{prefix}"
+            result.metrics[f"{short}@{top}"] = statistics.median(ratios)
+            result.metrics[f"{short}_min@{top}"] = min(ratios)
+            result.metrics[f"{short}_max@{top}"] = max(ratios)
     result.metrics[f"daemon_over_stub_bytes_per_stream@{top}"] = (
         result.metrics[f"server_bytes_per_stream@{top}"] / result.metrics[f"stub_server_bytes_per_stream@{top}"])
-    for name in _RATIOS:
-        ratios = [d[name] / s[name] for d, s in zip(daemon, stub, strict=True)]
-        short = name.removesuffix("_last_ack_s")
-        result.metrics[f"{short}_over_stub@{top}"] = statistics.median(ratios)
-        result.metrics[f"{short}_over_stub_min@{top}"] = min(ratios)
-        result.metrics[f"{short}_over_stub_max@{top}"] = max(ratios)
     # Same-run comparison for the signing pool: the same fleet re-issued with signing_workers 0.
     in_process = _measure_target("daemon-in-process", top)
     for name in ("reissue_last_ack_s", "server_cpu_us_per_reissue_push"):
