@@ -14,6 +14,7 @@ which change keys a name depends on and which names a wildcard means.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Iterable, Mapping
@@ -218,7 +219,7 @@ class SotwSession(_Session):
             return SessionStep(ack=ack)
         for r in resolved:
             self._sent[r.name] = r.version
-        version = _digest(sorted(self._sent.items()))
+        version = _digest(tuple(sorted(self._sent.items())))
         pushed = self._new_push(resolved)
         return SessionStep([discovery_pb2.DiscoveryResponse(
             version_info=version, resources=[r.packed() for r in resolved], type_url=SECRET_TYPE_URL,
@@ -272,11 +273,13 @@ class DeltaSession(_Session):
         resources = [discovery_pb2.Resource(name=r.name, version=r.version, resource=r.packed()) for r in changed]
         pushed = self._new_push(changed)
         return SessionStep([discovery_pb2.DeltaDiscoveryResponse(
-            system_version_info=_digest(sorted(self._known.items())), resources=resources,
+            system_version_info=_digest(tuple(sorted(self._known.items()))), resources=resources,
             type_url=SECRET_TYPE_URL, removed_resources=removed, nonce=pushed.nonce)], pushed, ack)
 
 
-def _digest(items: Iterable[tuple[str, str]]) -> str:
+# A bundle push gives every stream with the same names the same set of versions: each digest is made once.
+@functools.lru_cache(maxsize=1024)
+def _digest(items: tuple[tuple[str, str], ...]) -> str:
     digest = hashlib.sha256()
     for name, version in items:
         digest.update(f"{name}={version}\n".encode())

@@ -81,7 +81,9 @@ def check_config(raw: bytes) -> None:
     assert settings.logging.level.lower() in _LEVELS
     for section in (settings.ca, settings.rotation):
         for name, value in _durations(section):
-            assert value > dt.timedelta(0) or name == "backdate", f"{name} accepted as {value}"
+            # Zero means something for these (config_checks): no backdate, re-issue at once, the ACK gate alone.
+            at_least = dt.timedelta(0) if name in ("backdate", "reissue_window", "root_min_propagation") else None
+            assert value >= at_least if at_least is not None else value > dt.timedelta(0), f"{name} accepted as {value}"
     assert settings.bundle_endpoint.refresh_hint > dt.timedelta(0)
     assert settings.ca.workload_ttl < settings.ca.intermediate_ttl < settings.ca.root_ttl
 
