@@ -10,6 +10,7 @@ import pytest
 from cryptography import x509
 
 from ca_service.adapters.signing_pool import SigningPool
+from ca_service.adapters.signing_worker import WORKER_NICENESS
 from ca_service.config import RotationSettings
 from ca_service.pki.certs import certs_to_pem, spiffe_id_of
 from ca_service.pki.identity import SpiffeId
@@ -18,6 +19,8 @@ from ca_service.pki.verify import verify_svid
 from ca_service.services.authority import Authority
 from ca_service.services.workloads import WorkloadCert, WorkloadRegistry
 from tests.clock import FakeClock
+from tests.processes import children_of, is_spawned_worker
+from tests.waiting import wait_for
 
 IDS = [SpiffeId.parse(f"spiffe://cluster.local/ns/pool/sa/sa-{i}") for i in range(5)]
 
@@ -95,12 +98,10 @@ async def test_each_chunk_of_a_storm_starts_a_wave_before_its_certificates_are_i
 
 async def test_pool_workers_run_below_the_daemons_cpu_priority(authority: Authority, pool: SigningPool) -> None:
     """A storm's workers yield the CPU to the event loop that installs and pushes what they sign."""
-    from ca_service.adapters.signing_worker import WORKER_NICENESS
-    from tests.processes import children_of, is_spawned_worker
-    from tests.waiting import wait_for
-
     ours = os.getpriority(os.PRIO_PROCESS, 0)
-    niced = min(19, ours + WORKER_NICENESS)
+    if ours + WORKER_NICENESS > 19:
+        pytest.skip(f"the tests run at nice {ours}: a worker cannot go {WORKER_NICENESS} lower")
+    niced = ours + WORKER_NICENESS
     pool.warm_up()
     workers = {pid for pid in children_of(os.getpid()) if is_spawned_worker(pid)}
     assert len(workers) == 2

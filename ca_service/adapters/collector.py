@@ -94,10 +94,11 @@ class CollectorSchedule:
     def wave_started(self) -> None:
         """A push to many streams begins: freeze what exists, so the wave's young collections skip it.
 
-        Cheap (CPython links the generations' lists onto the frozen one); nothing happens unless the
-        schedule is running, which is what unfreezes for its full passes.
+        Cheap on the CPython the daemon runs on (3.11, with the GIL: the generations' lists are linked onto
+        the frozen one; a free-threaded build walks the heap instead).  Nothing happens unless the schedule
+        is running, since only its full passes unfreeze again.
         """
-        if self._task is not None:
+        if self._task is not None and not self._task.done():
             gc.freeze()
 
     async def _run(self) -> None:

@@ -268,6 +268,8 @@ class Reconciler:
         return current is not None and current.generation == cert.generation
 
     def _renew_in_process(self, due: list[WorkloadCert], now: dt.datetime, log_reason: str) -> int:
+        if len(due) >= POOL_MIN_BATCH:
+            self.registry.wave()  # a storm signed here (no pool, or it failed): its pushes follow at once
         renewed = 0
         for cert in due:
             try:

@@ -137,6 +137,8 @@ class RotationService:
         window = ports.reissue_window
 
         def spread() -> None:
+            # The storm starts here: rescheduling thousands allocates enough to run a young collection
+            # over what every idle stream holds, unless the collector schedule froze it first.
             ports.workloads.wave()
             for cert, at in zip(selected, planner.spread_times(len(selected), now, window), strict=True):
                 ports.workloads.reschedule(cert, at, forced=True)

@@ -396,4 +396,3 @@ class WorkloadRegistry:
     def is_forced(self, cert: WorkloadCert) -> bool:
         """Whether ``cert``'s pending renewal was forced by an operator (see :meth:`reschedule`)."""
         return cert.workload_key in self._forced
-

@@ -106,7 +106,8 @@ async def test_a_wave_freezes_what_exists_and_the_next_full_pass_still_frees_its
     schedule = CollectorSchedule(clock, lambda: 0)
     cycle = _garbage_cycle()
     schedule.wave_started()  # not running: CPython's collector is left alone
-    gc.collect(0)
+    assert gc.get_freeze_count() == 0
+    gc.collect()
     assert cycle() is None
     await schedule.start()
     try:

@@ -68,6 +68,10 @@ def _durations(obj: Any) -> list[tuple[str, dt.timedelta]]:
             if isinstance(getattr(obj, f.name), dt.timedelta)]
 
 
+# Durations that may be 0 (config_checks): no backdate, re-issue everything at once, the SDS ACK gate alone.
+_ZERO_MEANS_SOMETHING = ("backdate", "reissue_window", "root_min_propagation")
+
+
 def check_config(raw: bytes) -> None:
     path = _DIR / "ca-service.yaml"
     path.write_bytes(raw)
@@ -81,9 +85,10 @@ def check_config(raw: bytes) -> None:
     assert settings.logging.level.lower() in _LEVELS
     for section in (settings.ca, settings.rotation):
         for name, value in _durations(section):
-            # Zero means something for these (config_checks): no backdate, re-issue at once, the ACK gate alone.
-            at_least = dt.timedelta(0) if name in ("backdate", "reissue_window", "root_min_propagation") else None
-            assert value >= at_least if at_least is not None else value > dt.timedelta(0), f"{name} accepted as {value}"
+            if name in _ZERO_MEANS_SOMETHING:
+                assert value >= dt.timedelta(0), f"{name} accepted as {value}"
+            else:
+                assert value > dt.timedelta(0), f"{name} accepted as {value}"
     assert settings.bundle_endpoint.refresh_hint > dt.timedelta(0)
     assert settings.ca.workload_ttl < settings.ca.intermediate_ttl < settings.ca.root_ttl
 

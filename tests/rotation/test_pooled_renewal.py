@@ -33,7 +33,7 @@ from ca_service.services.ports import RotationRequest, RotationScope
 from ca_service.services.reconciler import POOL_MIN_BATCH
 from ca_service.services.rotator import RotationService
 from ca_service.services.workloads import ChunkSink, SignedSvid, WorkloadCert
-from tests.rpc.sds_fixtures import node, read, request, secrets_of
+from tests.rpc.sds_fixtures import node, peer_bundle, read, request, secrets_of
 from tests.waiting import wait_for
 
 
@@ -275,6 +275,31 @@ async def test_the_component_warms_workers_rewarms_them_after_a_rotation_and_clo
         await component.stop()
     with pytest.raises(SigningPoolError):
         await pool.issue_many([SpiffeId.parse("spiffe://cluster.local/ns/a/sa/b")], now=env.clock.now())
+
+
+@pytest.mark.parametrize("count", [POOL_MIN_BATCH - 1, POOL_MIN_BATCH], ids=["a few", "a storm"])
+async def test_a_storm_signed_in_process_starts_a_wave_and_a_few_renewals_do_not(env: Env, count: int) -> None:
+    """Without a pool (``ca.signing_workers: 0``, or after it failed) a storm is still a wave of pushes."""
+    certs = fleet(env, count)
+    waves: list[int] = []  # how many of the fleet were renewed when each wave began
+    env.registry.on_wave = lambda: waves.append(sum(c.generation > 1 for c in env.registry))
+    env.clock.set(max(c.renew_at for c in certs))
+    assert (await env.reconciler.reconcile()).renewed == count
+    assert waves == ([0] if count >= POOL_MIN_BATCH else [])
+
+
+def test_the_daemon_freezes_its_heap_on_each_push_wave(tmp_path: Path) -> None:
+    """The wiring: a re-issue chunk (through the registry) and a trust change reach the collector schedule."""
+    from ca_service.adapters.collector import CollectorSchedule
+
+    settings = load_settings(environ={}, overrides={"data_dir": str(tmp_path), "ca": {"signing_workers": 0}})
+    app = build_app(settings)
+    [collector] = [c for c in app.components if isinstance(c, CollectorSchedule)]
+    assert app.registry.on_wave == collector.wave_started  # each chunk of a storm, each forced spread
+    waves: list[str] = []
+    collector.wave_started = lambda: waves.append("wave")  # type: ignore[method-assign]
+    app.trust.set_peer(peer_bundle("eu.cluster.local", app.clock.now()))  # a trust change: every ROOTCA stream
+    assert waves == ["wave"]
 
 
 def test_signing_workers_zero_builds_a_daemon_without_a_pool(tmp_path: Path) -> None:
