@@ -246,7 +246,7 @@ def build_app(settings: Settings, *, clock: Clock | None = None, store: Authorit
     # Full garbage collections on a schedule, in a quiet moment, never in the middle of a push storm.
     collector = CollectorSchedule(app.clock, lambda: sds.hub.acks.pushes,
                                   observe=app.telemetry.gc_full_pass_seconds.observe)
-    # Push waves: each chunk of a re-issue storm, each trust bundle change (to every ROOTCA stream).
+    # Push waves: a re-issue storm (WorkloadRegistry.wave), each trust bundle change (to every ROOTCA stream).
     app.registry.on_wave = collector.wave_started
     app.trust.subscribe(lambda _changed: collector.wave_started())
     app.components.append(collector)

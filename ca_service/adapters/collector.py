@@ -18,7 +18,8 @@ stream that answers a push frees the objects it waited with (old ones) as it mak
 the count stands still while ~10 objects per stream pile up.  At 10,000 streams the next young pass
 found ~96,000 objects (55-95 ms), and the middle generation's pass went over them again: ~210 ms of
 GC in a 1.7 s forced re-issue of 5,000 nodes.  So :meth:`CollectorSchedule.wave_started` freezes what
-exists when a wave begins (each chunk of a re-issue storm, each trust bundle change): the young passes
+exists when a wave begins (each chunk of a re-issue storm, a storm signed in process, the spread of a
+forced re-issue, each trust bundle change): the young passes
 of the wave go over the objects the wave makes, not the ones every idle stream already held.  A
 scheduled full pass unfreezes, collects everything and freezes again, so a garbage cycle frozen by a
 wave lives until the next full pass (:data:`FULL_INTERVAL` + :data:`MAX_DEFER` at most), never longer.
