@@ -71,6 +71,10 @@ class Telemetry:
                                      registry=r)
         self.token_review_cache_hits = Counter("ca_token_review_cache_hits",
                                                "Bearer tokens accepted from the review cache", registry=r)
+        self.impersonation_lookups = Counter(
+            "ca_impersonation_lookups", "ImpersonatedIdentity checks' reads of the cluster's pods, by what was read "
+            "(node: the caller's pod; pods: a namespace's pods on that node) and where the answer came from "
+            "(api, shared: joined a read already running, cache)", ["lookup", "source"], registry=r)
         # Trust bundles.
         self.bundle_roots = Gauge("ca_trust_bundle_roots", "Roots in a trust domain's bundle", ["trust_domain"],
                                   registry=r)

@@ -68,7 +68,9 @@ def build_istio_ca(settings: Settings, authority: Authority, registry: WorkloadR
         signer = ThreadCsrSigner(authority)
     service = IstioCAService(
         authority=authority, token_authenticator=token_authenticator,
-        impersonation=ImpersonationPolicy(ica.trusted_node_accounts, settings.domain, pods), signer=signer,
+        impersonation=ImpersonationPolicy(ica.trusted_node_accounts, settings.domain, pods, clock=clock,
+                                           node_ttl=ica.review_cache_ttl, telemetry=telemetry),
+        signer=signer,
         in_flight=InFlightLimit(ica.max_in_flight),
         rate_limiter=RateLimiter(ica.rate_limit_per_identity, ica.rate_limit_burst), ledger=ledger,
         allowed_key_types=ica.allowed_key_types, telemetry=telemetry, clock=clock)

@@ -28,6 +28,7 @@ from ca_service.clock import Clock
 from ca_service.errors import AuthenticationError
 from ca_service.pki.identity import SpiffeId, TrustDomain
 from ca_service.rpc.authn import CallCredentials, Caller
+from ca_service.services.expiring_cache import ExpiringCache
 from ca_service.services.single_flight import SingleFlight
 from ca_service.telemetry import Telemetry
 
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 SA_GROUP = "system:serviceaccounts"
 SA_PREFIX = "system:serviceaccount:"
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
+POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
 # A JWT larger than this is not a Kubernetes token (they are ~1 KB); refuse before hashing or sending.
 MAX_TOKEN_BYTES = 16 * 1024
 # Bound on cached reviews (one per live token): a pod has one token, so this covers 50k pods.
@@ -48,6 +50,7 @@ class KubernetesCaller(Caller):
 
     cluster_id: str = ""
     pod_name: str | None = None
+    pod_uid: str | None = None  # the bound pod's, as the review vouched for it (a pod of the same name may replace it)
 
 
 @dataclass(frozen=True)
@@ -108,8 +111,8 @@ def token_expiry(token: str) -> dt.datetime | None:
         return None
 
 
-def identity_of(status: ReviewStatus, audiences: Sequence[str]) -> tuple[str, str, str | None]:
-    """``(namespace, service account, pod name)`` of a positive review.
+def identity_of(status: ReviewStatus, audiences: Sequence[str]) -> tuple[str, str, str | None, str | None]:
+    """``(namespace, service account, pod name, pod UID)`` of a positive review (the pod's for a pod-bound token).
 
     Raises:
         AuthenticationError: not authenticated, not a service account, or reviewed for none of ``audiences``.
@@ -125,14 +128,8 @@ def identity_of(status: ReviewStatus, audiences: Sequence[str]) -> tuple[str, st
     if not set(status.audiences) & set(audiences):
         raise AuthenticationError(f"TokenReview: token audiences {list(status.audiences)[:5]!r} are not "
                                   f"{list(audiences)!r}")
-    pods = status.extra.get(POD_NAME_EXTRA) or ()
-    return parts[0], parts[1], (pods[0] if pods else None)
-
-
-@dataclass
-class _Cached:
-    caller: KubernetesCaller
-    until: dt.datetime
+    pods, uids = status.extra.get(POD_NAME_EXTRA) or (), status.extra.get(POD_UID_EXTRA) or ()
+    return parts[0], parts[1], (pods[0] if pods else None), (uids[0] if uids else None)
 
 
 class KubernetesTokenAuthenticator:
@@ -150,8 +147,7 @@ class KubernetesTokenAuthenticator:
         self._cache_ttl = cache_ttl
         self._clock = clock
         self._telemetry = telemetry
-        self._cache: dict[bytes, _Cached] = {}
-        self._max_cached = max_cached
+        self._cache: ExpiringCache[bytes, KubernetesCaller] = ExpiringCache(max_cached)
         # Concurrent calls with one token (a pod's renewal burst) share one review.
         self._pending: SingleFlight[bytes, KubernetesCaller] = SingleFlight()
 
@@ -164,7 +160,7 @@ class KubernetesTokenAuthenticator:
         if cluster_id not in self._clusters:
             raise AuthenticationError(f"unknown ClusterID {cluster_id[:100]!r}")
         key = hashlib.sha256(f"{cluster_id}\0{token}".encode()).digest()
-        cached = self._cached(key)
+        cached = self._cache.get(key, self._clock.now())
         if cached is not None:
             self._telemetry.token_review_cache_hits.inc()
             return cached
@@ -185,23 +181,14 @@ class KubernetesTokenAuthenticator:
             self._telemetry.token_reviews.labels("error").inc()
             raise AuthenticationError(f"TokenReview in cluster {cluster_id!r} failed: {type(exc).__name__}") from exc
         try:
-            namespace, service_account, pod = identity_of(status, self._audiences)
+            namespace, service_account, pod, pod_uid = identity_of(status, self._audiences)
         except AuthenticationError:
             self._telemetry.token_reviews.labels("rejected").inc()
             raise
         self._telemetry.token_reviews.labels("accepted").inc()
         spiffe_id = SpiffeId.for_service_account(self._trust_domain, namespace, service_account)
         return KubernetesCaller(spiffe_id, peer, "kubernetes-jwt", namespace, service_account,
-                                cluster_id=cluster_id, pod_name=pod)
-
-    def _cached(self, key: bytes) -> KubernetesCaller | None:
-        entry = self._cache.get(key)
-        if entry is None:
-            return None
-        if self._clock.now() >= entry.until:
-            del self._cache[key]
-            return None
-        return entry.caller
+                                cluster_id=cluster_id, pod_name=pod, pod_uid=pod_uid)
 
     def _remember(self, key: bytes, caller: KubernetesCaller, token: str) -> None:
         now = self._clock.now()
@@ -209,20 +196,7 @@ class KubernetesTokenAuthenticator:
         exp = token_expiry(token)
         if exp is not None:
             until = min(until, exp)
-        if until <= now:
-            return
-        if len(self._cache) >= self._max_cached:
-            self._evict(now)
-        self._cache[key] = _Cached(caller, until)
-
-    def _evict(self, now: dt.datetime) -> None:
-        """Every expired entry, and then the oldest until a tenth is free: a full cache is scanned once
-        per tenth of its size in new tokens, not at each (a herd of new pods fills it)."""
-        for key in [k for k, v in self._cache.items() if v.until <= now]:
-            del self._cache[key]
-        keep = self._max_cached - max(1, self._max_cached // 10)
-        while len(self._cache) > keep:
-            del self._cache[next(iter(self._cache))]  # oldest insertion first: the nearest to expiry
+        self._cache.put(key, caller, until, now)
 
 
 def _bearer(header: str) -> str:

@@ -84,13 +84,17 @@ class Kube:
         sa = self.service_account(namespace)
         return Workload(namespace, sa, self.token(namespace, sa, **kw))
 
-    def pod(self, namespace: str, sa: str, node: str) -> str:
+    def pod(self, namespace: str, sa: str, node: str, *, name: str | None = None) -> str:
         c = self._client
-        name = f"pod-{secrets.token_hex(3)}"
+        name = name or f"pod-{secrets.token_hex(3)}"
         spec = c.V1PodSpec(node_name=node, service_account_name=sa, automount_service_account_token=False,
                            containers=[c.V1Container(name="app", image="example.invalid/app")])
         self.core.create_namespaced_pod(namespace, c.V1Pod(metadata=c.V1ObjectMeta(name=name), spec=spec))
         return name
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        """Gone at once (no kubelet runs here to finish a graceful deletion)."""
+        self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
 
 
 @dataclass

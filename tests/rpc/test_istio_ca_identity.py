@@ -104,7 +104,8 @@ async def test_a_trusted_node_agent_gets_the_certificate_of_a_pod_on_its_node(tm
 async def test_a_node_agent_without_a_pod_bound_token_may_not_impersonate(kube: Kube) -> None:
     ns = kube.cluster.fresh_namespace("istio")
     api = kube.cluster.api_client()
-    policy = ImpersonationPolicy([f"{ns}/ztunnel"], TD, {"Kubernetes": KubernetesPodDirectory(api)})
+    policy = ImpersonationPolicy([f"{ns}/ztunnel"], TD, {"Kubernetes": KubernetesPodDirectory(api)},
+                                 clock=FakeClock(), node_ttl=dt.timedelta(minutes=1), telemetry=Telemetry())
     caller = KubernetesCaller(SpiffeId.for_service_account(TD, ns, "ztunnel"), "peer", "kubernetes-jwt", ns,
                               "ztunnel", cluster_id="Kubernetes", pod_name=None)
     with pytest.raises(PolicyViolationError, match="not bound to a pod"):
