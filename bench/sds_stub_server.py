@@ -1,22 +1,28 @@
-"""STUB SDS server for dry-running the fan-out load generator.  NOT the daemon's SDS server.
+"""STUB SDS server: grpc.aio's own floor for the SDS fan-out bench.  NOT the daemon's SDS server.
 
 A trivial Envoy SDS v3 ``StreamSecrets`` server: one fixed ``default`` secret (a real SVID, for
 realistic message sizes) and one ``ROOTCA`` validation context; :func:`bump` re-pushes one of them to
-every open stream with a new version.  It exists only so that ``bench/sds_loadgen.py`` can be built and
-tested before the real server (issue 3) is merged; once it is, ``bench/sds_fanout.py`` targets the daemon.
-It runs in its own process so that its memory and CPU are measured apart from the load generator's.
+every open stream with a new version.  It runs in its own process so that its memory and CPU are
+measured apart from the load generator's.
+
+With ``signing=True`` it is the *signing stub*: a forced re-issue signs a fresh key and SVID for every
+``default`` stream on the daemon's own :class:`~ca_service.adapters.signing_pool.SigningPool` and pushes
+each stream its own secret as its chunk comes back, as the daemon does, with none of the daemon's
+bookkeeping (registry, ledger, expiry index, session versions, ACK tracking, metrics).  Its re-issue is
+the floor of any design that signs on that pool on this machine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import gc
 import itertools
 import multiprocessing
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from cryptography.hazmat.primitives import serialization
@@ -24,6 +30,9 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
+
+if TYPE_CHECKING:
+    from ca_service.adapters.signing_pool import SigningPool
 
 SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 KINDS = ("default", "ROOTCA")
@@ -42,24 +51,28 @@ def _materials() -> dict[str, bytes]:
 
 
 class StubSds(sds_pb2_grpc.SecretDiscoveryServiceServicer):
-    def __init__(self, materials: dict[str, bytes]) -> None:
+    def __init__(self, materials: dict[str, bytes], pool: SigningPool | None = None) -> None:
         self._materials = materials
+        self._pool = pool
         self.versions = dict.fromkeys(KINDS, 1)
-        self.queues: dict[str, set[asyncio.Queue[int]]] = {kind: set() for kind in KINDS}
+        # A stream's queue gets a version (send the shared secret again) or (chain, key): its own new SVID.
+        self.queues: dict[str, set[asyncio.Queue[Any]]] = {kind: set() for kind in KINDS}
+        self._defaults: list[asyncio.Queue[Any]] = []  # default streams in the order they opened
         self._nonces = itertools.count(1)
 
-    def _secret(self, name: str) -> secret_pb2.Secret:
+    def _secret(self, name: str, chain: bytes | None = None, key: bytes | None = None) -> secret_pb2.Secret:
         if name == "default":
             return secret_pb2.Secret(name=name, tls_certificate=common_pb2.TlsCertificate(
-                certificate_chain=base_pb2.DataSource(inline_bytes=self._materials["chain"]),
-                private_key=base_pb2.DataSource(inline_bytes=self._materials["key"])))
+                certificate_chain=base_pb2.DataSource(inline_bytes=chain or self._materials["chain"]),
+                private_key=base_pb2.DataSource(inline_bytes=key or self._materials["key"])))
         return secret_pb2.Secret(name=name, validation_context=common_pb2.CertificateValidationContext(
             trusted_ca=base_pb2.DataSource(inline_bytes=self._materials["roots"])))
 
-    def _response(self, name: str) -> discovery_pb2.DiscoveryResponse:
-        response = discovery_pb2.DiscoveryResponse(version_info=str(self.versions[name]), type_url=SECRET_TYPE,
-                                                   nonce=str(next(self._nonces)))
-        response.resources.add().Pack(self._secret(name))
+    def _response(self, name: str, own: tuple[bytes, bytes] | None = None) -> discovery_pb2.DiscoveryResponse:
+        nonce = next(self._nonces)
+        response = discovery_pb2.DiscoveryResponse(version_info=str(nonce if own else self.versions[name]),
+                                                   type_url=SECRET_TYPE, nonce=str(nonce))
+        response.resources.add().Pack(self._secret(name, *own) if own else self._secret(name))
         return response
 
     async def StreamSecrets(
@@ -67,8 +80,10 @@ class StubSds(sds_pb2_grpc.SecretDiscoveryServiceServicer):
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
         first = await request_iterator.__anext__()
         name = first.resource_names[0] if first.resource_names[0] in KINDS else "default"
-        pushes: asyncio.Queue[int] = asyncio.Queue()
+        pushes: asyncio.Queue[Any] = asyncio.Queue()
         self.queues[name].add(pushes)
+        if name == "default":
+            self._defaults.append(pushes)
 
         async def drain() -> None:  # ACKs and NACKs: a stub just reads them
             async for _ in request_iterator:
@@ -78,8 +93,8 @@ class StubSds(sds_pb2_grpc.SecretDiscoveryServiceServicer):
         try:
             yield self._response(name)
             while True:
-                await pushes.get()
-                yield self._response(name)
+                item = await pushes.get()
+                yield self._response(name, None if isinstance(item, int) else item)
         finally:
             reader.cancel()
             self.queues[name].discard(pushes)
@@ -90,9 +105,40 @@ class StubSds(sds_pb2_grpc.SecretDiscoveryServiceServicer):
             pushes.put_nowait(self.versions[kind])
         return len(self.queues[kind])
 
+    async def reissue(self) -> int:
+        """The signing stub's forced re-issue: a new SVID per open default stream, pushed as its chunk returns."""
+        from ca_service.pki.identity import SpiffeId
+        from ca_service.services.workloads import SignedSvid
 
-async def _serve(conn: Connection, disciplined: bool) -> None:
-    service = StubSds(_materials())
+        assert self._pool is not None
+        streams = [q for q in self._defaults if q in self.queues["default"]]
+        ids = [SpiffeId.parse(f"spiffe://cluster.local/ns/bench/sa/node-{i}") for i in range(len(streams))]
+
+        def push(start: int, chunk: Sequence[SignedSvid]) -> None:
+            gc.freeze()  # the daemon's collector discipline at each wave (ca_service/adapters/collector.py)
+            for index, signed in enumerate(chunk, start):
+                streams[index].put_nowait((signed.svid.chain_pem(), signed.key_pem))
+
+        await self._pool.issue_many(ids, now=dt.datetime.now(dt.UTC), on_chunk=push)
+        return len(streams)
+
+
+def _signing_pool() -> SigningPool:
+    """The daemon's pool (its default worker count) over a fresh CA."""
+    from bench.common import fresh_authority
+    from ca_service.adapters.signing_pool import SigningPool
+    from ca_service.clock import SystemClock
+
+    return SigningPool(fresh_authority(SystemClock()).issuer)
+
+
+async def _serve(conn: Connection, disciplined: bool, signing: bool) -> None:
+    pool = _signing_pool() if signing else None
+    if pool is not None:  # warmed by one signing, as the daemon warms its pool at start-up
+        from ca_service.pki.identity import SpiffeId
+
+        await pool.issue_many([SpiffeId.parse("spiffe://cluster.local/warm-up")], now=dt.datetime.now(dt.UTC))
+    service = StubSds(_materials(), pool)
     server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 1 << 20)])
     sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -115,8 +161,10 @@ async def _serve(conn: Connection, disciplined: bool) -> None:
                 break
             if disciplined:
                 gc.freeze()
-            conn.send(service.bump(command))
+            conn.send(await service.reissue() if pool is not None and command == "default" else service.bump(command))
     finally:
+        if pool is not None:
+            pool.close()
         # Cancelling thousands of open streams makes grpc print a CancelledError traceback for each.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
@@ -124,17 +172,18 @@ async def _serve(conn: Connection, disciplined: bool) -> None:
         conn.close()
 
 
-def _main(conn: Connection, disciplined: bool) -> None:
-    asyncio.run(_serve(conn, disciplined))
+def _main(conn: Connection, disciplined: bool, signing: bool) -> None:
+    asyncio.run(_serve(conn, disciplined, signing))
 
 
 class StubTarget:
     """The stub server in a child process, driven over a pipe (implements ``sds_fanout.SdsTarget``)."""
 
-    def __init__(self, *, disciplined: bool = True) -> None:
+    def __init__(self, *, disciplined: bool = True, signing: bool = False) -> None:
         self._conn, child = multiprocessing.get_context("spawn").Pipe()
-        self._process = multiprocessing.get_context("spawn").Process(target=_main, args=(child, disciplined),
-                                                                       daemon=True)
+        # A daemonic process may not start the signing pool's workers; they end with it either way.
+        self._process = multiprocessing.get_context("spawn").Process(
+            target=_main, args=(child, disciplined, signing), daemon=not signing)
         self._process.start()
         if not self._conn.poll(60):
             raise RuntimeError("the stub SDS server did not start")

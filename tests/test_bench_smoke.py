@@ -22,7 +22,8 @@ EXPECTED_METRICS = {
     # The real daemon at 20 streams, and the stub beside it as the same-run floor.
     "sds_fanout": {"target_is_stub", "server_bytes_per_stream@20", "bundle_push_last_ack_s@20",
                    "reissue_last_ack_s@20", "server_cpu_us_per_bundle_push@20", "reissue_pool_signed@20",
-                   "stub_server_bytes_per_stream@20"},
+                   "stub_server_bytes_per_stream@20", "signing_stub_reissue_last_ack_s@20",
+                   "reissue_over_signing_stub@20", "signing_stub_over_stub_reissue@20"},
     # Three daemons on the Kubernetes backend (a real API server), 100 streams each.
     "replicas": {"leader_last_ack_s", "followers_last_ack_s", "last_replica_push_s"},
     "istio_ca": {"in_process_csr_ops_s", "grpc_inline_ops_s", "grpc_thread_ops_s", "grpc_pool_ops_s",
