@@ -23,11 +23,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Collection, Mapping
-from typing import Any, Protocol
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, Protocol, TypeVar
 
 from ca_service.clock import Clock
-from ca_service.errors import InvalidRequestError, PolicyViolationError
+from ca_service.errors import InvalidRequestError, NotReadyError, PolicyViolationError
 from ca_service.pki.identity import SpiffeId, TrustDomain
 from ca_service.rpc.authn import Caller
 from ca_service.rpc.token_review import KubernetesCaller
@@ -38,6 +38,7 @@ from ca_service.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 IMPERSONATION_KEY = "ImpersonatedIdentity"
+T = TypeVar("T")
 # Pods in these phases are gone: their identity must not be minted any more.
 _TERMINATED_PHASES = frozenset({"Succeeded", "Failed"})
 # Callers' nodes kept (one per node agent pod): far more than the node agents of any cluster.
@@ -154,7 +155,7 @@ class ImpersonationPolicy:
                 return node
         key = (cluster, namespace, name, uid)
         self._looked_up("node", "shared" if self._node_lookups.running(key) else "api")
-        node = await self._node_lookups.run(key, lambda: asyncio.to_thread(pods.node_of_pod, namespace, name, uid))
+        node = await self._node_lookups.run(key, lambda: _ask(cluster, pods.node_of_pod, namespace, name, uid))
         if node is not None and uid is not None:
             now = self._clock.now()
             self._nodes.put((cluster, uid), node, now + self._node_ttl, now)
@@ -163,7 +164,23 @@ class ImpersonationPolicy:
     async def _accounts_on(self, cluster: str, pods: PodDirectory, namespace: str, node: str) -> frozenset[str]:
         key = (cluster, namespace, node)
         self._looked_up("pods", "shared" if self._account_lookups.running(key) else "api")
-        return await self._account_lookups.run(key, lambda: asyncio.to_thread(pods.accounts_on_node, namespace, node))
+        return await self._account_lookups.run(key, lambda: _ask(cluster, pods.accounts_on_node, namespace, node))
 
     def _looked_up(self, what: str, source: str) -> None:
         self._telemetry.impersonation_lookups.labels(what, source).inc()
+
+
+async def _ask(cluster: str, read: Callable[..., T], *args: Any) -> T:
+    """``read(*args)`` in a thread (the client blocks).
+
+    Raises:
+        NotReadyError: the cluster's API failed (down, timed out, refused us): the entitlement cannot be
+            checked now, so nothing is signed and the agent retries (UNAVAILABLE), as after any outage.
+    """
+    try:
+        return await asyncio.to_thread(read, *args)
+    except Exception as exc:
+        # The API's HTTP status when it answered (403: RBAC lacks pods get/list), never its body.
+        status = getattr(exc, "status", None)
+        answered = f" (HTTP {status})" if isinstance(status, int) else ""
+        raise NotReadyError(f"the pods API of cluster {cluster!r} failed: {type(exc).__name__}{answered}") from exc

@@ -153,3 +153,32 @@ async def test_a_refusal_is_never_kept_and_a_deleted_pod_stops_being_minted_at_o
     setup.kube.delete_pod(ns, pod)
     with pytest.raises(PolicyViolationError, match="no pod of"):
         await setup.policy.entitled(caller, _target(ns, sa))
+
+
+async def test_a_pods_api_that_is_down_or_refuses_us_means_retry_later_and_nothing_signed(setup: Setup) -> None:
+    from kubernetes import client
+
+    from ca_service.errors import NotReadyError
+
+    caller = await setup.agent("node-a")
+    ns = setup.kube.cluster.fresh_namespace("app")
+    sa = setup.kube.service_account(ns)
+    setup.kube.pod(ns, sa, "node-a")
+    # Down: the real client against a loopback port nobody listens on.
+    down = client.Configuration()
+    down.host, down.retries = "https://127.0.0.1:1", False
+    # Refusing us: the real API server, asked by a service account with no RBAC on pods.
+    reader = setup.kube.service_account(setup.agent_ns)
+    refused = client.Configuration()
+    refused.host = setup.api.configuration.host
+    refused.ssl_ca_cert = setup.api.configuration.ssl_ca_cert
+    token = setup.kube.token(setup.agent_ns, reader, audiences=())  # the API server's own audiences
+    refused.api_key = {"authorization": f"Bearer {token}"}
+    for configuration, shown in ((down, r"failed: NewConnectionError$"), (refused, r"\(HTTP 403\)$")):
+        api = client.ApiClient(configuration)
+        policy = ImpersonationPolicy([f"{setup.agent_ns}/ztunnel"], TD, {"Kubernetes": KubernetesPodDirectory(api)},
+                                     clock=setup.clock, node_ttl=TTL, telemetry=setup.telemetry)
+        with pytest.raises(NotReadyError, match=shown):
+            await policy.entitled(caller, _target(ns, sa))
+        api.close()
+    assert await setup.policy.entitled(caller, _target(ns, sa))  # with a working API, the same ask is granted

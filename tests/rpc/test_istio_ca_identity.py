@@ -111,3 +111,31 @@ async def test_a_node_agent_without_a_pod_bound_token_may_not_impersonate(kube: 
     with pytest.raises(PolicyViolationError, match="not bound to a pod"):
         await policy.entitled(caller, {"ImpersonatedIdentity": "spiffe://cluster.local/ns/a/sa/b"})
     api.close()
+
+
+async def test_impersonation_with_the_pods_api_down_is_unavailable_and_the_server_stays_up(
+        tmp_path: object, kube: Kube) -> None:
+    from kubernetes import client
+
+    from tests.rpc.istio_fixtures import istio_settings, start_stack
+
+    agent_ns, agent_token = await _node_agent(kube, "node-a")
+    down = client.Configuration()
+    down.host, down.retries = "https://127.0.0.1:1", False  # nobody listens there
+    api = client.ApiClient(down)
+    stack = await start_stack(istio_settings(tmp_path, kube.cluster.kubeconfig,  # type: ignore[arg-type]
+                                             trusted_node_accounts=[f"{agent_ns}/ztunnel"]),
+                              pods={"Kubernetes": KubernetesPodDirectory(api)})
+    try:
+        async with stack.channel() as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await create(channel, csr_pem(new_key()), token=agent_token,
+                             struct={"ImpersonatedIdentity": f"spiffe://cluster.local/ns/{agent_ns}/sa/app"})
+            assert caught.value.code() is grpc.StatusCode.UNAVAILABLE  # retry later: nothing was signed
+            chain = await create(channel, csr_pem(new_key()), token=agent_token)  # its own identity: no pods read
+            assert str(spiffe_id_of(pem_certs(chain[0])[0])) == f"spiffe://cluster.local/ns/{agent_ns}/sa/ztunnel"
+        assert [r.spiffe_id for r in stack.istio.ledger.live(dt.datetime.now(dt.UTC), namespace=agent_ns)] == [
+            f"spiffe://cluster.local/ns/{agent_ns}/sa/ztunnel"]  # the impersonated one was never signed
+    finally:
+        await stack.component.stop()
+        api.close()
