@@ -60,6 +60,7 @@ class Authenticator(Protocol):
 
         Raises:
             AuthenticationError: the credential is present but not acceptable.
+            NotReadyError: the credential could not be judged now (the API that reviews it failed).
         """
         ...
 

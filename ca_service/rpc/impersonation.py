@@ -30,7 +30,7 @@ from ca_service.clock import Clock
 from ca_service.errors import InvalidRequestError, NotReadyError, PolicyViolationError
 from ca_service.pki.identity import SpiffeId, TrustDomain
 from ca_service.rpc.authn import Caller
-from ca_service.rpc.token_review import KubernetesCaller
+from ca_service.rpc.token_review import KubernetesCaller, api_failure
 from ca_service.services.expiring_cache import ExpiringCache
 from ca_service.services.single_flight import SingleFlight
 from ca_service.telemetry import Telemetry
@@ -180,7 +180,4 @@ async def _ask(cluster: str, read: Callable[..., T], *args: Any) -> T:
     try:
         return await asyncio.to_thread(read, *args)
     except Exception as exc:
-        # The API's HTTP status when it answered (403: RBAC lacks pods get/list), never its body.
-        status = getattr(exc, "status", None)
-        answered = f" (HTTP {status})" if isinstance(status, int) else ""
-        raise NotReadyError(f"the pods API of cluster {cluster!r} failed: {type(exc).__name__}{answered}") from exc
+        raise NotReadyError(f"the pods API of cluster {cluster!r} failed: {api_failure(exc)}") from exc

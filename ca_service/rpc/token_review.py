@@ -7,8 +7,10 @@ istiod requires (authenticated, group ``system:serviceaccounts``, username
 
 Positive reviews are cached by token hash for ``review_cache_ttl`` but never past the token's ``exp``
 (read from the unverified payload: it can only shorten the cache, never extend trust); negative ones are
-not cached, so a caller that fixes its token is not locked out.  Reviews run in a thread: the
-Kubernetes client blocks.
+not cached, so a caller that fixes its token is not locked out.  A review that cannot be made (the API
+server down or timing out, RBAC without ``tokenreviews create``) judged nothing: it is a
+:class:`~ca_service.errors.NotReadyError` (UNAVAILABLE, retry later), not a refusal.  Reviews run in a
+thread: the Kubernetes client blocks.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ca_service.clock import Clock
-from ca_service.errors import AuthenticationError
+from ca_service.errors import AuthenticationError, NotReadyError
 from ca_service.pki.identity import SpiffeId, TrustDomain
 from ca_service.rpc.authn import CallCredentials, Caller
 from ca_service.services.expiring_cache import ExpiringCache
@@ -178,8 +180,10 @@ class KubernetesTokenAuthenticator:
         try:
             status = await asyncio.to_thread(self._clusters[cluster_id].review, token, self._audiences)
         except Exception as exc:
+            # The review could not be made (API server down, timed out, RBAC without tokenreviews create):
+            # the token was not judged, so the caller hears "retry later" (UNAVAILABLE), not "rejected".
             self._telemetry.token_reviews.labels("error").inc()
-            raise AuthenticationError(f"TokenReview in cluster {cluster_id!r} failed: {type(exc).__name__}") from exc
+            raise NotReadyError(f"TokenReview in cluster {cluster_id!r} failed: {api_failure(exc)}") from exc
         try:
             namespace, service_account, pod, pod_uid = identity_of(status, self._audiences)
         except AuthenticationError:
@@ -197,6 +201,13 @@ class KubernetesTokenAuthenticator:
         if exp is not None:
             until = min(until, exp)
         self._cache.put(key, caller, until, now)
+
+
+def api_failure(exc: BaseException) -> str:
+    """A failed Kubernetes API call for the log: the exception's type and, if the API answered, its HTTP status
+    (403: RBAC) — never the response body, which may be long."""
+    status = getattr(exc, "status", None)
+    return f"{type(exc).__name__} (HTTP {status})" if isinstance(status, int) else type(exc).__name__
 
 
 def _bearer(header: str) -> str:
