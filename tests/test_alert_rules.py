@@ -21,7 +21,8 @@ RULES = ROOT / "deploy" / "prometheus" / "ca-service-alerts.yaml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "ca-service-alerts.test.yaml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "ca-service-dashboard.json"
 
-# The metric names ca-service exports (the contract of issue 5). Rules and dashboard may use nothing else.
+# The metric names ca-service exports (the contract of issue 5, and the Istio CA API's). Rules and dashboard
+# may use nothing else.
 CONTRACT_METRICS = frozenset({
     "ca_certificate_expiry_timestamp_seconds",
     "ca_certificate_not_before_timestamp_seconds",
@@ -46,6 +47,9 @@ CONTRACT_METRICS = frozenset({
     "ca_trust_bundle_refresh_failures_total",
     "ca_scheduler_job_errors_total",
     "ca_scheduler_job_misses_total",
+    # The Istio CA API's (issue 13).
+    "ca_token_reviews_total",
+    "ca_istio_ca_requests_total",
 })
 HISTOGRAMS = frozenset({"ca_signing_duration_seconds", "ca_sds_push_ack_latency_seconds"})
 KNOWN_SERIES = CONTRACT_METRICS | {f"{h}{s}" for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
@@ -149,6 +153,8 @@ def test_promtool_check_rules_rejects_a_broken_copy(promtool: str, tmp_path: Pat
          "bottomk by (kind, trust_domain)"),
         ("bundle stale after 5m instead of 15m", "ca_trust_bundle_last_refresh_timestamp_seconds) > 15 * 60",
          "ca_trust_bundle_last_refresh_timestamp_seconds) > 5 * 60"),
+        ("TokenReview errors threshold 3 -> 30", '{result="error"}[10m])) >= 3', '{result="error"}[10m])) >= 30'),
+        ("CreateCertificate UNAVAILABLE not counted", 'code=~"UNAVAILABLE|INTERNAL"', 'code=~"INTERNAL"'),
     ],
 )
 def test_promtool_unit_tests_catch_a_wrong_threshold(
