@@ -150,20 +150,11 @@ def _paired_rounds(result: Result, top: int, rounds: int) -> None:
         for name in ("server_bytes_per_stream", *_RATIOS):
             result.metrics[f"{prefix}_{name}@{top}"] = statistics.median(m[name] for m in runs[kind])
         for name in _RATIOS:
-            ratios = [d[name] / s[name] for d, s in zip(daemon, runs[kind], strict=True)]
-            short = f"{name.removesuffix('_last_ack_s')}_over_{prefix}"
-            result.metrics[f"{short}@{top}"] = statistics.median(ratios)
-            result.metrics[f"{short}_min@{top}"] = min(ratios)
-            result.metrics[f"{short}_max@{top}"] = max(ratios)
-    signing, stub, reissue = runs["signing-stub"], runs["stub"], "reissue_last_ack_s"
+            _ratios(result, f"{name.removesuffix('_last_ack_s')}_over_{prefix}@{top}", daemon, runs[kind], name)
+    signing, reissue = runs["signing-stub"], "reissue_last_ack_s"
     result.metrics[f"signing_stub_{reissue}@{top}"] = statistics.median(m[reissue] for m in signing)
-    for short, over, under in (("reissue_over_signing_stub", daemon, signing),
-                               ("signing_stub_over_stub_reissue", signing, stub)):
-        ratios = [a[reissue] / b[reissue] for a, b in zip(over, under, strict=True)]
-        result.metrics[f"{short}@{top}"] = statistics.median(ratios)
-        result.metrics[f"{short}_min@{top}"] = min(ratios)
-        result.metrics[f"{short}_max@{top}"] = max(ratios)
-    floor = result.metrics[f"signing_stub_over_stub_reissue@{top}"]
+    _ratios(result, f"reissue_over_signing_stub@{top}", daemon, signing, reissue)
+    floor = _ratios(result, f"signing_stub_over_stub_reissue@{top}", signing, runs["stub"], reissue)
     result.notes.append(
         f"forced re-issue at {top} streams: signing alone (the stub signing on the daemon's pool, without the "
         f"daemon's bookkeeping) takes {floor:.2f}x the stub's time, so the 2x target leaves the registry, ledger, "
@@ -177,6 +168,17 @@ def _paired_rounds(result: Result, top: int, rounds: int) -> None:
         result.metrics[f"in_process_{name}@{top}"] = in_process[name]
     result.metrics[f"pool_over_in_process_reissue_s@{top}"] = (
         result.metrics[f"reissue_last_ack_s@{top}"] / in_process["reissue_last_ack_s"])
+
+
+def _ratios(result: Result, key: str, over: list[dict[str, float]], under: list[dict[str, float]], name: str,
+            ) -> float:
+    """Round by round ``over[name] / under[name]``: the median as ``key`` (returned), with ``_min`` and ``_max``."""
+    ratios = [a[name] / b[name] for a, b in zip(over, under, strict=True)]
+    metric, _, at = key.partition("@")
+    result.metrics[key] = statistics.median(ratios)
+    result.metrics[f"{metric}_min@{at}"] = min(ratios)
+    result.metrics[f"{metric}_max@{at}"] = max(ratios)
+    return result.metrics[key]
 
 
 def run(quick: bool, stream_counts: tuple[int, ...] | None = None, target_kind: str = "stub") -> Result:

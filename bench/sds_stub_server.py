@@ -20,8 +20,10 @@ import gc
 import itertools
 import multiprocessing
 import os
+import tempfile
 from collections.abc import AsyncIterator, Sequence
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -33,17 +35,16 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 
 if TYPE_CHECKING:
     from ca_service.adapters.signing_pool import SigningPool
+    from ca_service.services.authority import Authority
 
 SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 KINDS = ("default", "ROOTCA")
 
 
-def _materials() -> dict[str, bytes]:
-    from bench.common import fresh_authority
+def _materials(authority: Authority) -> dict[str, bytes]:
     from ca_service.pki.identity import SpiffeId
     from ca_service.pki.keys import generate_private_key, private_key_to_pem
 
-    authority = fresh_authority()
     key = generate_private_key()
     svid = authority.issue_svid(SpiffeId.parse("spiffe://cluster.local/ns/bench/sa/stub"), key.public_key())
     roots = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in svid.roots)
@@ -53,11 +54,11 @@ def _materials() -> dict[str, bytes]:
 class StubSds(sds_pb2_grpc.SecretDiscoveryServiceServicer):
     def __init__(self, materials: dict[str, bytes], pool: SigningPool | None = None) -> None:
         self._materials = materials
-        self._pool = pool
+        self.pool = pool
         self.versions = dict.fromkeys(KINDS, 1)
         # A stream's queue gets a version (send the shared secret again) or (chain, key): its own new SVID.
         self.queues: dict[str, set[asyncio.Queue[Any]]] = {kind: set() for kind in KINDS}
-        self._defaults: list[asyncio.Queue[Any]] = []  # default streams in the order they opened
+        self._defaults: dict[asyncio.Queue[Any], None] = {}  # open default streams, in the order they opened
         self._nonces = itertools.count(1)
 
     def _secret(self, name: str, chain: bytes | None = None, key: bytes | None = None) -> secret_pb2.Secret:
@@ -83,7 +84,7 @@ class StubSds(sds_pb2_grpc.SecretDiscoveryServiceServicer):
         pushes: asyncio.Queue[Any] = asyncio.Queue()
         self.queues[name].add(pushes)
         if name == "default":
-            self._defaults.append(pushes)
+            self._defaults[pushes] = None
 
         async def drain() -> None:  # ACKs and NACKs: a stub just reads them
             async for _ in request_iterator:
@@ -98,6 +99,7 @@ class StubSds(sds_pb2_grpc.SecretDiscoveryServiceServicer):
         finally:
             reader.cancel()
             self.queues[name].discard(pushes)
+            self._defaults.pop(pushes, None)
 
     def bump(self, kind: str) -> int:
         self.versions[kind] += 1
@@ -110,8 +112,8 @@ class StubSds(sds_pb2_grpc.SecretDiscoveryServiceServicer):
         from ca_service.pki.identity import SpiffeId
         from ca_service.services.workloads import SignedSvid
 
-        assert self._pool is not None
-        streams = [q for q in self._defaults if q in self.queues["default"]]
+        assert self.pool is not None
+        streams = list(self._defaults)
         ids = [SpiffeId.parse(f"spiffe://cluster.local/ns/bench/sa/node-{i}") for i in range(len(streams))]
 
         def push(start: int, chunk: Sequence[SignedSvid]) -> None:
@@ -119,26 +121,28 @@ class StubSds(sds_pb2_grpc.SecretDiscoveryServiceServicer):
             for index, signed in enumerate(chunk, start):
                 streams[index].put_nowait((signed.svid.chain_pem(), signed.key_pem))
 
-        await self._pool.issue_many(ids, now=dt.datetime.now(dt.UTC), on_chunk=push)
+        await self.pool.issue_many(ids, now=dt.datetime.now(dt.UTC), on_chunk=push)
         return len(streams)
 
 
-def _signing_pool() -> SigningPool:
-    """The daemon's pool (its default worker count) over a fresh CA."""
+async def _serve(conn: Connection, disciplined: bool, signing: bool) -> None:
     from bench.common import fresh_authority
-    from ca_service.adapters.signing_pool import SigningPool
     from ca_service.clock import SystemClock
 
-    return SigningPool(fresh_authority(SystemClock()).issuer)
+    with tempfile.TemporaryDirectory(prefix="ca-bench-stub-") as directory:  # the CA's keys go with it
+        authority = fresh_authority(SystemClock(), Path(directory))
+        pool = None
+        if signing:  # the daemon's pool (its default worker count), warmed as the daemon warms it at start-up
+            from ca_service.adapters.signing_pool import SigningPool
+            from ca_service.pki.identity import SpiffeId
+
+            pool = SigningPool(authority.issuer)
+            await pool.issue_many([SpiffeId.parse("spiffe://cluster.local/warm-up")], now=dt.datetime.now(dt.UTC))
+        await _run(conn, StubSds(_materials(authority), pool), disciplined)
 
 
-async def _serve(conn: Connection, disciplined: bool, signing: bool) -> None:
-    pool = _signing_pool() if signing else None
-    if pool is not None:  # warmed by one signing, as the daemon warms its pool at start-up
-        from ca_service.pki.identity import SpiffeId
-
-        await pool.issue_many([SpiffeId.parse("spiffe://cluster.local/warm-up")], now=dt.datetime.now(dt.UTC))
-    service = StubSds(_materials(), pool)
+async def _run(conn: Connection, service: StubSds, disciplined: bool) -> None:
+    pool = service.pool
     server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 1 << 20)])
     sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -186,6 +190,7 @@ class StubTarget:
             target=_main, args=(child, disciplined, signing), daemon=not signing)
         self._process.start()
         if not self._conn.poll(60):
+            self._process.kill()  # not daemonic when it signs: it would keep this process from exiting
             raise RuntimeError("the stub SDS server did not start")
         self.address = f"127.0.0.1:{self._conn.recv()}"
         self.pid = int(self._process.pid or 0)

@@ -22,25 +22,21 @@ def test_an_entry_is_good_until_just_before_its_until() -> None:
     assert cache.get("a", T0) is None  # and not back for an earlier instant
 
 
-def test_nothing_is_kept_that_is_already_over_and_a_discarded_entry_is_gone() -> None:
+def test_nothing_is_kept_that_is_already_over() -> None:
     cache: ExpiringCache[str, int] = ExpiringCache(10)
     cache.put("over", 1, T0, T0)
     cache.put("past", 1, T0 - S, T0)
     assert len(cache) == 0
-    cache.put("a", 1, T0 + S, T0)
-    cache.discard("a")
-    cache.discard("never")
-    assert cache.get("a", T0) is None
 
 
-def test_a_full_cache_keeps_what_it_replaces_in_place_and_evicts_the_oldest() -> None:
+def test_a_full_cache_replaces_without_evicting_and_evicts_the_oldest_put() -> None:
     cache: ExpiringCache[int, int] = ExpiringCache(10)
     for n in range(10):
         cache.put(n, n, T0 + 60 * S, T0)
-    cache.put(5, 50, T0 + 60 * S, T0)  # a key already there: replaced, nothing evicted
-    assert len(cache) == 10 and cache.get(5, T0) == 50
-    cache.put(10, 10, T0 + 60 * S, T0)  # a new key on a full cache: a tenth goes, the oldest first
-    assert cache.get(0, T0) is None and cache.get(10, T0) == 10 and len(cache) == 10
+    cache.put(0, 50, T0 + 60 * S, T0)  # a key already there: replaced, nothing evicted, now the newest
+    assert len(cache) == 10 and cache.get(0, T0) == 50
+    cache.put(10, 10, T0 + 60 * S, T0)  # a new key on a full cache: a tenth goes, the oldest put first
+    assert cache.get(1, T0) is None and cache.get(0, T0) == 50 and cache.get(10, T0) == 10 and len(cache) == 10
 
 
 def test_a_capacity_below_one_is_refused() -> None:

@@ -18,7 +18,7 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from ca_service.errors import ConflictError, StorageError
+from ca_service.errors import ConflictError, NotReadyError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,20 @@ def api_call(verb: str, resource: str, name: str | None, namespace: str | None) 
         yield
     except (ApiException, *TRANSPORT_ERRORS) as exc:
         raise translate(exc, verb=verb, resource=resource, name=name, namespace=namespace) from exc
+
+
+@contextmanager
+def unavailable_on_failure(what: str) -> Iterator[None]:
+    """Turn an API answer that is an error, or a transport failure, into NotReadyError (retry later).
+
+    For reads a caller is waiting on (a TokenReview, a pod lookup): the message names ``what`` and the HTTP
+    status when the API answered (403: RBAC), never the response body.
+    """
+    try:
+        yield
+    except (ApiException, *TRANSPORT_ERRORS) as exc:
+        answered = f" (HTTP {exc.status})" if isinstance(exc, ApiException) else ""
+        raise NotReadyError(f"{what} failed: {type(exc).__name__}{answered}") from exc
 
 
 def status_of(exc: BaseException) -> int | None:

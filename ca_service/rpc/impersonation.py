@@ -9,10 +9,12 @@ A node agent asks for every pod of its node at once when it starts (ztunnel: one
 two API reads per CSR are shared:
 
 - **The caller's node** is kept per pod UID for ``review_cache_ttl``.  A pod's ``spec.nodeName`` never
-  changes once set and a UID names one pod for its whole life, so the answer cannot go stale; what can
-  happen meanwhile (the pod ends) is what the TokenReview cache already accepts for as long.  A pod of the
-  same name that replaced it has another UID: it is looked up afresh, and the old token's UID no longer
-  matches the pod found, which refuses it.
+  changes once set and a UID names one pod for its whole life, so the node itself cannot go stale.  What
+  the cache can miss for up to that TTL is the caller's pod going away: deleted (the window the TokenReview
+  cache already gives its token), or ended but not deleted (its token still passes fresh reviews; only this
+  TTL bounds it).  Either way the target's pods are still listed live.  A pod of the same name that
+  replaced the caller's has another UID: it is looked up afresh, and the old token's UID no longer matches
+  the pod found, which refuses it.
 - **Which service accounts have a pod on that node**, per namespace, is listed once for all the CSRs that
   ask while the listing runs, and never kept after it: a pod that just went away stops being minted for
   at once, and a refusal is never cached (a pod that was just scheduled is found on the agent's retry).
@@ -27,10 +29,10 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol, TypeVar
 
 from ca_service.clock import Clock
-from ca_service.errors import InvalidRequestError, NotReadyError, PolicyViolationError
+from ca_service.errors import CAServiceError, InvalidRequestError, NotReadyError, PolicyViolationError
 from ca_service.pki.identity import SpiffeId, TrustDomain
 from ca_service.rpc.authn import Caller
-from ca_service.rpc.token_review import KubernetesCaller, api_failure
+from ca_service.rpc.token_review import KubernetesCaller
 from ca_service.services.expiring_cache import ExpiringCache
 from ca_service.services.single_flight import SingleFlight
 from ca_service.telemetry import Telemetry
@@ -46,7 +48,8 @@ MAX_CACHED_NODES = 10_000
 
 
 class PodDirectory(Protocol):
-    """What the impersonation check asks a cluster's API (blocking; called from a thread)."""
+    """What the impersonation check asks a cluster's API (blocking; called from a thread).  Both methods raise
+    NotReadyError when the API cannot be asked (down, timed out, RBAC)."""
 
     def node_of_pod(self, namespace: str, name: str, uid: str | None) -> str | None:
         """The node of a live pod, None if it is gone, ended, not scheduled, or (``uid``) another pod."""
@@ -62,19 +65,21 @@ class KubernetesPodDirectory:
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
-        from ca_service.kube.client import REQUEST_TIMEOUT
+        from ca_service.kube.client import REQUEST_TIMEOUT, unavailable_on_failure
 
         self._api = client.CoreV1Api(api_client)
         self._missing = ApiException
         self._timeout = REQUEST_TIMEOUT
+        self._unavailable = unavailable_on_failure
 
     def node_of_pod(self, namespace: str, name: str, uid: str | None) -> str | None:
-        try:
-            pod = self._api.read_namespaced_pod(name, namespace, _request_timeout=self._timeout)
-        except self._missing as exc:
-            if exc.status == 404:
-                return None
-            raise
+        with self._unavailable("reading the caller's pod"):
+            try:
+                pod = self._api.read_namespaced_pod(name, namespace, _request_timeout=self._timeout)
+            except self._missing as exc:
+                if exc.status == 404:
+                    return None
+                raise
         if uid is not None and pod.metadata.uid != uid:
             return None  # the token's pod was deleted and another took its name
         if pod.status is not None and pod.status.phase in _TERMINATED_PHASES:
@@ -82,10 +87,11 @@ class KubernetesPodDirectory:
         return pod.spec.node_name or None
 
     def accounts_on_node(self, namespace: str, node: str) -> frozenset[str]:
-        pods = self._api.list_namespaced_pod(namespace, field_selector=f"spec.nodeName={node}",
-                                             _request_timeout=self._timeout).items
-        return frozenset(p.spec.service_account_name for p in pods
-                         if p.status is None or p.status.phase not in _TERMINATED_PHASES)
+        with self._unavailable("listing the pods on the caller's node"):
+            pods = self._api.list_namespaced_pod(namespace, field_selector=f"spec.nodeName={node}",
+                                                 _request_timeout=self._timeout).items
+        return frozenset(p.spec.service_account_name for p in pods if p.spec.service_account_name
+                         and (p.status is None or p.status.phase not in _TERMINATED_PHASES))
 
 
 class ImpersonationPolicy:
@@ -109,6 +115,7 @@ class ImpersonationPolicy:
         Raises:
             PolicyViolationError: the caller is not a trusted node agent, the target is outside our trust
                 domain or not a Kubernetes identity, or no pod of the target is bound to the caller's node.
+            NotReadyError: the cluster's API could not be asked (retry later).
         """
         raw = metadata.get(IMPERSONATION_KEY)
         if raw is None or raw == "":
@@ -176,8 +183,11 @@ async def _ask(cluster: str, read: Callable[..., T], *args: Any) -> T:
     Raises:
         NotReadyError: the cluster's API failed (down, timed out, refused us): the entitlement cannot be
             checked now, so nothing is signed and the agent retries (UNAVAILABLE), as after any outage.
+        CAServiceError: ``read`` failed some other way (a bug: INTERNAL, its traceback in the log).
     """
     try:
         return await asyncio.to_thread(read, *args)
+    except NotReadyError as exc:
+        raise NotReadyError(f"cluster {cluster!r}: {exc}") from exc
     except Exception as exc:
-        raise NotReadyError(f"the pods API of cluster {cluster!r} failed: {api_failure(exc)}") from exc
+        raise CAServiceError(f"the pods lookup in cluster {cluster!r} failed unexpectedly") from exc

@@ -56,6 +56,12 @@ def build_istio_ca(settings: Settings, authority: Authority, registry: WorkloadR
     token_authenticator = KubernetesTokenAuthenticator(
         reviewers, audiences=ica.token_audiences, trust_domain=settings.domain, cache_ttl=ica.review_cache_ttl,
         clock=clock, telemetry=telemetry) if reviewers else None
+    # Zero series for what the alerts watch: a counter series born at its first failure has no earlier
+    # sample, and Prometheus's increase() would not count that failure.
+    for code in ("OK", "UNAVAILABLE", "INTERNAL"):
+        telemetry.istio_ca_requests.labels(code)
+    for result in ("accepted", "rejected", "error") if token_authenticator is not None else ():
+        telemetry.token_reviews.labels(result)
     journal = IssuanceJournal(settings.issued_dir, on_error=telemetry.issuance_journal_errors.inc)
     ledger = IssuanceLedger(ica.audit_capacity, journal)
     restored = journal.load(ledger, clock.now())

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ca_service.clock import Clock
-from ca_service.errors import AuthenticationError, NotReadyError
+from ca_service.errors import AuthenticationError, CAServiceError, NotReadyError
 from ca_service.pki.identity import SpiffeId, TrustDomain
 from ca_service.rpc.authn import CallCredentials, Caller
 from ca_service.services.expiring_cache import ExpiringCache
@@ -68,7 +68,8 @@ class ReviewStatus:
 
 
 class TokenReviewer(Protocol):
-    """One cluster's TokenReview API (blocking; called from a thread)."""
+    """One cluster's TokenReview API (blocking; called from a thread); raises NotReadyError when the review
+    cannot be made."""
 
     def review(self, token: str, audiences: Sequence[str]) -> ReviewStatus: ...
 
@@ -79,15 +80,18 @@ class KubernetesTokenReviewer:
     def __init__(self, api_client: Any) -> None:
         from kubernetes import client
 
-        from ca_service.kube.client import REQUEST_TIMEOUT
+        from ca_service.kube.client import REQUEST_TIMEOUT, unavailable_on_failure
 
         self._api = client.AuthenticationV1Api(api_client)
         self._client = client
         self._timeout = REQUEST_TIMEOUT  # no review may hold a worker thread (and the CSR it gates) for long
+        self._unavailable = unavailable_on_failure
 
     def review(self, token: str, audiences: Sequence[str]) -> ReviewStatus:
+        """Raises: NotReadyError: the review could not be made (API server down or slow, RBAC)."""
         body = self._client.V1TokenReview(spec=self._client.V1TokenReviewSpec(token=token, audiences=list(audiences)))
-        status = self._api.create_token_review(body, _request_timeout=self._timeout).status
+        with self._unavailable("TokenReview"):
+            status = self._api.create_token_review(body, _request_timeout=self._timeout).status
         user = status.user
         return ReviewStatus(
             authenticated=bool(status.authenticated), username=(user and user.username) or "",
@@ -179,11 +183,14 @@ class KubernetesTokenAuthenticator:
     async def _review(self, cluster_id: str, token: str, peer: str) -> KubernetesCaller:
         try:
             status = await asyncio.to_thread(self._clusters[cluster_id].review, token, self._audiences)
-        except Exception as exc:
+        except NotReadyError as exc:
             # The review could not be made (API server down, timed out, RBAC without tokenreviews create):
             # the token was not judged, so the caller hears "retry later" (UNAVAILABLE), not "rejected".
             self._telemetry.token_reviews.labels("error").inc()
-            raise NotReadyError(f"TokenReview in cluster {cluster_id!r} failed: {api_failure(exc)}") from exc
+            raise NotReadyError(f"cluster {cluster_id!r}: {exc}") from exc
+        except Exception as exc:  # a bug: INTERNAL, with its traceback in the log
+            self._telemetry.token_reviews.labels("error").inc()
+            raise CAServiceError(f"TokenReview in cluster {cluster_id!r} failed unexpectedly") from exc
         try:
             namespace, service_account, pod, pod_uid = identity_of(status, self._audiences)
         except AuthenticationError:
@@ -201,13 +208,6 @@ class KubernetesTokenAuthenticator:
         if exp is not None:
             until = min(until, exp)
         self._cache.put(key, caller, until, now)
-
-
-def api_failure(exc: BaseException) -> str:
-    """A failed Kubernetes API call for the log: the exception's type and, if the API answered, its HTTP status
-    (403: RBAC) — never the response body, which may be long."""
-    status = getattr(exc, "status", None)
-    return f"{type(exc).__name__} (HTTP {status})" if isinstance(status, int) else type(exc).__name__
 
 
 def _bearer(header: str) -> str:

@@ -22,10 +22,12 @@ class _Entry(NamedTuple, Generic[V]):
 
 
 class ExpiringCache(Generic[K, V]):
+    """Values by key, each good until its own instant, at most ``capacity`` of them."""
+
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError("an expiring cache needs a capacity of at least 1")
-        self.capacity = capacity
+        self._capacity = capacity
         self._entries: dict[K, _Entry[V]] = {}
 
     def __len__(self) -> int:
@@ -45,17 +47,15 @@ class ExpiringCache(Generic[K, V]):
         """Keep ``value`` for ``key`` until ``until`` (nothing is kept if that is not after ``now``)."""
         if until <= now:
             return
-        if key not in self._entries and len(self._entries) >= self.capacity:
+        if key not in self._entries and len(self._entries) >= self._capacity:
             self._evict(now)
+        self._entries.pop(key, None)  # a replaced entry moves to the back: eviction goes oldest put first
         self._entries[key] = _Entry(value, until)
-
-    def discard(self, key: K) -> None:
-        self._entries.pop(key, None)
 
     def _evict(self, now: dt.datetime) -> None:
         for key in [k for k, e in self._entries.items() if e.until <= now]:
             del self._entries[key]
-        keep = self.capacity - max(1, self.capacity // 10)
+        keep = self._capacity - max(1, self._capacity // 10)
         while len(self._entries) > keep:
-            # Oldest insertion first: with one TTL for all, also the nearest to expiry.
+            # The oldest put first: with one TTL, the nearest to expiry too (a token's exp may cut one shorter).
             del self._entries[next(iter(self._entries))]

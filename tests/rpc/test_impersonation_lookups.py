@@ -123,18 +123,18 @@ async def test_the_callers_node_is_kept_per_pod_uid_and_never_past_its_ttl(setup
     setup.kube.pod(ns, on_a, "node-a")
     setup.kube.pod(ns, on_b, "node-b")
     first = await setup.agent("node-a", name="ztunnel-0")
-    assert await setup.policy.entitled(first, _target(ns, on_a))
+    assert str(await setup.policy.entitled(first, _target(ns, on_a))) == _target(ns, on_a)[KEY]
 
     # The agent's pod is replaced by one of the same name on another node: another UID, looked up afresh.
     setup.kube.delete_pod(setup.agent_ns, "ztunnel-0")
     second = await setup.agent("node-b", name="ztunnel-0")
     assert second.pod_uid != first.pod_uid
-    assert await setup.policy.entitled(second, _target(ns, on_b))
+    assert str(await setup.policy.entitled(second, _target(ns, on_b))) == _target(ns, on_b)[KEY]
     with pytest.raises(PolicyViolationError, match="no pod of"):
         await setup.policy.entitled(second, _target(ns, on_a))
 
     # The first pod's node is kept for its TTL (the window the TokenReview cache gives its token too) ...
-    assert await setup.policy.entitled(first, _target(ns, on_a))
+    assert str(await setup.policy.entitled(first, _target(ns, on_a))) == _target(ns, on_a)[KEY]
     # ... and not a moment longer: then the pod found under that name is not the token's, and it is refused.
     setup.clock.advance(TTL)
     with pytest.raises(PolicyViolationError, match="is gone or not on a node"):
@@ -149,7 +149,7 @@ async def test_a_refusal_is_never_kept_and_a_deleted_pod_stops_being_minted_at_o
     with pytest.raises(PolicyViolationError, match="no pod of"):
         await setup.policy.entitled(caller, _target(ns, sa))
     pod = setup.kube.pod(ns, sa, "node-a")  # just scheduled: the agent's retry gets it, with no clock moved
-    assert await setup.policy.entitled(caller, _target(ns, sa))
+    assert str(await setup.policy.entitled(caller, _target(ns, sa))) == _target(ns, sa)[KEY]
     setup.kube.delete_pod(ns, pod)
     with pytest.raises(PolicyViolationError, match="no pod of"):
         await setup.policy.entitled(caller, _target(ns, sa))
@@ -167,18 +167,33 @@ async def test_a_pods_api_that_is_down_or_refuses_us_means_retry_later_and_nothi
     # Down: the real client against a loopback port nobody listens on.
     down = client.Configuration()
     down.host, down.retries = "https://127.0.0.1:1", False
-    # Refusing us: the real API server, asked by a service account with no RBAC on pods.
-    reader = setup.kube.service_account(setup.agent_ns)
-    refused = client.Configuration()
-    refused.host = setup.api.configuration.host
-    refused.ssl_ca_cert = setup.api.configuration.ssl_ca_cert
-    token = setup.kube.token(setup.agent_ns, reader, audiences=())  # the API server's own audiences
-    refused.api_key = {"authorization": f"Bearer {token}"}
-    for configuration, shown in ((down, r"failed: NewConnectionError$"), (refused, r"\(HTTP 403\)$")):
+    cases = [(down, "reading the caller's pod failed: NewConnectionError")]
+    # Refusing us: the real API server, asked by service accounts with no RBAC on pods, and with `get` on the
+    # agent's pods but no `list` in the target's namespace (so the second read is the one refused).
+    rbac = client.RbacAuthorizationV1Api(setup.api)
+    rbac.create_namespaced_role(setup.agent_ns, client.V1Role(
+        metadata=client.V1ObjectMeta(name="get-pods"),
+        rules=[client.V1PolicyRule(api_groups=[""], resources=["pods"], verbs=["get"])]))
+    for reader, refused_at in ((setup.kube.service_account(setup.agent_ns), "reading the caller's pod"),
+                               (setup.kube.service_account(setup.agent_ns), "listing the pods on the caller's node")):
+        if refused_at.startswith("listing"):
+            rbac.create_namespaced_role_binding(setup.agent_ns, client.V1RoleBinding(
+                metadata=client.V1ObjectMeta(name=reader),
+                role_ref=client.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name="get-pods"),
+                subjects=[client.RbacV1Subject(kind="ServiceAccount", name=reader, namespace=setup.agent_ns)]))
+        refused = client.Configuration()
+        refused.host = setup.api.configuration.host
+        refused.ssl_ca_cert = setup.api.configuration.ssl_ca_cert
+        token = setup.kube.token(setup.agent_ns, reader, audiences=())  # the API server's own audiences
+        refused.api_key = {"authorization": f"Bearer {token}"}
+        cases.append((refused, f"{refused_at} failed: ForbiddenException (HTTP 403)"))
+    for configuration, shown in cases:
         api = client.ApiClient(configuration)
         policy = ImpersonationPolicy([f"{setup.agent_ns}/ztunnel"], TD, {"Kubernetes": KubernetesPodDirectory(api)},
                                      clock=setup.clock, node_ttl=TTL, telemetry=setup.telemetry)
-        with pytest.raises(NotReadyError, match=shown):
+        with pytest.raises(NotReadyError) as caught:
             await policy.entitled(caller, _target(ns, sa))
+        assert str(caught.value) == f"cluster 'Kubernetes': {shown}"
         api.close()
-    assert await setup.policy.entitled(caller, _target(ns, sa))  # with a working API, the same ask is granted
+    # With a working API the same ask is granted.
+    assert str(await setup.policy.entitled(caller, _target(ns, sa))) == _target(ns, sa)[KEY]

@@ -141,7 +141,8 @@ async def test_impersonation_with_the_pods_api_down_is_unavailable_and_the_serve
         api.close()
 
 
-async def test_a_tokenreview_that_cannot_be_made_is_unavailable_not_a_rejection(tmp_path: object, kube: Kube) -> None:
+async def test_a_tokenreview_that_cannot_be_made_is_unavailable_not_a_rejection(
+        tmp_path: object, kube: Kube, caplog: pytest.LogCaptureFixture) -> None:
     """The API server down (a port nobody listens on) or refusing the review (a service account without RBAC
     on tokenreviews): the token was not judged, so the agent hears "retry later"; nothing is cached."""
     from kubernetes import client
@@ -157,17 +158,23 @@ async def test_a_tokenreview_that_cannot_be_made_is_unavailable_not_a_rejection(
     refused = client.Configuration()
     refused.host, refused.ssl_ca_cert = admin.configuration.host, admin.configuration.ssl_ca_cert
     refused.api_key = {"authorization": f"Bearer {kube.token(ns, reader, audiences=())}"}
-    for configuration in (down, refused):
+    for configuration, why in ((down, "NewConnectionError"), (refused, "ForbiddenException (HTTP 403)")):
+        caplog.clear()
         api = client.ApiClient(configuration)
         stack = await start_stack(istio_settings(tmp_path, kube.cluster.kubeconfig),  # type: ignore[arg-type]
                                   reviewers={"Kubernetes": KubernetesTokenReviewer(api)})
         try:
+            # Its series exists before the first failure (the alert's increase() needs a sample before it).
+            assert stack.telemetry.registry.get_sample_value("ca_token_reviews_total", {"result": "error"}) == 0
             async with stack.channel() as channel:
                 for _ in range(2):  # the failure is not cached: asked again, failing again
                     with pytest.raises(grpc.aio.AioRpcError) as caught:
                         await create(channel, csr_pem(new_key()), token=workload.token)
                     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
             assert stack.telemetry.registry.get_sample_value("ca_token_reviews_total", {"result": "error"}) == 2
+            # The log names the cluster and why (the HTTP status when the API answered), for the runbook.
+            refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+            assert refusals == [f"CreateCertificate refused: cluster 'Kubernetes': TokenReview failed: {why}"] * 2
         finally:
             await stack.component.stop()
             api.close()
