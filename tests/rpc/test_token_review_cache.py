@@ -64,3 +64,26 @@ async def test_expired_reviews_go_first_when_the_cache_is_full() -> None:
     assert len(authn._cache) == 2
     await authn.authenticate(_call("fresh"))
     assert reviewer.reviews.count("fresh") == 1
+
+
+class BrokenReviewer:
+    """A reviewer with a bug (not an API failure): what the authenticator must not mistake for an outage."""
+
+    def review(self, token: str, audiences: Sequence[str]) -> ReviewStatus:
+        raise KeyError("a bug")
+
+
+async def test_a_bug_in_the_reviewer_is_an_internal_error_not_an_outage_or_a_rejection() -> None:
+    import pytest
+
+    from ca_service.errors import AuthenticationError, CAServiceError, NotReadyError
+
+    telemetry = Telemetry()
+    authn = KubernetesTokenAuthenticator({"Kubernetes": BrokenReviewer()}, audiences=["istio-ca"],
+                                         trust_domain=TrustDomain("cluster.local"), cache_ttl=dt.timedelta(minutes=1),
+                                         clock=FakeClock(), telemetry=telemetry)
+    with pytest.raises(CAServiceError) as caught:
+        await authn.authenticate(_call("t"))
+    assert not isinstance(caught.value, NotReadyError | AuthenticationError)  # INTERNAL, with its traceback
+    assert isinstance(caught.value.__cause__, KeyError)
+    assert telemetry.registry.get_sample_value("ca_token_reviews_total", {"result": "error"}) == 1
