@@ -22,17 +22,16 @@ two API reads per CSR are shared:
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
-from collections.abc import Callable, Collection, Mapping
-from typing import Any, Protocol, TypeVar
+from collections.abc import Collection, Mapping
+from typing import Any, Protocol
 
 from ca_service.clock import Clock
-from ca_service.errors import CAServiceError, InvalidRequestError, NotReadyError, PolicyViolationError
+from ca_service.errors import InvalidRequestError, PolicyViolationError
 from ca_service.pki.identity import SpiffeId, TrustDomain
 from ca_service.rpc.authn import Caller
-from ca_service.rpc.token_review import KubernetesCaller
+from ca_service.rpc.token_review import KubernetesCaller, ask_cluster
 from ca_service.services.expiring_cache import ExpiringCache
 from ca_service.services.single_flight import SingleFlight
 from ca_service.telemetry import Telemetry
@@ -40,7 +39,6 @@ from ca_service.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 IMPERSONATION_KEY = "ImpersonatedIdentity"
-T = TypeVar("T")
 # Pods in these phases are gone: their identity must not be minted any more.
 _TERMINATED_PHASES = frozenset({"Succeeded", "Failed"})
 # Callers' nodes kept (one per node agent pod): far more than the node agents of any cluster.
@@ -162,7 +160,8 @@ class ImpersonationPolicy:
                 return node
         key = (cluster, namespace, name, uid)
         self._looked_up("node", "shared" if self._node_lookups.running(key) else "api")
-        node = await self._node_lookups.run(key, lambda: _ask(cluster, pods.node_of_pod, namespace, name, uid))
+        node = await self._node_lookups.run(
+            key, lambda: ask_cluster(cluster, "pod lookup", pods.node_of_pod, namespace, name, uid))
         if node is not None and uid is not None:
             now = self._clock.now()
             self._nodes.put((cluster, uid), node, now + self._node_ttl, now)
@@ -171,23 +170,9 @@ class ImpersonationPolicy:
     async def _accounts_on(self, cluster: str, pods: PodDirectory, namespace: str, node: str) -> frozenset[str]:
         key = (cluster, namespace, node)
         self._looked_up("pods", "shared" if self._account_lookups.running(key) else "api")
-        return await self._account_lookups.run(key, lambda: _ask(cluster, pods.accounts_on_node, namespace, node))
+        return await self._account_lookups.run(
+            key, lambda: ask_cluster(cluster, "pod listing", pods.accounts_on_node, namespace, node))
 
     def _looked_up(self, what: str, source: str) -> None:
         self._telemetry.impersonation_lookups.labels(what, source).inc()
 
-
-async def _ask(cluster: str, read: Callable[..., T], *args: Any) -> T:
-    """``read(*args)`` in a thread (the client blocks).
-
-    Raises:
-        NotReadyError: the cluster's API failed (down, timed out, refused us): the entitlement cannot be
-            checked now, so nothing is signed and the agent retries (UNAVAILABLE), as after any outage.
-        CAServiceError: ``read`` failed some other way (a bug: INTERNAL, its traceback in the log).
-    """
-    try:
-        return await asyncio.to_thread(read, *args)
-    except NotReadyError as exc:
-        raise NotReadyError(f"cluster {cluster!r}: {exc}") from exc
-    except Exception as exc:
-        raise CAServiceError(f"the pods lookup in cluster {cluster!r} failed unexpectedly") from exc

@@ -22,9 +22,9 @@ import datetime as dt
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from ca_service.clock import Clock
 from ca_service.errors import AuthenticationError, CAServiceError, NotReadyError
@@ -40,6 +40,7 @@ SA_GROUP = "system:serviceaccounts"
 SA_PREFIX = "system:serviceaccount:"
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
+T = TypeVar("T")
 # A JWT larger than this is not a Kubernetes token (they are ~1 KB); refuse before hashing or sending.
 MAX_TOKEN_BYTES = 16 * 1024
 # Bound on cached reviews (one per live token): a pod has one token, so this covers 50k pods.
@@ -182,15 +183,13 @@ class KubernetesTokenAuthenticator:
 
     async def _review(self, cluster_id: str, token: str, peer: str) -> KubernetesCaller:
         try:
-            status = await asyncio.to_thread(self._clusters[cluster_id].review, token, self._audiences)
-        except NotReadyError as exc:
-            # The review could not be made (API server down, timed out, RBAC without tokenreviews create):
-            # the token was not judged, so the caller hears "retry later" (UNAVAILABLE), not "rejected".
+            # A review that could not be made (API server down, timed out, RBAC without tokenreviews create)
+            # judged nothing: the caller hears "retry later" (UNAVAILABLE), not "rejected".
+            status = await ask_cluster(cluster_id, "TokenReview", self._clusters[cluster_id].review, token,
+                                       self._audiences)
+        except CAServiceError:
             self._telemetry.token_reviews.labels("error").inc()
-            raise NotReadyError(f"cluster {cluster_id!r}: {exc}") from exc
-        except Exception as exc:  # a bug: INTERNAL, with its traceback in the log
-            self._telemetry.token_reviews.labels("error").inc()
-            raise CAServiceError(f"TokenReview in cluster {cluster_id!r} failed unexpectedly") from exc
+            raise
         try:
             namespace, service_account, pod, pod_uid = identity_of(status, self._audiences)
         except AuthenticationError:
@@ -208,6 +207,21 @@ class KubernetesTokenAuthenticator:
         if exp is not None:
             until = min(until, exp)
         self._cache.put(key, caller, until, now)
+
+
+async def ask_cluster(cluster: str, what: str, read: Callable[..., T], *args: Any) -> T:
+    """``read(*args)`` on one cluster's API, in a thread (the Kubernetes client blocks).
+
+    Raises:
+        NotReadyError: the API could not be asked (down, timed out, refused us): retry later (UNAVAILABLE).
+        CAServiceError: ``read`` failed some other way: a bug (INTERNAL, its traceback in the log).
+    """
+    try:
+        return await asyncio.to_thread(read, *args)
+    except NotReadyError as exc:
+        raise NotReadyError(f"cluster {cluster!r}: {exc}") from exc
+    except Exception as exc:
+        raise CAServiceError(f"{what} in cluster {cluster!r} failed unexpectedly") from exc
 
 
 def _bearer(header: str) -> str:
